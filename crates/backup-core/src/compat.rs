@@ -1,0 +1,249 @@
+//! Compatibility rules: may this backup be restored into this build?
+//!
+//! [`check`] is pure and returns every finding at once, so that
+//! `restore --dry-run` and the API can show the whole picture. Refused
+//! (errors): an unknown manifest major version, a backup from a newer app,
+//! a database schema newer than this build supports, a requested component
+//! the backup lacks. Warned: an older schema (migrations will run on the
+//! next start), an older app version.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::id::Component;
+use crate::manifest::{MANIFEST_MAJOR, Manifest};
+
+/// What the running build is and supports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningApp {
+    /// The running SynthOrg version.
+    pub version: semver::Version,
+    /// The newest `PRAGMA user_version` this build can open.
+    pub supported_schema: i64,
+}
+
+/// One finding of [`check`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "code", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Finding {
+    /// Manifest major version unknown to this build.
+    UnknownManifestVersion {
+        /// The manifest's version.
+        found: String,
+    },
+    /// The backup was made by a newer SynthOrg.
+    NewerAppVersion {
+        /// Version in the backup.
+        backup: String,
+        /// Running version.
+        running: String,
+    },
+    /// The backup was made by an older SynthOrg.
+    OlderAppVersion {
+        /// Version in the backup.
+        backup: String,
+        /// Running version.
+        running: String,
+    },
+    /// The backup's schema is newer than this build supports.
+    NewerSchema {
+        /// Schema in the backup.
+        backup: i64,
+        /// Newest schema this build supports.
+        supported: i64,
+    },
+    /// The backup's schema is older: migrations will run on the next start.
+    OlderSchema {
+        /// Schema in the backup.
+        backup: i64,
+        /// Newest schema this build supports.
+        supported: i64,
+    },
+    /// A requested component is not in the backup.
+    MissingComponent {
+        /// The component.
+        component: Component,
+    },
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Finding::UnknownManifestVersion { found } => write!(
+                f,
+                "manifest version {found} is not supported (this build reads {MANIFEST_MAJOR}.x)"
+            ),
+            Finding::NewerAppVersion { backup, running } => write!(
+                f,
+                "backup was made by SynthOrg {backup}, newer than the running {running}"
+            ),
+            Finding::OlderAppVersion { backup, running } => write!(
+                f,
+                "backup was made by SynthOrg {backup}, older than the running {running}"
+            ),
+            Finding::NewerSchema { backup, supported } => write!(
+                f,
+                "database schema {backup} is newer than the supported {supported}"
+            ),
+            Finding::OlderSchema { backup, supported } => write!(
+                f,
+                "schema {backup} < {supported}: migrations will run on next start"
+            ),
+            Finding::MissingComponent { component } => {
+                write!(f, "component {component} is not in the backup")
+            }
+        }
+    }
+}
+
+/// All findings of [`check`]: any error refuses the restore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CompatReport {
+    /// Findings that refuse the restore.
+    pub errors: Vec<Finding>,
+    /// Findings to show, which do not refuse it.
+    pub warnings: Vec<Finding>,
+}
+
+impl CompatReport {
+    /// Whether the restore may go ahead.
+    pub fn is_compatible(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// Checks a backup's manifest against the running build and the components
+/// to restore (`None`: all in the backup).
+pub fn check(
+    manifest: &Manifest,
+    running: &RunningApp,
+    requested: Option<&[Component]>,
+) -> CompatReport {
+    let mut report = CompatReport::default();
+    if manifest.version.major != MANIFEST_MAJOR {
+        report.errors.push(Finding::UnknownManifestVersion {
+            found: manifest.version.to_string(),
+        });
+    }
+    let (backup_v, running_v) = (&manifest.synthorg_version, &running.version);
+    if backup_v > running_v {
+        report.errors.push(Finding::NewerAppVersion {
+            backup: backup_v.to_string(),
+            running: running_v.to_string(),
+        });
+    } else if backup_v < running_v {
+        report.warnings.push(Finding::OlderAppVersion {
+            backup: backup_v.to_string(),
+            running: running_v.to_string(),
+        });
+    }
+    let restores_db = requested.is_none_or(|r| r.contains(&Component::Persistence));
+    if let (Some(schema), true) = (manifest.db_schema_version, restores_db) {
+        if schema > running.supported_schema {
+            report.errors.push(Finding::NewerSchema {
+                backup: schema,
+                supported: running.supported_schema,
+            });
+        } else if schema < running.supported_schema {
+            report.warnings.push(Finding::OlderSchema {
+                backup: schema,
+                supported: running.supported_schema,
+            });
+        }
+    }
+    for component in requested.unwrap_or(&[]) {
+        if !manifest.components.contains(component) {
+            report.errors.push(Finding::MissingComponent {
+                component: *component,
+            });
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::sample;
+
+    fn running(v: &str, schema: i64) -> RunningApp {
+        RunningApp {
+            version: semver::Version::parse(v).unwrap(),
+            supported_schema: schema,
+        }
+    }
+
+    #[test]
+    fn same_version_and_schema_is_clean() {
+        let m = sample("2026-03-15T14-30-00_manual"); // app 1.4.0, schema 3
+        let r = check(&m, &running("1.4.0", 3), None);
+        assert!(r.is_compatible());
+        assert!(r.warnings.is_empty());
+    }
+
+    #[test]
+    fn refuses_newer_app_and_newer_schema_reporting_both() {
+        let m = sample("2026-03-15T14-30-00_manual");
+        let r = check(&m, &running("1.3.9", 2), None);
+        assert_eq!(r.errors.len(), 2, "{r:?}");
+        assert!(matches!(r.errors[0], Finding::NewerAppVersion { .. }));
+        assert_eq!(
+            r.errors[1],
+            Finding::NewerSchema {
+                backup: 3,
+                supported: 2
+            }
+        );
+    }
+
+    #[test]
+    fn prerelease_of_running_version_is_older_than_release() {
+        let mut m = sample("2026-03-15T14-30-00_manual");
+        m.synthorg_version = semver::Version::parse("1.4.0").unwrap();
+        let r = check(&m, &running("1.4.0-rc.1", 3), None);
+        assert!(!r.is_compatible());
+    }
+
+    #[test]
+    fn warns_on_older_schema_with_the_documented_text() {
+        let m = sample("2026-03-15T14-30-00_manual");
+        let r = check(&m, &running("1.5.0", 4), None);
+        assert!(r.is_compatible());
+        let texts: Vec<String> = r.warnings.iter().map(ToString::to_string).collect();
+        assert!(texts.contains(&"schema 3 < 4: migrations will run on next start".to_owned()));
+    }
+
+    #[test]
+    fn schema_is_irrelevant_when_persistence_is_not_restored() {
+        let m = sample("2026-03-15T14-30-00_manual");
+        let r = check(&m, &running("1.4.0", 1), Some(&[Component::Memory]));
+        assert!(r.is_compatible(), "{r:?}");
+    }
+
+    #[test]
+    fn refuses_missing_requested_component() {
+        let mut m = sample("2026-03-15T14-30-00_manual");
+        m.components.retain(|c| *c != Component::Checkpoints);
+        let r = check(
+            &m,
+            &running("1.4.0", 3),
+            Some(&[Component::Checkpoints, Component::Config]),
+        );
+        assert_eq!(
+            r.errors,
+            vec![Finding::MissingComponent {
+                component: Component::Checkpoints
+            }]
+        );
+    }
+
+    #[test]
+    fn reports_serialize_with_stable_codes() {
+        let m = sample("2026-03-15T14-30-00_manual");
+        let r = check(&m, &running("1.0.0", 3), None);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["errors"][0]["code"], "newer_app_version");
+    }
+}

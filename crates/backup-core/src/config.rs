@@ -1,0 +1,768 @@
+//! The `backup:` block of the SynthOrg YAML config: one serde struct with
+//! defaults and validation, loaded by figment from YAML text, then
+//! `SYNTHORG_BACKUP__<KEY>` environment overrides (nested keys joined with
+//! `__`, e.g. `SYNTHORG_BACKUP__RETENTION__MAX_COUNT=20`).
+//!
+//! This module never reads files: the caller hands over the YAML text and
+//! the directory that relative paths resolve against.
+
+use std::fmt;
+use std::path::{Component as PathComponent, Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Yaml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::id::Component;
+
+/// Prefix of environment overrides (`SYNTHORG_BACKUP__SCHEDULE_HOURS=12`).
+pub const ENV_PREFIX: &str = "SYNTHORG_BACKUP__";
+
+/// How a backup is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Compression {
+    /// `<id>.tar.gz` (the default; `compression: true`).
+    #[default]
+    Gzip,
+    /// `<id>.tar.zst`.
+    Zstd,
+    /// The directory form `<id>/` (`compression: false`).
+    None,
+}
+
+impl Compression {
+    /// Name used in config and manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        }
+    }
+
+    /// Allowed `compression_level` range.
+    pub fn level_range(self) -> Option<(u32, u32)> {
+        match self {
+            Compression::Gzip => Some((1, 9)),
+            Compression::Zstd => Some((1, 22)),
+            Compression::None => None,
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Compression {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Compression {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Name(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Flag(true) => Ok(Compression::Gzip),
+            Raw::Flag(false) => Ok(Compression::None),
+            Raw::Name(name) => match name.as_str() {
+                "gzip" | "true" => Ok(Compression::Gzip),
+                "zstd" => Ok(Compression::Zstd),
+                "none" | "false" => Ok(Compression::None),
+                other => Err(serde::de::Error::custom(format!(
+                    "unknown compression {other:?}; expected true, false, gzip, zstd or none"
+                ))),
+            },
+        }
+    }
+}
+
+/// `backup.retention`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Most backups kept (pinned pre-migration backups not counted). 1–1000.
+    #[serde(deserialize_with = "bounded::<_, 1, 1000>")]
+    pub max_count: u32,
+    /// Oldest backup kept, in days. 1–3650.
+    #[serde(deserialize_with = "bounded::<_, 1, 3650>")]
+    pub max_age_days: u32,
+    /// Also keep the newest backup of each of the last N days (restic-style).
+    #[serde(default, deserialize_with = "bounded_opt::<_, 1, 3650>")]
+    pub keep_daily: Option<u32>,
+    /// Also keep the newest backup of each of the last N ISO weeks.
+    #[serde(default, deserialize_with = "bounded_opt::<_, 1, 520>")]
+    pub keep_weekly: Option<u32>,
+    /// Also keep the newest backup of each of the last N months.
+    #[serde(default, deserialize_with = "bounded_opt::<_, 1, 120>")]
+    pub keep_monthly: Option<u32>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_count: 10,
+            max_age_days: 30,
+            keep_daily: None,
+            keep_weekly: None,
+            keep_monthly: None,
+        }
+    }
+}
+
+/// `backup.sources`: where the live SynthOrg data is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourcesConfig {
+    /// The SQLite database (`synthorg.db`, WAL mode).
+    pub database: PathBuf,
+    /// Agent memory directory.
+    pub memory_dir: PathBuf,
+    /// The company YAML config file.
+    pub company_config: PathBuf,
+    /// Per-turn checkpoints directory.
+    pub checkpoints_dir: PathBuf,
+}
+
+impl Default for SourcesConfig {
+    fn default() -> Self {
+        SourcesConfig {
+            database: PathBuf::from("./data/synthorg.db"),
+            memory_dir: PathBuf::from("./data/memory"),
+            company_config: PathBuf::from("./company.yaml"),
+            checkpoints_dir: PathBuf::from("./data/checkpoints"),
+        }
+    }
+}
+
+/// A secret string: never shown by `Debug`, `Display` or serialization.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("***")
+    }
+}
+
+/// `backup.s3`: when present, backups go to this bucket instead of `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Bucket name (must exist).
+    pub bucket: String,
+    /// Key prefix, e.g. `prod/`; empty for the bucket root.
+    #[serde(default)]
+    pub prefix: String,
+    /// Endpoint URL for MinIO, Garage and the like; AWS when absent.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region, `us-east-1` by default.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Path-style addressing; defaults to on when an endpoint is set.
+    #[serde(default)]
+    pub path_style: Option<bool>,
+    /// Access key id; else `AWS_ACCESS_KEY_ID`.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// Secret access key; else `AWS_SECRET_ACCESS_KEY`.
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    /// Multipart part size in MiB. 5–5120, default 8.
+    #[serde(
+        default = "default_part_size",
+        deserialize_with = "bounded::<_, 5, 5120>"
+    )]
+    pub part_size_mib: u32,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+
+fn default_part_size() -> u32 {
+    8
+}
+
+impl S3Config {
+    /// Whether to use path-style addressing (explicit, or on with an endpoint).
+    pub fn path_style(&self) -> bool {
+        self.path_style.unwrap_or(self.endpoint.is_some())
+    }
+
+    /// Whether plain HTTP is allowed: only when the endpoint says `http://`.
+    pub fn allow_http(&self) -> bool {
+        self.endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"))
+    }
+}
+
+/// The `backup:` block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Master switch for automatic backups (scheduled, startup, shutdown).
+    pub enabled: bool,
+    /// Local-disk target, used when there is no `s3` block.
+    pub path: PathBuf,
+    /// Hours between scheduled backups. 1–168.
+    #[serde(deserialize_with = "bounded::<_, 1, 168>")]
+    pub schedule_hours: u32,
+    /// What to keep.
+    pub retention: RetentionConfig,
+    /// Back up synchronously on shutdown.
+    pub on_shutdown: bool,
+    /// Back up after startup, before serving.
+    pub on_startup: bool,
+    /// `true` (gzip), `false` (none), `gzip`, `zstd` or `none`.
+    pub compression: Compression,
+    /// Compression level; gzip 1–9, zstd 1–22; a measured default when absent.
+    pub compression_level: Option<u32>,
+    /// Components to back up, each at most once.
+    pub include: Vec<Component>,
+    /// Where the live data is.
+    pub sources: SourcesConfig,
+    /// S3-compatible target; overrides `path` when present.
+    pub s3: Option<S3Config>,
+    /// Longest the memory writer may stay paused for a snapshot. 1–3600 s.
+    #[serde(deserialize_with = "bounded::<_, 1, 3600>")]
+    pub quiesce_timeout_secs: u32,
+    /// Longest the pre-shutdown backup may take. 1–86400 s.
+    #[serde(deserialize_with = "bounded::<_, 1, 86400>")]
+    pub shutdown_timeout_secs: u32,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            enabled: true,
+            path: PathBuf::from("./data/backups"),
+            schedule_hours: 6,
+            retention: RetentionConfig::default(),
+            on_shutdown: true,
+            on_startup: true,
+            compression: Compression::Gzip,
+            compression_level: None,
+            include: Component::ALL.to_vec(),
+            sources: SourcesConfig::default(),
+            s3: None,
+            quiesce_timeout_secs: 30,
+            shutdown_timeout_secs: 300,
+        }
+    }
+}
+
+/// A config that cannot be used. Every message names the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// YAML syntax, unknown key, wrong type or out-of-range number.
+    #[error("invalid configuration: {key}: {reason} (from {source_name})")]
+    Parse {
+        /// Dotted key, e.g. `backup.schedule_hours`; empty for syntax errors.
+        key: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+        /// Where the value came from: the YAML file or an environment variable.
+        source_name: String,
+    },
+    /// A value that parsed but is not allowed.
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `backup.include`.
+        key: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        let key = e.path.join(".");
+        let from_env = e
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.name.contains("environment"));
+        let source_name = if from_env && !key.is_empty() {
+            format!(
+                "environment variable SYNTHORG_{}",
+                e.path.join("__").to_ascii_uppercase()
+            )
+        } else {
+            "YAML".to_owned()
+        };
+        ConfigError::Parse {
+            key: if key.is_empty() {
+                "<document>".to_owned()
+            } else {
+                key
+            },
+            reason: e.kind.to_string(),
+            source_name,
+        }
+    }
+}
+
+/// The whole config file: only `backup` is ours; other top-level keys belong
+/// to the app and are left alone.
+#[derive(Deserialize)]
+struct Root {
+    #[serde(default)]
+    backup: Option<BackupConfig>,
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl BackupConfig {
+    /// Loads the `backup:` block from YAML text (the whole config file; other
+    /// top-level keys are left to their owners), applies `SYNTHORG_BACKUP__*`
+    /// overrides from the process environment, validates, and resolves
+    /// relative paths against `base_dir` (the config file's directory).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the offending key.
+    pub fn load(yaml: Option<&str>, base_dir: &Path) -> Result<BackupConfig, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(yaml) = yaml {
+            figment = figment.merge(Yaml::string(yaml));
+        }
+        figment = figment.merge(
+            Env::prefixed("SYNTHORG_")
+                .filter(|k| k.as_str().to_ascii_lowercase().starts_with("backup__"))
+                .split("__"),
+        );
+        let config = Self::from_figment(&figment)?;
+        Ok(config.resolve_paths(base_dir))
+    }
+
+    /// Extracts and validates the `backup` key of a figment (no path resolution).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the offending key.
+    pub fn from_figment(figment: &Figment) -> Result<BackupConfig, ConfigError> {
+        let config = figment.extract::<Root>()?.backup.unwrap_or_default();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: duplicate components, `..` in paths,
+    /// level ranges, S3 names.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.include.is_empty() {
+            return Err(invalid(
+                "backup.include",
+                "must list at least one of persistence, memory, config, checkpoints",
+            ));
+        }
+        for (i, c) in self.include.iter().enumerate() {
+            if self.include[..i].contains(c) {
+                return Err(invalid("backup.include", format!("{c} is listed twice")));
+            }
+        }
+        if let (Some(level), Some((lo, hi))) =
+            (self.compression_level, self.compression.level_range())
+            && !(lo..=hi).contains(&level)
+        {
+            return Err(invalid(
+                "backup.compression_level",
+                format!(
+                    "{level} is out of range for {}: {lo}–{hi}",
+                    self.compression
+                ),
+            ));
+        }
+        for (key, path) in [
+            ("backup.path", &self.path),
+            ("backup.sources.database", &self.sources.database),
+            ("backup.sources.memory_dir", &self.sources.memory_dir),
+            (
+                "backup.sources.company_config",
+                &self.sources.company_config,
+            ),
+            (
+                "backup.sources.checkpoints_dir",
+                &self.sources.checkpoints_dir,
+            ),
+        ] {
+            check_path(key, path)?;
+        }
+        if let Some(s3) = &self.s3 {
+            s3.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Makes relative paths absolute against `base_dir`. Pure path joining.
+    pub fn resolve_paths(mut self, base_dir: &Path) -> BackupConfig {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                let joined: PathBuf = base_dir
+                    .join(&*p)
+                    .components()
+                    .filter(|c| *c != PathComponent::CurDir)
+                    .collect();
+                *p = joined;
+            }
+        };
+        resolve(&mut self.path);
+        resolve(&mut self.sources.database);
+        resolve(&mut self.sources.memory_dir);
+        resolve(&mut self.sources.company_config);
+        resolve(&mut self.sources.checkpoints_dir);
+        self
+    }
+
+    /// The retention policy of this config.
+    pub fn retention_policy(&self) -> crate::retention::RetentionPolicy {
+        crate::retention::RetentionPolicy::from(&self.retention)
+    }
+}
+
+impl S3Config {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let b = &self.bucket;
+        if b.len() < 3
+            || b.len() > 63
+            || !b
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+        {
+            return Err(invalid(
+                "backup.s3.bucket",
+                format!("{b:?} is not a valid bucket name (3–63 of a-z, 0-9, '-', '.')"),
+            ));
+        }
+        if self.prefix.starts_with('/')
+            || self.prefix.split('/').any(|s| s == ".." || s == ".")
+            || self.prefix.contains("//")
+            || self.prefix.chars().any(char::is_control)
+        {
+            return Err(invalid(
+                "backup.s3.prefix",
+                format!(
+                    "{:?} must be relative, without '.', '..' or empty segments",
+                    self.prefix
+                ),
+            ));
+        }
+        if let Some(endpoint) = &self.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "backup.s3.endpoint",
+                format!("{endpoint:?} must start with http:// or https://"),
+            ));
+        }
+        if self.region.is_empty() {
+            return Err(invalid("backup.s3.region", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+fn check_path(key: &str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    if path.components().any(|c| c == PathComponent::ParentDir) {
+        return Err(invalid(
+            key,
+            format!(
+                "{} contains '..'; use a path without parent references",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Deserializes an integer and checks `MIN..=MAX`, so that the error (with
+/// figment's key) says the allowed range.
+fn bounded<'de, D: Deserializer<'de>, const MIN: u32, const MAX: u32>(
+    deserializer: D,
+) -> Result<u32, D::Error> {
+    let raw = i64::deserialize(deserializer)?;
+    u32::try_from(raw)
+        .ok()
+        .filter(|v| (MIN..=MAX).contains(v))
+        .ok_or_else(|| {
+            serde::de::Error::invalid_value(
+                serde::de::Unexpected::Signed(raw),
+                &format!("an integer from {MIN} to {MAX}").as_str(),
+            )
+        })
+}
+
+fn bounded_opt<'de, D: Deserializer<'de>, const MIN: u32, const MAX: u32>(
+    deserializer: D,
+) -> Result<Option<u32>, D::Error> {
+    bounded::<D, MIN, MAX>(deserializer).map(Some)
+}
+
+#[cfg(test)]
+// figment's `Jail` closures return its large error type; fine in tests.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    /// Loads inside a figment `Jail`, which serializes every test that
+    /// touches the environment, so that env overrides of one test never
+    /// leak into another.
+    fn load(yaml: &str) -> Result<BackupConfig, ConfigError> {
+        let mut out = None;
+        Jail::expect_with(|_| {
+            out = Some(BackupConfig::load(Some(yaml), Path::new("/etc/synthorg")));
+            Ok(())
+        });
+        out.expect("jail ran")
+    }
+
+    fn err_text(yaml: &str) -> String {
+        load(yaml).expect_err(yaml).to_string()
+    }
+
+    #[test]
+    fn defaults_match_the_documented_seed() {
+        let mut out = None;
+        Jail::expect_with(|_| {
+            out = Some(BackupConfig::load(None, Path::new("/srv")));
+            Ok(())
+        });
+        let c = out.unwrap().unwrap();
+        assert!(c.enabled && c.on_shutdown && c.on_startup);
+        assert_eq!(c.schedule_hours, 6);
+        assert_eq!(c.retention.max_count, 10);
+        assert_eq!(c.retention.max_age_days, 30);
+        assert_eq!(c.compression, Compression::Gzip);
+        assert_eq!(c.include, Component::ALL.to_vec());
+        assert_eq!(c.path, PathBuf::from("/srv/data/backups"));
+        assert_eq!(c.sources.database, PathBuf::from("/srv/data/synthorg.db"));
+        assert_eq!(c.sources.company_config, PathBuf::from("/srv/company.yaml"));
+        assert!(c.s3.is_none());
+    }
+
+    #[test]
+    fn parses_the_full_documented_block() {
+        let c = load(
+            r#"
+company: { name: acme }          # other top-level keys belong to the app
+backup:
+  enabled: false
+  path: /var/backups/synthorg
+  schedule_hours: 12
+  retention: { max_count: 5, max_age_days: 7, keep_daily: 7 }
+  on_shutdown: false
+  on_startup: true
+  compression: zstd
+  compression_level: 3
+  include: [persistence, memory]
+  sources:
+    database: data/synthorg.db
+    memory_dir: ./data/memory
+    company_config: company.yaml
+    checkpoints_dir: /abs/checkpoints
+  s3:
+    bucket: synthorg-backups
+    prefix: prod/
+    endpoint: http://127.0.0.1:9000
+    region: eu-west-1
+"#,
+        )
+        .unwrap();
+        assert!(!c.enabled && !c.on_shutdown);
+        assert_eq!(c.schedule_hours, 12);
+        assert_eq!(c.retention.keep_daily, Some(7));
+        assert_eq!(c.compression, Compression::Zstd);
+        assert_eq!(c.include, vec![Component::Persistence, Component::Memory]);
+        assert_eq!(
+            c.sources.database,
+            PathBuf::from("/etc/synthorg/data/synthorg.db")
+        );
+        assert_eq!(
+            c.sources.memory_dir,
+            PathBuf::from("/etc/synthorg/data/memory")
+        );
+        assert_eq!(c.sources.checkpoints_dir, PathBuf::from("/abs/checkpoints"));
+        let s3 = c.s3.unwrap();
+        assert!(s3.path_style() && s3.allow_http());
+        assert_eq!(s3.region, "eu-west-1");
+        assert_eq!(s3.part_size_mib, 8);
+    }
+
+    #[test]
+    fn compression_accepts_booleans_and_names() {
+        for (v, want) in [
+            ("true", Compression::Gzip),
+            ("false", Compression::None),
+            ("gzip", Compression::Gzip),
+            ("zstd", Compression::Zstd),
+            ("none", Compression::None),
+        ] {
+            assert_eq!(
+                load(&format!("backup: {{compression: {v}}}"))
+                    .unwrap()
+                    .compression,
+                want
+            );
+        }
+        let e = err_text("backup: {compression: lz4}");
+        assert!(e.contains("lz4") && e.contains("compression"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_numbers_name_key_and_range() {
+        for (yaml, key, range) in [
+            ("backup: {schedule_hours: 0}", "schedule_hours", "1 to 168"),
+            (
+                "backup: {schedule_hours: 169}",
+                "schedule_hours",
+                "1 to 168",
+            ),
+            ("backup: {schedule_hours: -5}", "schedule_hours", "1 to 168"),
+            (
+                "backup: {retention: {max_count: 1001}}",
+                "max_count",
+                "1 to 1000",
+            ),
+            (
+                "backup: {retention: {max_count: 0}}",
+                "max_count",
+                "1 to 1000",
+            ),
+            (
+                "backup: {retention: {max_age_days: 3651}}",
+                "max_age_days",
+                "1 to 3650",
+            ),
+        ] {
+            let e = err_text(yaml);
+            assert!(e.contains(key) && e.contains(range), "{yaml}: {e}");
+        }
+        let e = err_text("backup: {compression: gzip, compression_level: 12}");
+        assert!(
+            e.contains("backup.compression_level") && e.contains("1–9"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_components_are_rejected_by_name() {
+        let e = err_text("backup: {schedule_hour: 6}");
+        assert!(e.contains("schedule_hour"), "{e}");
+        let e = err_text("backup: {retention: {max_cnt: 3}}");
+        assert!(e.contains("max_cnt"), "{e}");
+        let e = err_text("backup: {include: [persistence, vectors]}");
+        assert!(e.contains("vectors"), "{e}");
+        let e = err_text("backup: {include: [memory, memory]}");
+        assert!(e.contains("backup.include") && e.contains("twice"), "{e}");
+        let e = err_text("backup: {include: []}");
+        assert!(e.contains("backup.include"), "{e}");
+        let e = err_text("backup: {schedule_hours: [1}");
+        assert!(!e.is_empty());
+    }
+
+    #[test]
+    fn parent_dir_paths_are_rejected() {
+        let e = err_text("backup: {path: ../backups}");
+        assert!(e.contains("backup.path") && e.contains(".."), "{e}");
+        let e = err_text("backup: {sources: {memory_dir: /data/../etc}}");
+        assert!(e.contains("backup.sources.memory_dir"), "{e}");
+    }
+
+    #[test]
+    fn s3_block_is_validated_and_secret_is_hidden() {
+        let e = err_text("backup: {s3: {bucket: Bad_Bucket}}");
+        assert!(e.contains("backup.s3.bucket"), "{e}");
+        let e = err_text("backup: {s3: {bucket: ok-bucket, prefix: ../x}}");
+        assert!(e.contains("backup.s3.prefix"), "{e}");
+        let e = err_text("backup: {s3: {bucket: ok-bucket, endpoint: ftp://x}}");
+        assert!(e.contains("backup.s3.endpoint"), "{e}");
+        let e = err_text("backup: {s3: {bucket: ok-bucket, part_size_mib: 1}}");
+        assert!(
+            e.contains("part_size_mib") && e.contains("5 to 5120"),
+            "{e}"
+        );
+        let c = load("backup: {s3: {bucket: ok-bucket, secret_access_key: hunter2}}").unwrap();
+        let s3 = c.s3.unwrap();
+        assert_eq!(s3.secret_access_key.as_ref().unwrap().expose(), "hunter2");
+        assert!(!format!("{s3:?}").contains("hunter2"));
+        assert!(!serde_json::to_string(&s3).unwrap().contains("hunter2"));
+        assert!(!s3.path_style() && !s3.allow_http());
+    }
+
+    #[test]
+    fn env_overrides_win_over_the_file() {
+        Jail::expect_with(|jail| {
+            jail.set_env("SYNTHORG_BACKUP__SCHEDULE_HOURS", "24");
+            jail.set_env("SYNTHORG_BACKUP__RETENTION__MAX_COUNT", "3");
+            jail.set_env("SYNTHORG_BACKUP__COMPRESSION", "none");
+            jail.set_env("SYNTHORG_BACKUP__S3__BUCKET", "from-env");
+            jail.set_env("SYNTHORG_TOKEN", "unrelated");
+            let c = BackupConfig::load(
+                Some("backup: {schedule_hours: 2, retention: {max_count: 9, max_age_days: 4}}"),
+                Path::new("/"),
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(c.schedule_hours, 24);
+            assert_eq!(c.retention.max_count, 3);
+            assert_eq!(c.retention.max_age_days, 4);
+            assert_eq!(c.compression, Compression::None);
+            assert_eq!(c.s3.map(|s| s.bucket).as_deref(), Some("from-env"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_override_out_of_range_names_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("SYNTHORG_BACKUP__SCHEDULE_HOURS", "500");
+            let e = BackupConfig::load(None, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("backup.schedule_hours") && e.contains("1 to 168"),
+                "{e}"
+            );
+            assert!(e.contains("SYNTHORG_BACKUP__SCHEDULE_HOURS"), "{e}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,632 @@
+//! Manifest v1: what a backup holds and how to verify it.
+//!
+//! The manifest is written twice: as `manifest.json` inside the backup and as
+//! the sidecar `<id>.manifest.json` next to it, published last (the commit
+//! point of a backup). Parsing is strict: a size cap before reading
+//! ([`MAX_MANIFEST_BYTES`]), an unknown major version is an error, and
+//! [`Manifest::validate`] checks that the manifest is consistent with itself
+//! (sizes add up, the checksum recomputes, every path is inside an included
+//! component).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use chrono::{DateTime, Timelike, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Compression;
+use crate::digest::{Checksum, Sha256Digest, Sha256Hasher};
+use crate::id::{BackupId, Component, Trigger};
+use crate::path::ArchivePath;
+
+/// Major version of the manifest format this build reads and writes.
+pub const MANIFEST_MAJOR: u32 = 1;
+/// Minor version this build writes. Readers accept newer minors of the same
+/// major and ignore the top-level fields they do not know.
+pub const MANIFEST_MINOR: u32 = 0;
+/// Largest manifest accepted, in bytes. About 200,000 files fit.
+pub const MAX_MANIFEST_BYTES: usize = 32 * 1024 * 1024;
+
+/// The manifest of one backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Format version, `"1.0"`.
+    pub version: ManifestVersion,
+    /// The backup's id.
+    pub id: BackupId,
+    /// Version of the SynthOrg app whose data this is (semver).
+    pub synthorg_version: semver::Version,
+    /// When the backup was started (UTC).
+    pub timestamp: DateTime<Utc>,
+    /// Why it was taken.
+    pub trigger: Trigger,
+    /// Components held, in canonical order.
+    pub components: Vec<Component>,
+    /// `PRAGMA user_version` of `synthorg.db`; present exactly when
+    /// persistence is included.
+    pub db_schema_version: Option<i64>,
+    /// Total size of all files, uncompressed, in bytes.
+    pub size_bytes: u64,
+    /// `sha256:` over the tree; see [`tree_checksum`].
+    pub checksum: Checksum,
+    /// How the backup is stored: `gzip`/`zstd` archive or `none` (directory).
+    pub compression: Compression,
+    /// The archive's own hash and size; absent for the directory form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveInfo>,
+    /// Every regular file, sorted by path.
+    pub files: Vec<FileEntry>,
+    /// Every directory (so that empty ones are restored), sorted by path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<DirEntry>,
+    /// Symbolic links that stay inside their component, sorted by path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub symlinks: Vec<SymlinkEntry>,
+    /// Free-form labels, e.g. `migration: "3->4"` on pre-migration backups.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A regular file in the backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Path inside the backup.
+    pub path: ArchivePath,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the content.
+    pub sha256: Sha256Digest,
+    /// Unix permission bits (restored; not part of the checksum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    /// Modification time, Unix seconds (restored; not part of the checksum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<i64>,
+}
+
+/// A directory in the backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirEntry {
+    /// Path inside the backup.
+    pub path: ArchivePath,
+    /// Unix permission bits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+/// A symbolic link in the backup; `target` is relative and stays inside the
+/// link's component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SymlinkEntry {
+    /// Path inside the backup.
+    pub path: ArchivePath,
+    /// Link target, relative to the link's directory.
+    pub target: String,
+}
+
+/// The archive file of a compressed backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveInfo {
+    /// SHA-256 of the archive bytes as stored.
+    pub sha256: Sha256Digest,
+    /// Size of the archive as stored, in bytes.
+    pub size_bytes: u64,
+    /// Offsets of independently compressed members (gzip members or zstd
+    /// frames), for parallel decompression; empty when unknown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<u64>,
+}
+
+/// `major.minor` of the manifest format, written as a string (`"1.0"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManifestVersion {
+    /// Incompatible changes bump this; readers refuse unknown majors.
+    pub major: u32,
+    /// Compatible additions bump this.
+    pub minor: u32,
+}
+
+impl ManifestVersion {
+    /// The version this build writes.
+    pub const CURRENT: ManifestVersion = ManifestVersion {
+        major: MANIFEST_MAJOR,
+        minor: MANIFEST_MINOR,
+    };
+
+    fn parse(raw: &str) -> Option<ManifestVersion> {
+        let (major, minor) = raw.split_once('.')?;
+        let num = |s: &str| {
+            (!s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse().ok())
+                .flatten()
+        };
+        Some(ManifestVersion {
+            major: num(major)?,
+            minor: num(minor)?,
+        })
+    }
+}
+
+impl fmt::Display for ManifestVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+impl Serialize for ManifestVersion {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ManifestVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        ManifestVersion::parse(&raw).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid manifest version {raw:?}, expected \"1.0\""
+            ))
+        })
+    }
+}
+
+/// Why bytes are not a usable manifest.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// Larger than [`MAX_MANIFEST_BYTES`]; not parsed.
+    #[error("manifest is {size} bytes; the maximum is {MAX_MANIFEST_BYTES}")]
+    TooLarge {
+        /// Size seen (or at least this many bytes).
+        size: u64,
+    },
+    /// Not JSON, or not of the manifest's shape.
+    #[error("manifest is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A major version this build does not know.
+    #[error("manifest version {found} is not supported; this build reads {MANIFEST_MAJOR}.x")]
+    UnsupportedVersion {
+        /// The version found.
+        found: String,
+    },
+    /// Parsed, but inconsistent with itself.
+    #[error("manifest is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Only the version, read before anything else so that an unknown major is
+/// reported as such rather than as a shape error.
+#[derive(Deserialize)]
+struct VersionProbe {
+    version: serde_json::Value,
+}
+
+const KNOWN_FIELDS: &[&str] = &[
+    "version",
+    "id",
+    "synthorg_version",
+    "timestamp",
+    "trigger",
+    "components",
+    "db_schema_version",
+    "size_bytes",
+    "checksum",
+    "compression",
+    "archive",
+    "files",
+    "dirs",
+    "symlinks",
+    "labels",
+];
+
+impl Manifest {
+    /// Parses and validates a manifest.
+    ///
+    /// # Errors
+    /// [`ManifestError::TooLarge`] above [`MAX_MANIFEST_BYTES`] (checked
+    /// before parsing), `UnsupportedVersion` for another major version,
+    /// `Json` for malformed input or unknown fields, `Inconsistent` when
+    /// [`Manifest::validate`] fails.
+    pub fn from_json(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge {
+                size: bytes.len() as u64,
+            });
+        }
+        let probe: VersionProbe = serde_json::from_slice(bytes)?;
+        let version = probe
+            .version
+            .as_str()
+            .and_then(ManifestVersion::parse)
+            .ok_or_else(|| ManifestError::UnsupportedVersion {
+                found: probe.version.to_string().chars().take(40).collect(),
+            })?;
+        if version.major != MANIFEST_MAJOR {
+            return Err(ManifestError::UnsupportedVersion {
+                found: version.to_string(),
+            });
+        }
+        let manifest: Manifest = if version.minor > MANIFEST_MINOR {
+            let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
+            if let Some(obj) = value.as_object_mut() {
+                obj.retain(|k, _| KNOWN_FIELDS.contains(&k.as_str()));
+            }
+            serde_json::from_value(value)?
+        } else {
+            serde_json::from_slice(bytes)?
+        };
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Pretty JSON, as written to `manifest.json` and the sidecar.
+    ///
+    /// # Errors
+    /// Never in practice (all fields serialize); typed for honesty.
+    pub fn to_json(&self) -> Result<Vec<u8>, ManifestError> {
+        let mut out = serde_json::to_vec_pretty(self)?;
+        out.push(b'\n');
+        Ok(out)
+    }
+
+    /// Whether retention must leave this backup alone.
+    pub fn is_pinned(&self) -> bool {
+        self.trigger.is_pinned()
+    }
+
+    /// Checks the manifest against itself: id matches trigger and
+    /// timestamp; components are unique and canonical; every path is unique
+    /// and inside an included component; persistence ⇔ `synthorg.db` ⇔
+    /// `db_schema_version`; `size_bytes` is the sum of file sizes; the
+    /// checksum recomputes; the archive info matches the compression.
+    ///
+    /// # Errors
+    /// [`ManifestError::Inconsistent`] naming the first problem found.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let bad = |msg: String| Err(ManifestError::Inconsistent(msg));
+        if self.id.trigger() != self.trigger {
+            return bad(format!(
+                "id {} does not match trigger {}",
+                self.id, self.trigger
+            ));
+        }
+        if self.id.timestamp() != self.timestamp.with_nanosecond(0).unwrap_or(self.timestamp) {
+            return bad(format!(
+                "id {} does not match timestamp {}",
+                self.id,
+                self.timestamp.to_rfc3339()
+            ));
+        }
+        if self.components.is_empty() {
+            return bad("no components".into());
+        }
+        let mut sorted = self.components.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted != self.components {
+            return bad(format!(
+                "components {:?} are duplicated or not in canonical order",
+                self.components
+            ));
+        }
+        if !self.files.windows(2).all(|w| w[0].path < w[1].path) {
+            return bad("files are not sorted by path".into());
+        }
+        let mut seen = BTreeSet::new();
+        let paths = self
+            .files
+            .iter()
+            .map(|f| &f.path)
+            .chain(self.dirs.iter().map(|d| &d.path))
+            .chain(self.symlinks.iter().map(|s| &s.path));
+        for path in paths {
+            match path.component() {
+                Some(c) if self.components.contains(&c) => {}
+                Some(c) => return bad(format!("{path} belongs to {c}, which is not included")),
+                None => return bad(format!("{path} is outside every component")),
+            }
+            if !seen.insert(path.as_str()) {
+                return bad(format!("{path} is listed twice"));
+            }
+        }
+        let has_db = self
+            .files
+            .iter()
+            .any(|f| f.path.component() == Some(Component::Persistence));
+        let includes_db = self.components.contains(&Component::Persistence);
+        if has_db != includes_db || includes_db != self.db_schema_version.is_some() {
+            return bad(
+                "persistence, synthorg.db and db_schema_version must be present together".into(),
+            );
+        }
+        let total = self
+            .files
+            .iter()
+            .try_fold(0u64, |acc, f| acc.checked_add(f.size));
+        if total != Some(self.size_bytes) {
+            return bad(format!(
+                "size_bytes {} is not the sum of the file sizes",
+                self.size_bytes
+            ));
+        }
+        let computed = tree_checksum(&self.files, &self.dirs, &self.symlinks);
+        if computed != self.checksum {
+            return bad(format!(
+                "checksum {} does not match the file list ({computed})",
+                self.checksum
+            ));
+        }
+        match (self.compression, &self.archive) {
+            (Compression::None, None) => {}
+            (Compression::None, Some(_)) => {
+                return bad("directory-form backup has archive info".into());
+            }
+            (_, None) => return bad(format!("{} backup lacks archive info", self.compression)),
+            (_, Some(_)) => {}
+        }
+        for link in &self.symlinks {
+            if link.target.is_empty()
+                || link.target.starts_with('/')
+                || link.target.chars().any(char::is_control)
+            {
+                return bad(format!("symlink {} has an invalid target", link.path));
+            }
+        }
+        Ok(())
+    }
+
+    /// The file entry for `path`, if listed.
+    pub fn file(&self, path: &str) -> Option<&FileEntry> {
+        self.files
+            .binary_search_by(|f| f.path.as_str().cmp(path))
+            .ok()
+            .map(|i| &self.files[i])
+    }
+
+    /// Number of entries of every kind (files, dirs, links).
+    pub fn entry_count(&self) -> usize {
+        self.files.len() + self.dirs.len() + self.symlinks.len()
+    }
+}
+
+/// The manifest checksum: SHA-256 over every entry sorted by path (byte
+/// order), each encoded as one line:
+///
+/// - file: `path NUL size NUL sha256hex LF`
+/// - directory: `path NUL "dir" LF`
+/// - symlink: `path NUL "link" NUL target LF`
+///
+/// Paths and targets cannot hold NUL or LF, sizes are decimal digits and
+/// `dir`/`link` are not, so the encoding is injective: two different trees
+/// never produce the same input to SHA-256. The same value results for the
+/// archive and the directory form, since it covers only the tree.
+pub fn tree_checksum(
+    files: &[FileEntry],
+    dirs: &[DirEntry],
+    symlinks: &[SymlinkEntry],
+) -> Checksum {
+    let mut lines: Vec<(&str, String)> =
+        Vec::with_capacity(files.len() + dirs.len() + symlinks.len());
+    lines.extend(
+        files
+            .iter()
+            .map(|f| (f.path.as_str(), format!("\0{}\0{}\n", f.size, f.sha256))),
+    );
+    lines.extend(dirs.iter().map(|d| (d.path.as_str(), "\0dir\n".to_owned())));
+    lines.extend(
+        symlinks
+            .iter()
+            .map(|s| (s.path.as_str(), format!("\0link\0{}\n", s.target))),
+    );
+    lines.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut hasher = Sha256Hasher::new();
+    for (path, rest) in lines {
+        hasher.update(path.as_bytes());
+        hasher.update(rest.as_bytes());
+    }
+    Checksum(hasher.finish())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    pub(crate) fn file(path: &str, content: &[u8]) -> FileEntry {
+        FileEntry {
+            path: ArchivePath::parse(path).unwrap(),
+            size: content.len() as u64,
+            sha256: Sha256Digest::of(content),
+            mode: Some(0o600),
+            mtime: Some(1_700_000_000),
+        }
+    }
+
+    /// A valid manifest of an archive backup with all four components.
+    pub(crate) fn sample(id: &str) -> Manifest {
+        let id = BackupId::parse(id).unwrap();
+        let files = vec![
+            file("checkpoints/t1/turn-1.json", b"{}"),
+            file("config/company.yaml", b"name: acme\n"),
+            file("memory/mem0.db", b"SQLite format 3\0..."),
+            file("synthorg.db", b"SQLite format 3\0tasks"),
+        ];
+        let dirs = vec![DirEntry {
+            path: ArchivePath::parse("memory/empty").unwrap(),
+            mode: Some(0o700),
+        }];
+        Manifest {
+            version: ManifestVersion::CURRENT,
+            synthorg_version: semver::Version::new(1, 4, 0),
+            timestamp: id.timestamp(),
+            trigger: id.trigger(),
+            id,
+            components: Component::ALL.to_vec(),
+            db_schema_version: Some(3),
+            size_bytes: files.iter().map(|f| f.size).sum(),
+            checksum: tree_checksum(&files, &dirs, &[]),
+            compression: Compression::Gzip,
+            archive: Some(ArchiveInfo {
+                sha256: Sha256Digest::of(b"archive"),
+                size_bytes: 1234,
+                members: vec![0, 600],
+            }),
+            files,
+            dirs,
+            symlinks: vec![],
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let m = sample("2026-03-15T14-30-00_manual");
+        m.validate().unwrap();
+        let json = m.to_json().unwrap();
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(text.contains("\"version\": \"1.0\""));
+        assert!(text.contains("\"checksum\": \"sha256:"));
+        assert!(text.contains("\"trigger\": \"manual\""));
+        assert_eq!(Manifest::from_json(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn refuses_oversized_input_before_parsing() {
+        let huge = vec![b' '; MAX_MANIFEST_BYTES + 1];
+        assert!(matches!(
+            Manifest::from_json(&huge),
+            Err(ManifestError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_unknown_major_and_invalid_json() {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&sample("2026-03-15T14-30-00_manual").to_json().unwrap())
+                .unwrap();
+        v["version"] = "2.0".into();
+        let err = Manifest::from_json(v.to_string().as_bytes()).unwrap_err();
+        assert!(matches!(err, ManifestError::UnsupportedVersion { ref found } if found == "2.0"));
+        assert!(matches!(
+            Manifest::from_json(b"{not json"),
+            Err(ManifestError::Json(_))
+        ));
+        assert!(matches!(
+            Manifest::from_json(br#"{"version": 1}"#),
+            Err(ManifestError::UnsupportedVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn newer_minor_ignores_unknown_top_level_fields_but_current_minor_is_strict() {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&sample("2026-03-15T14-30-00_manual").to_json().unwrap())
+                .unwrap();
+        v["future_field"] = 7.into();
+        assert!(matches!(
+            Manifest::from_json(v.to_string().as_bytes()),
+            Err(ManifestError::Json(_))
+        ));
+        v["version"] = "1.9".into();
+        assert!(Manifest::from_json(v.to_string().as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn validate_catches_each_inconsistency() {
+        let base = sample("2026-03-15T14-30-00_manual");
+        type Mutation = Box<dyn Fn(&mut Manifest)>;
+        let mutations: Vec<(&str, Mutation)> = vec![
+            ("trigger", Box::new(|m| m.trigger = Trigger::Scheduled)),
+            (
+                "timestamp",
+                Box::new(|m| m.timestamp = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap()),
+            ),
+            ("size", Box::new(|m| m.size_bytes += 1)),
+            (
+                "checksum",
+                Box::new(|m| m.files[0].sha256 = Sha256Digest::of(b"x")),
+            ),
+            (
+                "duplicate",
+                Box::new(|m| {
+                    let f = m.files[0].clone();
+                    m.files.push(f);
+                }),
+            ),
+            (
+                "component",
+                Box::new(|m| m.components.retain(|c| *c != Component::Memory)),
+            ),
+            ("schema", Box::new(|m| m.db_schema_version = None)),
+            ("archive", Box::new(|m| m.archive = None)),
+            (
+                "components dup",
+                Box::new(|m| m.components.push(Component::Config)),
+            ),
+        ];
+        for (what, mutate) in mutations {
+            let mut m = base.clone();
+            mutate(&mut m);
+            assert!(
+                matches!(m.validate(), Err(ManifestError::Inconsistent(_))),
+                "{what} not caught"
+            );
+        }
+    }
+
+    #[test]
+    fn checksum_differs_when_bytes_move_between_name_and_content() {
+        // "a" + content "b1" vs "ab" + content "1": naive concatenation collides.
+        let one = [file("memory/a", b"b1")];
+        let two = [file("memory/ab", b"1")];
+        assert_ne!(tree_checksum(&one, &[], &[]), tree_checksum(&two, &[], &[]));
+        // A file and an empty directory of the same name differ too.
+        let as_dir = [DirEntry {
+            path: ArchivePath::parse("memory/a").unwrap(),
+            mode: None,
+        }];
+        let as_file = [file("memory/a", b"")];
+        assert_ne!(
+            tree_checksum(&[], &as_dir, &[]),
+            tree_checksum(&as_file, &[], &[])
+        );
+    }
+
+    #[test]
+    fn checksum_ignores_order_of_input_and_metadata() {
+        let a = [file("memory/x", b"1"), file("memory/y", b"2")];
+        let mut b = [file("memory/y", b"2"), file("memory/x", b"1")];
+        b[0].mode = Some(0o644);
+        assert_eq!(tree_checksum(&a, &[], &[]), tree_checksum(&b, &[], &[]));
+    }
+
+    fn arb_tree() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
+        proptest::collection::btree_map(
+            "memory/[a-c]{1,3}(/[a-c]{1,2})?",
+            proptest::collection::vec(0u8..4, 0..4),
+            0..5,
+        )
+        .prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        #[test]
+        fn different_trees_never_share_a_checksum(a in arb_tree(), b in arb_tree()) {
+            prop_assume!(a != b);
+            let fa: Vec<_> = a.iter().map(|(p, c)| file(p, c)).collect();
+            let fb: Vec<_> = b.iter().map(|(p, c)| file(p, c)).collect();
+            prop_assert_ne!(tree_checksum(&fa, &[], &[]), tree_checksum(&fb, &[], &[]));
+        }
+
+        #[test]
+        fn from_json_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Manifest::from_json(&bytes);
+        }
+    }
+}

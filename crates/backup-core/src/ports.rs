@@ -1,0 +1,313 @@
+//! Ports: the traits through which the core reaches the outside world.
+//!
+//! Adapters implement them (`adapters-fs`, `adapters-sqlite`, `adapters-s3`);
+//! the host picks the implementations at start-up. Every port is usable as a
+//! trait object (`Arc<dyn BackupStore>`), since targets are chosen at run
+//! time. Data moves as [`ByteStream`]s with bounded buffers: no port hands
+//! a whole archive to memory.
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+
+use crate::config::Compression;
+use crate::error::Result;
+use crate::id::{BackupId, Component};
+use crate::manifest::Manifest;
+use crate::path::ArchivePath;
+
+/// A stream of byte chunks; an `Err` item ends it.
+pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// One object of a backup in a store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ObjectName {
+    /// The archive of a compressed backup (`<id>.tar.gz` / `<id>.tar.zst`).
+    Archive(Compression),
+    /// A file of a directory-form backup (`<id>/<path>`).
+    File(ArchivePath),
+    /// `manifest.json` inside a directory-form backup (`<id>/manifest.json`).
+    InnerManifest,
+}
+
+/// One entry of [`BackupStore::list`].
+#[derive(Debug, Clone)]
+pub enum Listed {
+    /// A published backup with a valid sidecar.
+    Complete(Box<Manifest>),
+    /// A sidecar that exists but cannot be read or validated.
+    Damaged {
+        /// The id from the sidecar's name.
+        id: BackupId,
+        /// Why it is damaged.
+        reason: String,
+    },
+}
+
+impl Listed {
+    /// The backup's id.
+    pub fn id(&self) -> &BackupId {
+        match self {
+            Listed::Complete(m) => &m.id,
+            Listed::Damaged { id, .. } => id,
+        }
+    }
+}
+
+/// Where backups are kept: a local directory or an S3 prefix.
+///
+/// # Contract
+/// - A backup is *published* once its sidecar `<id>.manifest.json` exists:
+///   [`publish`](BackupStore::publish) is the commit point and must be
+///   atomic (a reader sees the whole sidecar or none). Before that, the
+///   backup's objects are invisible to [`list`](BackupStore::list) and
+///   [`manifest`](BackupStore::manifest).
+/// - Objects written with [`put`](BackupStore::put) are durable when `put`
+///   returns (fsynced, or acknowledged by the server).
+/// - Keys are derived only from validated [`BackupId`]s and
+///   [`ArchivePath`]s; foreign keys under the location are ignored.
+/// - Error messages never contain credentials.
+#[async_trait]
+pub trait BackupStore: Debug + Send + Sync + 'static {
+    /// Where this store is, for messages and logs, e.g. `/var/backups` or
+    /// `s3://bucket/prefix`. Never contains secrets.
+    fn location(&self) -> String;
+
+    /// All published backups, from their sidecars only, newest first.
+    /// A sidecar that cannot be parsed is returned as [`Listed::Damaged`]
+    /// instead of failing the listing; foreign and incomplete entries are
+    /// skipped.
+    ///
+    /// # Errors
+    /// Only when the location itself cannot be listed (missing bucket,
+    /// permission denied, unreachable).
+    async fn list(&self) -> Result<Vec<Listed>>;
+
+    /// The sidecar manifest of a published backup, parsed and validated.
+    ///
+    /// # Errors
+    /// `NotFound` when there is no sidecar; `Manifest` when it is invalid.
+    async fn manifest(&self, id: &BackupId) -> Result<Manifest>;
+
+    /// Writes one object of an unpublished backup, streaming, and returns
+    /// the number of bytes written. Overwrites an object of the same name.
+    /// On error or when the returned future is dropped, no partial object
+    /// remains under the final name.
+    ///
+    /// # Errors
+    /// `Store` naming the key (disk full, permission denied, network).
+    async fn put(&self, id: &BackupId, object: &ObjectName, data: ByteStream) -> Result<u64>;
+
+    /// Reads one object, streaming.
+    ///
+    /// # Errors
+    /// `NotFound` when the object does not exist; `Store` otherwise.
+    async fn get(&self, id: &BackupId, object: &ObjectName) -> Result<ByteStream>;
+
+    /// Publishes the sidecar manifest: the commit point of a backup. Atomic.
+    ///
+    /// # Errors
+    /// `Store` naming the key; the backup then stays unpublished.
+    async fn publish(&self, manifest: &Manifest) -> Result<()>;
+
+    /// Deletes a backup: the sidecar first (so it stops being listed), then
+    /// its data. Idempotent for the data part.
+    ///
+    /// # Errors
+    /// `NotFound` when no sidecar and no data exist for `id`; `Store` on failure.
+    async fn delete(&self, id: &BackupId) -> Result<()>;
+
+    /// Removes every object of an unpublished backup (abort path). Missing
+    /// objects are not an error.
+    ///
+    /// # Errors
+    /// `Store` when objects exist but cannot be removed.
+    async fn discard(&self, id: &BackupId) -> Result<()>;
+
+    /// Removes leftovers of interrupted backups (objects without a sidecar,
+    /// temp files) and returns what was removed. Must not remove objects of
+    /// a backup that is being written by a lock holder: callers hold the
+    /// [`OperationLock`].
+    ///
+    /// # Errors
+    /// `Store` when the location cannot be listed.
+    async fn cleanup_incomplete(&self) -> Result<Vec<String>>;
+}
+
+/// What a mutating operation is, for lock holders and `Busy` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Creating a backup.
+    Backup,
+    /// Restoring a backup.
+    Restore,
+    /// Deleting a backup.
+    Delete,
+    /// Running retention.
+    Prune,
+    /// Recovering after a crash.
+    Recover,
+}
+
+impl Operation {
+    /// Lower-case verb, e.g. `restore`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Backup => "backup",
+            Operation::Restore => "restore",
+            Operation::Delete => "delete",
+            Operation::Prune => "prune",
+            Operation::Recover => "recover",
+        }
+    }
+}
+
+/// A held lock. Dropping it releases the lock too (best effort); call
+/// [`release`](LockGuard::release) to learn whether that worked.
+#[async_trait]
+pub trait LockGuard: Debug + Send + Sync {
+    /// Releases the lock.
+    ///
+    /// # Errors
+    /// `Store` when the release could not be recorded (the lock then expires
+    /// or is found stale).
+    async fn release(self: Box<Self>) -> Result<()>;
+}
+
+/// One mutating operation at a time per target, across processes.
+///
+/// # Contract
+/// [`try_acquire`](OperationLock::try_acquire) never waits for another
+/// holder: it succeeds at once or fails with `Busy` naming the holder. A
+/// lock left by a dead process is released by the OS (flock) or is
+/// detectably stale (expired lease) and taken over.
+#[async_trait]
+pub trait OperationLock: Debug + Send + Sync + 'static {
+    /// Takes the lock for `operation`.
+    ///
+    /// # Errors
+    /// `Busy` when held by someone else; `Store` when the lock cannot be
+    /// read or written.
+    async fn try_acquire(&self, operation: Operation) -> Result<Box<dyn LockGuard>>;
+}
+
+/// What kind of entry a snapshot holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file of `size` bytes.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link with a relative target inside its component.
+    Symlink(String),
+}
+
+/// One entry of a component snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    /// Path inside the backup, e.g. `memory/vectors/seg-1.bin`.
+    pub path: ArchivePath,
+    /// File, directory or link.
+    pub kind: EntryKind,
+    /// Size in bytes (files only; 0 otherwise).
+    pub size: u64,
+    /// Unix permission bits.
+    pub mode: u32,
+    /// Modification time, Unix seconds.
+    pub mtime: i64,
+}
+
+/// A consistent snapshot of one component, ready to be streamed into a backup.
+///
+/// # Contract
+/// `entries` are sorted by path and cover the whole component. A file
+/// opened with [`open`](Snapshot::open) yields exactly its entry's `size`
+/// bytes; if the source changed under it, the stream ends with an error
+/// naming the file. [`finish`](Snapshot::finish) removes temp copies; it
+/// also happens on drop, best effort.
+#[async_trait]
+pub trait Snapshot: Send + Sync {
+    /// Entries in path order.
+    fn entries(&self) -> &[SnapshotEntry];
+
+    /// `PRAGMA user_version` of the snapshotted database (persistence only).
+    fn db_schema_version(&self) -> Option<i64>;
+
+    /// The content of a file entry.
+    ///
+    /// # Errors
+    /// `Source` naming the file when it cannot be opened.
+    async fn open(&self, path: &ArchivePath) -> Result<ByteStream>;
+
+    /// Releases temp files.
+    ///
+    /// # Errors
+    /// `Source` when cleanup fails (logged by callers, never fatal).
+    async fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Reads one component of the live data consistently.
+#[async_trait]
+pub trait ComponentSource: Debug + Send + Sync + 'static {
+    /// Which component this is.
+    fn component(&self) -> Component;
+
+    /// Whether the component must be snapshotted while its writer is paused
+    /// through [`Quiesce`] (memory).
+    fn needs_quiesce(&self) -> bool {
+        self.component() == Component::Memory
+    }
+
+    /// Takes a consistent snapshot.
+    ///
+    /// # Errors
+    /// `Source` naming the path: missing database, not SQLite, locked or
+    /// corrupt, permission denied.
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>>;
+}
+
+/// Pauses and resumes the writer of a component (memory) around its snapshot.
+///
+/// # Contract
+/// [`pause`](Quiesce::pause) returns once the writer is at a safe point and
+/// stays paused until [`resume`](Quiesce::resume). `resume` is synchronous,
+/// never blocks and is idempotent, so that a guard can call it on drop:
+/// after an error, a panic or a cancellation alike.
+#[async_trait]
+pub trait Quiesce: Debug + Send + Sync + 'static {
+    /// Pauses the writer.
+    ///
+    /// # Errors
+    /// `Source` when the writer cannot be paused.
+    async fn pause(&self) -> Result<()>;
+
+    /// Resumes the writer.
+    fn resume(&self);
+}
+
+/// A [`Quiesce`] for hosts without a memory writer to pause.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoQuiesce;
+
+#[async_trait]
+impl Quiesce for NoQuiesce {
+    async fn pause(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn resume(&self) {}
+}
+
+/// Time, so that the domain never reads the clock itself.
+#[async_trait]
+pub trait Clock: Debug + Send + Sync + 'static {
+    /// The current time.
+    fn now(&self) -> DateTime<Utc>;
+
+    /// Completes after `duration` (used for timeouts and the scheduler).
+    async fn sleep(&self, duration: Duration);
+}
