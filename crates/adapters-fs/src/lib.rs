@@ -1,5 +1,21 @@
-//! Local-disk adapter: `LocalFsStore` (a `BackupStore` on a directory),
-//! directory sources for memory, config and checkpoints, and the file lock.
+//! Local-disk adapter of synthorg-backup.
 //!
-//! Not implemented yet (open issue "adapters-fs"); this crate is an empty
-//! skeleton and exports nothing.
+//! - [`LocalFsStore`]: a `BackupStore` on a directory, with durable atomic
+//!   writes and the sidecar manifest published last.
+//! - [`FileLock`]: the cross-process operation lock (`flock`).
+//! - [`DirSource`]: the memory, config and checkpoints components.
+//! - [`SystemClock`]: the real clock for hosts.
+//!
+//! Depends only on `backup-core` and the standard library / tokio; SQLite
+//! specifics arrive through the `FileSnapshotter` port.
+
+mod clock;
+mod dir_source;
+mod fsio;
+mod lock;
+mod store;
+
+pub use clock::SystemClock;
+pub use dir_source::DirSource;
+pub use lock::{FileLock, FileLockGuard, LOCK_FILE};
+pub use store::LocalFsStore;

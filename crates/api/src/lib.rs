@@ -1,4 +1,8 @@
-//! Admin REST API (axum) and host lifecycle.
+//! What the SynthOrg host embeds: the adapter wiring ([`build_service`]).
 //!
-//! Not implemented yet (open issue "Admin API"); this crate is an empty
-//! skeleton and exports nothing.
+//! The admin REST API (axum) and the host lifecycle (scheduler, startup and
+//! shutdown backups) are not implemented yet (open issue "Admin API").
+
+mod wiring;
+
+pub use wiring::build_service;

@@ -11,7 +11,9 @@
 //! chosen by the host at start-up. Everything it decides is a pure function
 //! with unit and property tests.
 
+pub mod archive;
 pub mod compat;
+pub mod compress;
 pub mod config;
 pub mod digest;
 pub mod error;
@@ -20,6 +22,7 @@ pub mod manifest;
 pub mod path;
 pub mod ports;
 pub mod retention;
+pub mod service;
 
 pub use compat::{CompatReport, Finding, RunningApp};
 pub use config::{BackupConfig, Compression, ConfigError};
@@ -28,3 +31,4 @@ pub use error::{Error, ErrorKind, Result};
 pub use id::{BackupId, Component, IdError, Trigger};
 pub use manifest::{Manifest, ManifestError};
 pub use path::ArchivePath;
+pub use service::{BackupService, CreateOptions, Ports, Progress, Settings, VerifyReport};

@@ -366,8 +366,9 @@ impl Manifest {
             (Compression::None, Some(_)) => {
                 return bad("directory-form backup has archive info".into());
             }
-            (_, None) => return bad(format!("{} backup lacks archive info", self.compression)),
-            (_, Some(_)) => {}
+            // The copy inside an archive cannot hold the archive's own hash;
+            // sidecars must (see `require_archive_info`).
+            (_, _) => {}
         }
         for link in &self.symlinks {
             if link.target.is_empty()
@@ -378,6 +379,20 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// Checks what only a sidecar can hold: the archive's hash and size
+    /// for a compressed backup.
+    ///
+    /// # Errors
+    /// [`ManifestError::Inconsistent`] when the archive info is missing.
+    pub fn require_archive_info(&self) -> Result<&ArchiveInfo, ManifestError> {
+        self.archive.as_ref().ok_or_else(|| {
+            ManifestError::Inconsistent(format!(
+                "{} backup {} lacks archive info in its sidecar",
+                self.compression, self.id
+            ))
+        })
     }
 
     /// The file entry for `path`, if listed.
@@ -564,7 +579,7 @@ pub(crate) mod tests {
                 Box::new(|m| m.components.retain(|c| *c != Component::Memory)),
             ),
             ("schema", Box::new(|m| m.db_schema_version = None)),
-            ("archive", Box::new(|m| m.archive = None)),
+            ("archive", Box::new(|m| m.compression = Compression::None)),
             (
                 "components dup",
                 Box::new(|m| m.components.push(Component::Config)),

@@ -17,7 +17,7 @@ use futures::stream::BoxStream;
 use crate::config::Compression;
 use crate::error::Result;
 use crate::id::{BackupId, Component};
-use crate::manifest::Manifest;
+use crate::manifest::{DirEntry, FileEntry, Manifest, SymlinkEntry};
 use crate::path::ArchivePath;
 
 /// A stream of byte chunks; an `Err` item ends it.
@@ -221,14 +221,32 @@ pub struct SnapshotEntry {
     pub mtime: i64,
 }
 
+/// A file of a snapshot, opened for reading.
+pub struct Opened {
+    /// Exactly how many bytes `stream` yields (may differ from the entry's
+    /// size when the file legitimately changed between listing and opening).
+    pub size: u64,
+    /// The content.
+    pub stream: ByteStream,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A consistent snapshot of one component, ready to be streamed into a backup.
 ///
 /// # Contract
-/// `entries` are sorted by path and cover the whole component. A file
-/// opened with [`open`](Snapshot::open) yields exactly its entry's `size`
-/// bytes; if the source changed under it, the stream ends with an error
-/// naming the file. [`finish`](Snapshot::finish) removes temp copies; it
-/// also happens on drop, best effort.
+/// `entries` are sorted by path and cover the whole component (the entry
+/// sizes are for progress totals). A file opened with
+/// [`open`](Snapshot::open) yields exactly [`Opened::size`] bytes; if the
+/// source changes while it is read, the stream ends with an error naming
+/// the file. [`finish`](Snapshot::finish) removes temp copies; it also
+/// happens on drop, best effort.
 #[async_trait]
 pub trait Snapshot: Send + Sync {
     /// Entries in path order.
@@ -241,7 +259,7 @@ pub trait Snapshot: Send + Sync {
     ///
     /// # Errors
     /// `Source` naming the file when it cannot be opened.
-    async fn open(&self, path: &ArchivePath) -> Result<ByteStream>;
+    async fn open(&self, path: &ArchivePath) -> Result<Opened>;
 
     /// Releases temp files.
     ///
@@ -268,6 +286,27 @@ pub trait ComponentSource: Debug + Send + Sync + 'static {
     /// `Source` naming the path: missing database, not SQLite, locked or
     /// corrupt, permission denied.
     async fn snapshot(&self) -> Result<Box<dyn Snapshot>>;
+}
+
+/// Makes a consistent copy of a live file that a byte copy could tear, such
+/// as a SQLite database inside `memory/`. Directory sources ask it about
+/// every regular file (by header, not by name).
+#[async_trait]
+pub trait FileSnapshotter: Debug + Send + Sync + 'static {
+    /// Whether a file starting with `header` (up to its first 100 bytes)
+    /// needs this snapshotter.
+    fn handles(&self, header: &[u8]) -> bool;
+
+    /// Writes a consistent copy of `source` to `dest` (which must not exist).
+    ///
+    /// # Errors
+    /// `Source` naming `source` (locked, corrupt, unreadable).
+    async fn copy_consistent(
+        &self,
+        component: Component,
+        source: &std::path::Path,
+        dest: &std::path::Path,
+    ) -> Result<()>;
 }
 
 /// Pauses and resumes the writer of a component (memory) around its snapshot.
@@ -310,4 +349,72 @@ pub trait Clock: Debug + Send + Sync + 'static {
 
     /// Completes after `duration` (used for timeouts and the scheduler).
     async fn sleep(&self, duration: Duration);
+}
+
+/// Receives the content of a backup as it is read and verified (restore
+/// staging, export, or nothing for `verify`).
+///
+/// # Contract
+/// Calls come in archive order: for a file, `file_start`, any number of
+/// `file_data`, then `file_end` only once its size and sha256 matched the
+/// manifest. When the read fails midway, no further call comes and the
+/// caller discards what the sink received.
+#[async_trait]
+pub trait EntrySink: Send {
+    /// A directory.
+    ///
+    /// # Errors
+    /// `Store`/`Source` when it cannot be created.
+    async fn dir(&mut self, entry: &DirEntry) -> Result<()>;
+
+    /// A symlink, whose target stays inside its component.
+    ///
+    /// # Errors
+    /// `Store`/`Source` when it cannot be created.
+    async fn symlink(&mut self, entry: &SymlinkEntry) -> Result<()>;
+
+    /// A file begins.
+    ///
+    /// # Errors
+    /// `Store`/`Source` when it cannot be created.
+    async fn file_start(&mut self, entry: &FileEntry) -> Result<()>;
+
+    /// Bytes of the current file.
+    ///
+    /// # Errors
+    /// `Store`/`Source` when they cannot be written (e.g. disk full).
+    async fn file_data(&mut self, data: &[u8]) -> Result<()>;
+
+    /// The current file is complete and verified.
+    ///
+    /// # Errors
+    /// `Store`/`Source` when it cannot be finished.
+    async fn file_end(&mut self, entry: &FileEntry) -> Result<()>;
+}
+
+/// An [`EntrySink`] that keeps nothing (verification only).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DiscardSink;
+
+#[async_trait]
+impl EntrySink for DiscardSink {
+    async fn dir(&mut self, _: &DirEntry) -> Result<()> {
+        Ok(())
+    }
+
+    async fn symlink(&mut self, _: &SymlinkEntry) -> Result<()> {
+        Ok(())
+    }
+
+    async fn file_start(&mut self, _: &FileEntry) -> Result<()> {
+        Ok(())
+    }
+
+    async fn file_data(&mut self, _: &[u8]) -> Result<()> {
+        Ok(())
+    }
+
+    async fn file_end(&mut self, _: &FileEntry) -> Result<()> {
+        Ok(())
+    }
 }

@@ -1,0 +1,499 @@
+//! [`DirSource`]: the memory, config and checkpoints components, read from
+//! the live data directory.
+//!
+//! - The walk is in sorted (byte) order; regular files are stored with mode
+//!   and mtime, directories too (so empty ones survive).
+//! - Symlinks are never followed: a link whose relative target stays inside
+//!   the component is stored as a link, any other is skipped with a WARN.
+//!   Sockets, FIFOs and devices are skipped with a WARN.
+//! - Files that a [`FileSnapshotter`] handles (SQLite databases, recognised
+//!   by header) are copied consistently into a scratch directory first.
+//! - A file that changes while it is read (size, mtime or inode differ
+//!   before and after) is read again once (files up to 4 MiB, which are
+//!   buffered), then the backup fails naming the file: memory is meant to be
+//!   snapshotted while its writer is paused.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component as PathPart, Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use backup_core::ports::{
+    ComponentSource, EntryKind, FileSnapshotter, Opened, Snapshot, SnapshotEntry,
+};
+use backup_core::{ArchivePath, Component, Error, Result};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::io::AsyncReadExt;
+
+use crate::fsio::CHUNK;
+
+/// Files up to this size are buffered, which allows one re-read when they
+/// change while being read.
+const BUFFERED_MAX: u64 = 4 * 1024 * 1024;
+
+/// What the source reads: a directory tree or a single file.
+#[derive(Debug, Clone)]
+enum Shape {
+    Dir,
+    File,
+}
+
+/// A directory (memory, checkpoints) or single-file (config) component.
+#[derive(Debug, Clone)]
+pub struct DirSource {
+    component: Component,
+    path: PathBuf,
+    shape: Shape,
+    snapshotter: Option<Arc<dyn FileSnapshotter>>,
+}
+
+impl DirSource {
+    /// A component stored as a directory tree, e.g. memory at `data/memory`
+    /// becomes `memory/...` in the backup.
+    pub fn dir(component: Component, path: impl Into<PathBuf>) -> DirSource {
+        DirSource {
+            component,
+            path: path.into(),
+            shape: Shape::Dir,
+            snapshotter: None,
+        }
+    }
+
+    /// A component that is one file, e.g. `company.yaml` becomes
+    /// `config/company.yaml` in the backup.
+    pub fn file(component: Component, path: impl Into<PathBuf>) -> DirSource {
+        DirSource {
+            component,
+            path: path.into(),
+            shape: Shape::File,
+            snapshotter: None,
+        }
+    }
+
+    /// Copies files it handles (e.g. SQLite databases) consistently instead
+    /// of byte by byte.
+    pub fn with_snapshotter(mut self, snapshotter: Arc<dyn FileSnapshotter>) -> DirSource {
+        self.snapshotter = Some(snapshotter);
+        self
+    }
+
+    fn source_err(&self, path: &Path, reason: impl Into<String>, e: Option<io::Error>) -> Error {
+        Error::Source {
+            component: self.component,
+            path: path.display().to_string(),
+            reason: reason.into(),
+            source: e.map(|e| Box::new(e) as _),
+        }
+    }
+
+    fn io_err(&self, path: &Path, e: io::Error) -> Error {
+        self.source_err(path, crate::fsio::describe(&e), Some(e))
+    }
+
+    /// Walks the source; returns entries and the fs path of each file entry.
+    fn walk(&self) -> Result<Walked> {
+        let root = ArchivePath::parse(self.component.archive_root())
+            .map_err(|e| self.source_err(&self.path, e.to_string(), None))?;
+        let mut walked = Walked::default();
+        let meta = match std::fs::symlink_metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(component = %self.component, path = %self.path.display(),
+                    "component source does not exist; backing it up as empty");
+                return Ok(walked);
+            }
+            Err(e) => return Err(self.io_err(&self.path, e)),
+        };
+        match self.shape {
+            Shape::File => {
+                if !meta.is_file() {
+                    return Err(self.source_err(&self.path, "is not a regular file", None));
+                }
+                walked.push_dir(root.clone(), 0o700, mtime(&meta));
+                let name = self
+                    .path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .ok_or_else(|| self.source_err(&self.path, "file name is not UTF-8", None))?;
+                let path = root
+                    .join(name)
+                    .map_err(|e| self.source_err(&self.path, e.to_string(), None))?;
+                walked.push_file(path, self.path.clone(), &meta);
+            }
+            Shape::Dir => {
+                if !meta.is_dir() {
+                    return Err(self.source_err(&self.path, "is not a directory", None));
+                }
+                walked.push_dir(
+                    root.clone(),
+                    meta.permissions().mode() & 0o7777,
+                    mtime(&meta),
+                );
+                self.walk_dir(&self.path, &root, &mut walked)?;
+            }
+        }
+        Ok(walked)
+    }
+
+    fn walk_dir(&self, dir: &Path, at: &ArchivePath, walked: &mut Walked) -> Result<()> {
+        let mut children = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| self.io_err(dir, e))? {
+            let entry = entry.map_err(|e| self.io_err(dir, e))?;
+            let name = entry.file_name();
+            let fs_path = entry.path();
+            let name = name
+                .to_str()
+                .ok_or_else(|| self.source_err(&fs_path, "file name is not UTF-8", None))?
+                .to_owned();
+            children.push((name, fs_path));
+        }
+        children.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        for (name, fs_path) in children {
+            let path = at
+                .join(&name)
+                .map_err(|e| self.source_err(&fs_path, e.to_string(), None))?;
+            let meta = std::fs::symlink_metadata(&fs_path).map_err(|e| self.io_err(&fs_path, e))?;
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                walked.push_dir(
+                    path.clone(),
+                    meta.permissions().mode() & 0o7777,
+                    mtime(&meta),
+                );
+                self.walk_dir(&fs_path, &path, walked)?;
+            } else if ft.is_file() {
+                walked.push_file(path, fs_path, &meta);
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&fs_path).map_err(|e| self.io_err(&fs_path, e))?;
+                match contained_target(&path, &target) {
+                    Some(t) => walked.entries.push(SnapshotEntry {
+                        path,
+                        kind: EntryKind::Symlink(t),
+                        size: 0,
+                        mode: 0o777,
+                        mtime: mtime(&meta),
+                    }),
+                    None => tracing::warn!(path = %fs_path.display(), target = %target.display(),
+                        "skipping symlink that points outside its component"),
+                }
+            } else {
+                tracing::warn!(path = %fs_path.display(), "skipping special file (socket, FIFO or device)");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `target` as a string if it is relative and, resolved lexically from the
+/// link's directory, stays inside the link's component.
+fn contained_target(link: &ArchivePath, target: &Path) -> Option<String> {
+    let text = target.to_str()?;
+    if target.is_absolute() || text.is_empty() || text.chars().any(char::is_control) {
+        return None;
+    }
+    let mut stack: Vec<&str> = link.segments().collect();
+    stack.pop(); // the link's own name
+    for part in target.components() {
+        match part {
+            PathPart::Normal(p) => stack.push(p.to_str()?),
+            // Never step out of the component, not even to come back:
+            // the component's directory may have another name on restore.
+            PathPart::ParentDir if stack.len() > 1 => {
+                stack.pop();
+            }
+            PathPart::CurDir => {}
+            _ => return None,
+        }
+    }
+    // Still below the component root (which is the first segment).
+    (stack.len() >= 2 && Some(stack[0]) == link.segments().next()).then(|| text.to_owned())
+}
+
+fn mtime(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime()
+}
+
+#[derive(Default)]
+struct Walked {
+    entries: Vec<SnapshotEntry>,
+    files: HashMap<ArchivePath, PathBuf>,
+}
+
+impl Walked {
+    fn push_dir(&mut self, path: ArchivePath, mode: u32, mtime: i64) {
+        self.entries.push(SnapshotEntry {
+            path,
+            kind: EntryKind::Dir,
+            size: 0,
+            mode,
+            mtime,
+        });
+    }
+
+    fn push_file(&mut self, path: ArchivePath, fs_path: PathBuf, meta: &std::fs::Metadata) {
+        self.entries.push(SnapshotEntry {
+            path: path.clone(),
+            kind: EntryKind::File,
+            size: meta.len(),
+            mode: meta.permissions().mode() & 0o7777,
+            mtime: meta.mtime(),
+        });
+        self.files.insert(path, fs_path);
+    }
+}
+
+#[async_trait]
+impl ComponentSource for DirSource {
+    fn component(&self) -> Component {
+        self.component
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>> {
+        let me = self.clone();
+        let mut walked = tokio::task::spawn_blocking(move || me.walk())
+            .await
+            .map_err(|e| self.source_err(&self.path, format!("walk task failed: {e}"), None))??;
+        walked.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut scratch = None;
+        if let Some(snapshotter) = &self.snapshotter {
+            for (n, entry) in walked.entries.iter_mut().enumerate() {
+                if entry.kind != EntryKind::File {
+                    continue;
+                }
+                let Some(fs_path) = walked.files.get(&entry.path).cloned() else {
+                    continue;
+                };
+                if !snapshotter.handles(&read_header(&fs_path).unwrap_or_default()) {
+                    continue;
+                }
+                if scratch.is_none() {
+                    scratch = Some(self.scratch_dir()?);
+                }
+                let Some(dir) = scratch.as_ref() else {
+                    continue;
+                };
+                let copy = dir.path().join(format!("{n}.copy"));
+                snapshotter
+                    .copy_consistent(self.component, &fs_path, &copy)
+                    .await?;
+                let meta = std::fs::metadata(&copy).map_err(|e| self.io_err(&copy, e))?;
+                entry.size = meta.len();
+                walked.files.insert(entry.path.clone(), copy);
+            }
+        }
+        Ok(Box::new(DirSnapshot {
+            component: self.component,
+            entries: walked.entries,
+            files: walked.files,
+            _scratch: scratch,
+        }))
+    }
+}
+
+impl DirSource {
+    /// A scratch directory for consistent copies, next to the source (same
+    /// filesystem as the live data, not a possibly small tmpfs).
+    fn scratch_dir(&self) -> Result<tempfile::TempDir> {
+        let parent = match self.shape {
+            Shape::Dir => self.path.parent(),
+            Shape::File => self.path.parent().and_then(Path::parent),
+        }
+        .unwrap_or_else(|| Path::new("."));
+        tempfile::Builder::new()
+            .prefix(".synthorg-snapshot-")
+            .tempdir_in(parent)
+            .map_err(|e| self.io_err(parent, e))
+    }
+}
+
+fn read_header(path: &Path) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 100];
+    let mut file = std::fs::File::open(path)?;
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = file.read(&mut buf[filled..])?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+struct DirSnapshot {
+    component: Component,
+    entries: Vec<SnapshotEntry>,
+    files: HashMap<ArchivePath, PathBuf>,
+    _scratch: Option<tempfile::TempDir>,
+}
+
+/// What identifies a file's version: if any of it differs after reading,
+/// the file changed while it was read.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+struct Stamp {
+    len: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    ino: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            len: meta.len(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+impl DirSnapshot {
+    fn changed(&self, path: &Path) -> Error {
+        Error::Source {
+            component: self.component,
+            path: path.display().to_string(),
+            reason: "file changed while being read (also on retry); pause its writer with the quiesce hook during backups".into(),
+            source: None,
+        }
+    }
+
+    fn io_err(&self, path: &Path, e: io::Error) -> Error {
+        Error::Source {
+            component: self.component,
+            path: path.display().to_string(),
+            reason: crate::fsio::describe(&e),
+            source: Some(Box::new(e)),
+        }
+    }
+
+    async fn read_small(&self, path: &Path) -> Result<Opened> {
+        for _attempt in 0..2 {
+            let before = tokio::fs::symlink_metadata(path)
+                .await
+                .map_err(|e| self.io_err(path, e))?;
+            let data = tokio::fs::read(path)
+                .await
+                .map_err(|e| self.io_err(path, e))?;
+            let after = tokio::fs::symlink_metadata(path)
+                .await
+                .map_err(|e| self.io_err(path, e))?;
+            if Stamp::of(&before) == Stamp::of(&after) && data.len() as u64 == after.len() {
+                let size = data.len() as u64;
+                let bytes = Bytes::from(data);
+                return Ok(Opened {
+                    size,
+                    stream: futures::stream::once(async move { Ok(bytes) }).boxed(),
+                });
+            }
+            tracing::debug!(path = %path.display(), "file changed while being read; reading again");
+        }
+        Err(self.changed(path))
+    }
+
+    async fn stream_large(&self, path: &Path) -> Result<Opened> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| self.io_err(path, e))?;
+        let before = Stamp::of(&file.metadata().await.map_err(|e| self.io_err(path, e))?);
+        let size = before.len;
+        let path = path.to_path_buf();
+        let changed = self.changed(&path).to_string();
+        let state = (file, size, path, before, changed);
+        let stream = futures::stream::try_unfold(
+            state,
+            |(mut file, left, path, before, changed)| async move {
+                if left == 0 {
+                    // Verify after the last byte: same size, mtime and inode, and no growth.
+                    let meta_now = file.metadata().await?;
+                    let path_now = tokio::fs::symlink_metadata(&path).await?;
+                    if Stamp::of(&meta_now) != before || Stamp::of(&path_now) != before {
+                        return Err(io::Error::other(changed));
+                    }
+                    return Ok(None);
+                }
+                let want = left.min(CHUNK as u64) as usize;
+                let mut buf = BytesMut::with_capacity(want);
+                while buf.len() < want {
+                    let n = (&mut file)
+                        .take((want - buf.len()) as u64)
+                        .read_buf(&mut buf)
+                        .await?;
+                    if n == 0 {
+                        return Err(io::Error::other(changed));
+                    }
+                }
+                let left = left - buf.len() as u64;
+                Ok(Some((buf.freeze(), (file, left, path, before, changed))))
+            },
+        );
+        Ok(Opened {
+            size,
+            stream: stream.boxed(),
+        })
+    }
+}
+
+#[async_trait]
+impl Snapshot for DirSnapshot {
+    fn entries(&self) -> &[SnapshotEntry] {
+        &self.entries
+    }
+
+    fn db_schema_version(&self) -> Option<i64> {
+        None
+    }
+
+    async fn open(&self, path: &ArchivePath) -> Result<Opened> {
+        let fs_path = self.files.get(path).ok_or_else(|| Error::Source {
+            component: self.component,
+            path: path.to_string(),
+            reason: "not a file of this snapshot".into(),
+            source: None,
+        })?;
+        let len = tokio::fs::symlink_metadata(fs_path)
+            .await
+            .map_err(|e| self.io_err(fs_path, e))?
+            .len();
+        if len <= BUFFERED_MAX {
+            self.read_small(fs_path).await
+        } else {
+            self.stream_large(fs_path).await
+        }
+    }
+
+    async fn finish(self: Box<Self>) -> Result<()> {
+        if let Some(dir) = self._scratch {
+            let path = dir.path().to_path_buf();
+            dir.close().map_err(|e| Error::Source {
+                component: self.component,
+                path: path.display().to_string(),
+                reason: format!("cannot remove scratch directory: {e}"),
+                source: None,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlink_targets_must_stay_inside_the_component() {
+        let link = ArchivePath::parse("memory/a/link").unwrap();
+        assert_eq!(contained_target(&link, Path::new("b")), Some("b".into()));
+        assert_eq!(
+            contained_target(&link, Path::new("../c")),
+            Some("../c".into())
+        );
+        assert_eq!(contained_target(&link, Path::new("../../x")), None);
+        assert_eq!(contained_target(&link, Path::new("/etc/passwd")), None);
+        assert_eq!(contained_target(&link, Path::new("../../memory/x")), None);
+    }
+}

@@ -1,0 +1,169 @@
+//! Small filesystem helpers shared by the store and the sources: durable
+//! atomic writes (temp name, fsync, rename, fsync directory), streaming
+//! reads, and a guard that removes temp files on every exit path.
+
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use backup_core::ports::ByteStream;
+use bytes::BytesMut;
+use futures::{StreamExt, TryStreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Permission bits of files we create: backups contain secrets.
+pub(crate) const FILE_MODE: u32 = 0o600;
+/// Permission bits of directories we create.
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Read buffer size for streaming files.
+pub(crate) const CHUNK: usize = 1024 * 1024;
+/// Marker in temp file names; anything containing it is a leftover.
+pub(crate) const TEMP_MARKER: &str = ".tmp-";
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A temp path next to `final_path` (same directory, so rename is atomic):
+/// `.<name>.tmp-<pid>-<n>`.
+pub(crate) fn temp_path_for(final_path: &Path) -> PathBuf {
+    let name = final_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    final_path.with_file_name(format!(".{name}{TEMP_MARKER}{}-{n}", std::process::id()))
+}
+
+/// Removes a path (file or directory tree) on drop unless disarmed.
+#[derive(Debug)]
+pub(crate) struct RemoveOnDrop {
+    path: Option<PathBuf>,
+}
+
+impl RemoveOnDrop {
+    pub(crate) fn new(path: PathBuf) -> RemoveOnDrop {
+        RemoveOnDrop { path: Some(path) }
+    }
+
+    pub(crate) fn disarm(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = remove_any(&path);
+        }
+    }
+}
+
+/// Removes a file, symlink or directory tree; a missing path is fine.
+pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates a directory and its parents with [`DIR_MODE`].
+pub(crate) fn create_dir_private(path: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)
+}
+
+/// fsyncs a directory, so that renames and removals in it are durable.
+pub(crate) fn fsync_dir(path: &Path) -> io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
+/// Streams `data` into `final_path` durably and atomically: writes a temp
+/// file in the same directory, fsyncs it, renames it into place and fsyncs
+/// the directory. On error or cancellation the temp file is removed and
+/// `final_path` is untouched. Returns the bytes written.
+pub(crate) async fn write_atomically(final_path: &Path, mut data: ByteStream) -> io::Result<u64> {
+    let parent = final_path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    let temp = temp_path_for(final_path);
+    let guard = RemoveOnDrop::new(temp.clone());
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(&temp)
+        .await?;
+    let mut written = 0u64;
+    while let Some(chunk) = data.next().await {
+        let chunk = chunk?;
+        file.write_all(&chunk).await?;
+        written += chunk.len() as u64;
+    }
+    file.flush().await?;
+    file.sync_all().await?;
+    drop(file);
+    tokio::fs::rename(&temp, final_path).await?;
+    guard.disarm();
+    let parent = parent.to_path_buf();
+    tokio::task::spawn_blocking(move || fsync_dir(&parent))
+        .await
+        .map_err(io::Error::other)??;
+    Ok(written)
+}
+
+/// Writes bytes durably and atomically (see [`write_atomically`]).
+pub(crate) async fn write_bytes_atomically(final_path: &Path, bytes: Vec<u8>) -> io::Result<u64> {
+    let stream = futures::stream::once(async move { Ok(bytes::Bytes::from(bytes)) }).boxed();
+    write_atomically(final_path, stream).await
+}
+
+/// Streams a whole file in [`CHUNK`]-sized pieces.
+pub(crate) fn stream_file(file: tokio::fs::File) -> ByteStream {
+    futures::stream::try_unfold(file, |mut file| async move {
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        while buf.len() < CHUNK {
+            if file.read_buf(&mut buf).await? == 0 {
+                break;
+            }
+        }
+        if buf.is_empty() {
+            Ok(None)
+        } else {
+            Ok(Some((buf.freeze(), file)))
+        }
+    })
+    .into_stream()
+    .boxed()
+}
+
+/// Reads at most `limit` bytes of a file, refusing larger ones (manifests).
+pub(crate) async fn read_capped(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
+    let file = tokio::fs::File::open(path).await?;
+    let mut out = Vec::new();
+    file.take(limit as u64 + 1).read_to_end(&mut out).await?;
+    if out.len() > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
+/// A short reason for an I/O error, naming the common cases plainly.
+pub(crate) fn describe(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(28) => "disk full (no space left on device)".to_owned(),
+        Some(122) => "disk quota exceeded".to_owned(),
+        Some(30) => "read-only file system".to_owned(),
+        _ => match e.kind() {
+            io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+            io::ErrorKind::NotFound => "not found".to_owned(),
+            _ => e.to_string(),
+        },
+    }
+}

@@ -1,0 +1,69 @@
+//! The one place that chooses adapters: builds a [`BackupService`] from the
+//! configuration.
+
+use std::sync::Arc;
+
+use adapters_fs::{DirSource, FileLock, LocalFsStore, SystemClock};
+use adapters_sqlite::{SqliteSnapshotter, SqliteSource};
+use backup_core::config::ConfigError;
+use backup_core::ports::{BackupStore, ComponentSource, NoQuiesce, OperationLock, Quiesce};
+use backup_core::{
+    BackupConfig, BackupService, Component, Error, Ports, Result, RunningApp, Settings,
+};
+
+/// Builds the service for `config`: the local-disk target at `backup.path`,
+/// the SQLite source for persistence, directory sources (with consistent
+/// copies of SQLite files) for memory, config and checkpoints, and
+/// `quiesce` around the memory snapshot.
+///
+/// # Errors
+/// `Config` when the configuration asks for a target this build cannot use
+/// yet (`backup.s3`); `Store` when the backup directory cannot be created.
+pub fn build_service(
+    config: &BackupConfig,
+    app: RunningApp,
+    quiesce: Option<Arc<dyn Quiesce>>,
+) -> Result<BackupService> {
+    if config.s3.is_some() {
+        return Err(Error::Config(ConfigError::Invalid {
+            key: "backup.s3".into(),
+            reason: "the S3 target is not available in this build yet; remove the s3 block to use backup.path".into(),
+        }));
+    }
+    let store = LocalFsStore::open(&config.path)?;
+    let lock: Arc<dyn OperationLock> = Arc::new(FileLock::in_dir(store.root()));
+    let store: Arc<dyn BackupStore> = Arc::new(store);
+    let sqlite = Arc::new(SqliteSnapshotter);
+    let sources: Vec<Arc<dyn ComponentSource>> = config
+        .include
+        .iter()
+        .map(|c| -> Arc<dyn ComponentSource> {
+            match c {
+                Component::Persistence => Arc::new(SqliteSource::new(&config.sources.database)),
+                Component::Memory => Arc::new(
+                    DirSource::dir(Component::Memory, &config.sources.memory_dir)
+                        .with_snapshotter(sqlite.clone()),
+                ),
+                Component::Config => Arc::new(DirSource::file(
+                    Component::Config,
+                    &config.sources.company_config,
+                )),
+                Component::Checkpoints => Arc::new(DirSource::dir(
+                    Component::Checkpoints,
+                    &config.sources.checkpoints_dir,
+                )),
+            }
+        })
+        .collect();
+    BackupService::new(
+        Settings::from(config),
+        Ports {
+            store,
+            lock,
+            sources,
+            quiesce: quiesce.unwrap_or_else(|| Arc::new(NoQuiesce)),
+            clock: Arc::new(SystemClock),
+        },
+        app,
+    )
+}

@@ -1,0 +1,331 @@
+//! [`BackupService`]: the orchestration of create, list, show, verify,
+//! delete and prune, through the ports only.
+//!
+//! Every mutating operation takes the [`OperationLock`] first and fails
+//! with `Busy` instead of waiting. Failures are logged at ERROR with the
+//! backup id and returned as typed errors; nothing here panics or exits.
+
+mod create;
+mod read;
+mod verify;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::compat::RunningApp;
+use crate::config::{BackupConfig, Compression};
+use crate::error::{Error, Result};
+use crate::id::{BackupId, Component, Trigger};
+use crate::manifest::Manifest;
+use crate::ports::{
+    BackupStore, Clock, ComponentSource, Listed, Operation, OperationLock, Quiesce,
+};
+use crate::retention::{self, Action, Candidate, Decision, RetentionPolicy};
+
+pub use verify::VerifyReport;
+
+/// What the service needs from the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Archive or directory form.
+    pub compression: Compression,
+    /// Compression level; a measured default when `None`.
+    pub compression_level: Option<u32>,
+    /// Components to back up, in canonical order.
+    pub include: Vec<Component>,
+    /// Retention applied after every backup.
+    pub retention: RetentionPolicy,
+    /// Longest the memory writer may stay paused.
+    pub quiesce_timeout: Duration,
+}
+
+impl From<&BackupConfig> for Settings {
+    fn from(c: &BackupConfig) -> Self {
+        let mut include = c.include.clone();
+        include.sort();
+        Settings {
+            compression: c.compression,
+            compression_level: c.compression_level,
+            include,
+            retention: c.retention_policy(),
+            quiesce_timeout: Duration::from_secs(u64::from(c.quiesce_timeout_secs)),
+        }
+    }
+}
+
+/// A progress report of a running operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// The backup concerned.
+    pub id: BackupId,
+    /// What is happening.
+    pub phase: Phase,
+    /// Bytes done in this phase.
+    pub bytes_done: u64,
+    /// Bytes in this phase, as far as known.
+    pub bytes_total: u64,
+    /// Files done in this phase.
+    pub files_done: u64,
+    /// Files in this phase, as far as known.
+    pub files_total: u64,
+}
+
+/// Phases reported by [`Progress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "phase", content = "component")]
+pub enum Phase {
+    /// Snapshotting and archiving one component.
+    Backup(Component),
+    /// Re-reading a backup to verify it.
+    Verify,
+    /// Publishing the manifest and applying retention.
+    Finish,
+}
+
+/// Receives progress reports; must be cheap and never block.
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// Options of [`BackupService::create_with`].
+#[derive(Clone, Default)]
+pub struct CreateOptions {
+    /// Labels stored in the manifest, e.g. `migration: "3->4"`.
+    pub labels: BTreeMap<String, String>,
+    /// Progress receiver.
+    pub progress: Option<ProgressFn>,
+}
+
+impl std::fmt::Debug for CreateOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateOptions")
+            .field("labels", &self.labels)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// The ports a service runs on.
+#[derive(Debug, Clone)]
+pub struct Ports {
+    /// Where backups go.
+    pub store: Arc<dyn BackupStore>,
+    /// One mutating operation at a time.
+    pub lock: Arc<dyn OperationLock>,
+    /// One source per included component.
+    pub sources: Vec<Arc<dyn ComponentSource>>,
+    /// Pauses the memory writer.
+    pub quiesce: Arc<dyn Quiesce>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Create, list, show, verify, delete and prune backups.
+#[derive(Debug, Clone)]
+pub struct BackupService {
+    settings: Settings,
+    ports: Ports,
+    app: RunningApp,
+}
+
+impl BackupService {
+    /// A service over `ports` for the running app `app`.
+    ///
+    /// # Errors
+    /// `Config` when an included component has no source, or one has two.
+    pub fn new(settings: Settings, ports: Ports, app: RunningApp) -> Result<BackupService> {
+        for c in &settings.include {
+            let n = ports.sources.iter().filter(|s| s.component() == *c).count();
+            if n != 1 {
+                return Err(Error::Config(crate::config::ConfigError::Invalid {
+                    key: "backup.include".into(),
+                    reason: format!(
+                        "component {c} has {n} sources configured; exactly one is needed"
+                    ),
+                }));
+            }
+        }
+        Ok(BackupService {
+            settings,
+            ports,
+            app,
+        })
+    }
+
+    /// The store's location, for messages.
+    pub fn location(&self) -> String {
+        self.ports.store.location()
+    }
+
+    /// The running app this service restores into.
+    pub fn app(&self) -> &RunningApp {
+        &self.app
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Creates a backup; see [`create_with`](Self::create_with).
+    ///
+    /// # Errors
+    /// As [`create_with`](Self::create_with).
+    pub async fn create(&self, trigger: Trigger) -> Result<Manifest> {
+        self.create_with(trigger, CreateOptions::default()).await
+    }
+
+    /// Creates a backup of every included component and publishes it, then
+    /// applies retention (whose failures are logged, not returned).
+    ///
+    /// # Errors
+    /// `Busy` when another operation runs; `Source`, `Store`, `Timeout`
+    /// otherwise. On any error nothing is published and partial objects are
+    /// removed.
+    pub async fn create_with(&self, trigger: Trigger, options: CreateOptions) -> Result<Manifest> {
+        let guard = self.ports.lock.try_acquire(Operation::Backup).await?;
+        let result = self.create_locked(trigger, &options).await;
+        if result.is_ok()
+            && let Err(e) = self.apply_retention(false).await
+        {
+            tracing::error!(error = %e, "retention after backup failed; the backup itself is fine");
+        }
+        if let Err(e) = guard.release().await {
+            tracing::warn!(error = %e, "releasing the operation lock failed");
+        }
+        result
+    }
+
+    /// Published backups, newest first; damaged sidecars are listed as such.
+    ///
+    /// # Errors
+    /// `Store` when the location cannot be listed.
+    pub async fn list(&self) -> Result<Vec<Listed>> {
+        self.ports.store.list().await
+    }
+
+    /// The manifest of one backup.
+    ///
+    /// # Errors
+    /// `NotFound`, or `Manifest` when its sidecar is damaged.
+    pub async fn show(&self, id: &BackupId) -> Result<Manifest> {
+        self.ports.store.manifest(id).await
+    }
+
+    /// Deletes a backup. Pinned (pre-migration) backups need `force`.
+    ///
+    /// # Errors
+    /// `Busy` while another operation runs (e.g. a restore); `NotFound`;
+    /// `Pinned` without `force`; `Store`.
+    pub async fn delete(&self, id: &BackupId, force: bool) -> Result<()> {
+        let guard = self.ports.lock.try_acquire(Operation::Delete).await?;
+        let result = async {
+            match self.ports.store.manifest(id).await {
+                Ok(m) if m.is_pinned() && !force => {
+                    return Err(Error::Pinned { id: id.to_string() });
+                }
+                Ok(_) | Err(Error::Manifest { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            self.ports.store.delete(id).await?;
+            tracing::info!(backup_id = %id, forced = force, "deleted backup");
+            Ok(())
+        }
+        .await;
+        let _ = guard.release().await;
+        result
+    }
+
+    /// Applies retention now; with `dry_run`, only plans.
+    ///
+    /// # Errors
+    /// `Busy`, or `Store` when listing fails. Individual delete failures are
+    /// logged and reported in the returned decisions' absence from the store.
+    pub async fn prune(&self, dry_run: bool) -> Result<Vec<Decision>> {
+        let guard = self.ports.lock.try_acquire(Operation::Prune).await?;
+        let result = self.apply_retention(dry_run).await;
+        let _ = guard.release().await;
+        result
+    }
+
+    /// Removes leftovers of interrupted operations. Runs at start-up.
+    ///
+    /// # Errors
+    /// `Busy`, or `Store` when the location cannot be listed.
+    pub async fn recover(&self) -> Result<Vec<String>> {
+        let guard = self.ports.lock.try_acquire(Operation::Recover).await?;
+        let result = self.ports.store.cleanup_incomplete().await;
+        let _ = guard.release().await;
+        result
+    }
+
+    /// Plans retention over the published backups and, unless `dry_run`,
+    /// deletes what it prunes, logging each at INFO with its reason. The
+    /// caller holds the lock.
+    async fn apply_retention(&self, dry_run: bool) -> Result<Vec<Decision>> {
+        let listed = self.ports.store.list().await?;
+        let candidates: Vec<Candidate> = listed
+            .iter()
+            .filter_map(|l| match l {
+                Listed::Complete(m) => Some(Candidate::from(m.as_ref())),
+                Listed::Damaged { .. } => None,
+            })
+            .collect();
+        let plan = retention::plan(
+            &candidates,
+            self.ports.clock.now(),
+            &self.settings.retention,
+        );
+        if dry_run {
+            return Ok(plan);
+        }
+        for d in plan.iter().filter(|d| d.action == Action::Prune) {
+            match self.ports.store.delete(&d.id).await {
+                Ok(()) => tracing::info!(backup_id = %d.id, reason = %d.reason, "pruned backup"),
+                Err(e) => tracing::error!(backup_id = %d.id, error = %e, "pruning backup failed"),
+            }
+        }
+        Ok(plan)
+    }
+
+    /// A fresh id for `trigger` now. Within one second the sequence goes
+    /// past every listed backup of that second (whatever its trigger), so
+    /// ids keep creation order even after retention pruned some of them.
+    async fn next_id(&self, trigger: Trigger, now: DateTime<Utc>) -> Result<BackupId> {
+        let first = BackupId::new(now, trigger, 1);
+        let last_seq = self
+            .ports
+            .store
+            .list()
+            .await?
+            .iter()
+            .map(Listed::id)
+            .filter(|id| id.timestamp() == first.timestamp())
+            .map(BackupId::sequence)
+            .max();
+        Ok(match last_seq {
+            None => first,
+            Some(seq) => BackupId::new(now, trigger, seq.saturating_add(1)),
+        })
+    }
+}
+
+/// Runs `fut` with a time bound measured by `clock`.
+pub(crate) async fn with_timeout<T>(
+    clock: &dyn Clock,
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let fut = std::pin::pin!(fut);
+    let sleep = std::pin::pin!(clock.sleep(limit));
+    match futures::future::select(fut, sleep).await {
+        futures::future::Either::Left((out, _)) => out,
+        futures::future::Either::Right(((), _)) => Err(Error::Timeout {
+            what: what.to_owned(),
+            secs: limit.as_secs(),
+        }),
+    }
+}

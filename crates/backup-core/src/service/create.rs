@@ -1,0 +1,505 @@
+//! Creating a backup: snapshot each component, stream it as tar through
+//! compression into the store while hashing, then publish the manifest.
+//!
+//! Stages run concurrently: the producer (snapshots → tar) feeds a bounded
+//! channel; compression runs on the blocking pool; the store consumes the
+//! compressed stream. Memory use is bounded by the channel and the number of
+//! compression blocks in flight, whatever the data size.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{BackupService, CreateOptions, Phase, Progress, with_timeout};
+use crate::archive::{self, TarKind};
+use crate::config::Compression;
+use crate::digest::{Sha256Digest, Sha256Hasher};
+use crate::error::{Error, Result};
+use crate::id::{BackupId, Component, Trigger};
+use crate::manifest::{
+    ArchiveInfo, DirEntry, FileEntry, Manifest, ManifestVersion, SymlinkEntry, tree_checksum,
+};
+use crate::path::{ArchivePath, MANIFEST_FILE};
+use crate::ports::{
+    BackupStore, ByteStream, ComponentSource, EntryKind, ObjectName, Opened, Quiesce, SnapshotEntry,
+};
+
+/// Chunks of tar stream in flight between the producer and compression.
+const CHANNEL_DEPTH: usize = 8;
+
+/// Everything the producer learned, to build the manifest.
+#[derive(Debug, Default)]
+struct Produced {
+    files: Vec<FileEntry>,
+    dirs: Vec<DirEntry>,
+    symlinks: Vec<SymlinkEntry>,
+    db_schema_version: Option<i64>,
+}
+
+/// Where the producer sends entries: a tar stream, or the store file by file.
+enum Sink<'a> {
+    Tar(mpsc::Sender<io::Result<Bytes>>),
+    Dir {
+        store: &'a dyn BackupStore,
+        id: &'a BackupId,
+    },
+}
+
+/// Resumes the paused writer when dropped: after success, errors, panics
+/// and cancellation alike.
+struct ResumeOnDrop<'a>(&'a dyn Quiesce);
+
+impl Drop for ResumeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.resume();
+    }
+}
+
+impl Sink<'_> {
+    async fn send(&self, bytes: Bytes) -> Result<()> {
+        match self {
+            Sink::Tar(tx) => tx
+                .send(Ok(bytes))
+                .await
+                .map_err(|_| Error::Cancelled("archive stream (the store stopped reading)".into())),
+            Sink::Dir { .. } => Ok(()),
+        }
+    }
+
+    /// Stores one file and returns its size and hash.
+    async fn file(
+        &self,
+        entry: &SnapshotEntry,
+        opened: Opened,
+        component: Component,
+    ) -> Result<(u64, Sha256Digest)> {
+        let declared = opened.size;
+        let changed = |done: u64| Error::Source {
+            component,
+            path: entry.path.to_string(),
+            reason: format!(
+                "file changed while being read ({done} bytes read, {declared} expected)"
+            ),
+            source: None,
+        };
+        match self {
+            Sink::Tar(_) => {
+                let header = archive::entry_header(
+                    entry.path.as_str(),
+                    &TarKind::File,
+                    declared,
+                    entry.mode,
+                    entry.mtime,
+                )
+                .map_err(|e| source_err(component, &entry.path, e))?;
+                self.send(Bytes::from(header)).await?;
+                let mut hasher = Sha256Hasher::new();
+                let mut done = 0u64;
+                let mut stream = opened.stream;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| source_err(component, &entry.path, e))?;
+                    done += chunk.len() as u64;
+                    if done > declared {
+                        return Err(changed(done));
+                    }
+                    hasher.update(&chunk);
+                    self.send(chunk).await?;
+                }
+                if done != declared {
+                    return Err(changed(done));
+                }
+                self.send(Bytes::from_static(archive::padding(declared)))
+                    .await?;
+                Ok((declared, hasher.finish()))
+            }
+            Sink::Dir { store, id } => {
+                let state = Arc::new(Mutex::new((Sha256Hasher::new(), 0u64)));
+                let tap = Arc::clone(&state);
+                let stream: ByteStream = opened
+                    .stream
+                    .inspect(move |chunk| {
+                        if let (Ok(chunk), Ok(mut s)) = (chunk, tap.lock()) {
+                            s.0.update(chunk);
+                            s.1 += chunk.len() as u64;
+                        }
+                    })
+                    .boxed();
+                let written = store
+                    .put(id, &ObjectName::File(entry.path.clone()), stream)
+                    .await?;
+                let (hasher, done) = state
+                    .lock()
+                    .map(|s| (s.0.clone(), s.1))
+                    .map_err(|_| Error::Cancelled("hashing state poisoned".into()))?;
+                if done != declared || written != declared {
+                    return Err(changed(done));
+                }
+                Ok((declared, hasher.finish()))
+            }
+        }
+    }
+
+    async fn dir_or_link(
+        &self,
+        entry: &SnapshotEntry,
+        kind: TarKind,
+        component: Component,
+    ) -> Result<()> {
+        if let Sink::Tar(_) = self {
+            let header =
+                archive::entry_header(entry.path.as_str(), &kind, 0, entry.mode, entry.mtime)
+                    .map_err(|e| source_err(component, &entry.path, e))?;
+            self.send(Bytes::from(header)).await?;
+        }
+        Ok(())
+    }
+}
+
+fn source_err(component: Component, path: &ArchivePath, e: io::Error) -> Error {
+    Error::Source {
+        component,
+        path: path.to_string(),
+        reason: e.to_string(),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// Hashes and counts a stream as it passes; records member offsets.
+#[derive(Debug, Default)]
+struct ArchiveStats {
+    hasher: Sha256Hasher,
+    size: u64,
+    members: Vec<u64>,
+}
+
+fn hash_and_count(input: ByteStream) -> (ByteStream, Arc<Mutex<ArchiveStats>>) {
+    let stats = Arc::new(Mutex::new(ArchiveStats::default()));
+    let tap = Arc::clone(&stats);
+    let stream = input
+        .inspect(move |item| {
+            if let (Ok(chunk), Ok(mut s)) = (item, tap.lock()) {
+                let offset = s.size;
+                s.members.push(offset);
+                s.hasher.update(chunk);
+                s.size += chunk.len() as u64;
+            }
+        })
+        .boxed();
+    (stream, stats)
+}
+
+impl BackupService {
+    pub(super) async fn create_locked(
+        &self,
+        trigger: Trigger,
+        options: &CreateOptions,
+    ) -> Result<Manifest> {
+        let timestamp = self.ports.clock.now();
+        let id = self.next_id(trigger, timestamp).await?;
+        let store = self.ports.store.as_ref();
+        // A crashed earlier run may have left objects under this id.
+        store.discard(&id).await?;
+        tracing::info!(backup_id = %id, store = %store.location(), compression = %self.settings.compression, "backup started");
+        let result = self.build_and_publish(&id, timestamp, options).await;
+        match &result {
+            Ok(m) => tracing::info!(backup_id = %id, size_bytes = m.size_bytes,
+                archive_bytes = m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes), "backup published"),
+            Err(e) => {
+                tracing::error!(backup_id = %id, error = %e, "backup failed");
+                if let Err(d) = store.discard(&id).await {
+                    tracing::error!(backup_id = %id, error = %d, "removing the partial backup failed; the next run removes it");
+                }
+            }
+        }
+        result
+    }
+
+    async fn build_and_publish(
+        &self,
+        id: &BackupId,
+        timestamp: chrono::DateTime<chrono::Utc>,
+        options: &CreateOptions,
+    ) -> Result<Manifest> {
+        let compression = self.settings.compression;
+        let store = self.ports.store.as_ref();
+        let manifest = if compression == Compression::None {
+            let sink = Sink::Dir { store, id };
+            let produced = self.produce(id, &sink, options).await?;
+            let manifest = self.manifest(id, timestamp, produced, &options.labels, None);
+            let json = manifest.to_json().map_err(|source| Error::Manifest {
+                id: id.to_string(),
+                source,
+            })?;
+            store
+                .put(id, &ObjectName::InnerManifest, once(json))
+                .await?;
+            manifest
+        } else {
+            let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_DEPTH);
+            let tar: ByteStream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
+            let (archive, stats) = hash_and_count(crate::compress::compress(
+                tar,
+                compression,
+                self.settings.compression_level,
+            ));
+            let producer = async {
+                let sink = Sink::Tar(tx);
+                let result = self.produce_archive(id, timestamp, &sink, options).await;
+                if let (Err(e), Sink::Tar(tx)) = (&result, &sink) {
+                    // Make the store abort instead of storing a truncated archive.
+                    let _ = tx
+                        .send(Err(io::Error::other(format!("backup aborted: {e}"))))
+                        .await;
+                }
+                result
+            };
+            let object = ObjectName::Archive(compression);
+            let upload = store.put(id, &object, archive);
+            let (produced, uploaded) = futures::join!(producer, upload);
+            let mut manifest = match (produced, uploaded) {
+                (Err(e), _) if !matches!(e, Error::Cancelled(_)) => return Err(e),
+                (_, Err(e)) => return Err(e),
+                (Err(e), Ok(_)) => return Err(e),
+                (Ok(m), Ok(written)) => {
+                    let stats = stats
+                        .lock()
+                        .map_err(|_| Error::Cancelled("archive statistics poisoned".into()))?;
+                    if written != stats.size {
+                        return Err(Error::Store {
+                            location: store.location(),
+                            key: id.to_string(),
+                            reason: format!(
+                                "stored {written} bytes of a {}-byte archive",
+                                stats.size
+                            ),
+                            source: None,
+                        });
+                    }
+                    let mut m = m;
+                    m.archive = Some(ArchiveInfo {
+                        sha256: stats.hasher.clone().finish(),
+                        size_bytes: stats.size,
+                        members: stats.members.clone(),
+                    });
+                    m
+                }
+            };
+            manifest.compression = compression;
+            manifest
+        };
+        manifest.validate().map_err(|source| Error::Manifest {
+            id: id.to_string(),
+            source,
+        })?;
+        self.report(options, id, Phase::Finish, 0, 0, 0, 0);
+        store.publish(&manifest).await?;
+        Ok(manifest)
+    }
+
+    /// Produces the whole tar stream: components, `manifest.json`, end marker.
+    async fn produce_archive(
+        &self,
+        id: &BackupId,
+        timestamp: chrono::DateTime<chrono::Utc>,
+        sink: &Sink<'_>,
+        options: &CreateOptions,
+    ) -> Result<Manifest> {
+        let produced = self.produce(id, sink, options).await?;
+        let manifest = self.manifest(id, timestamp, produced, &options.labels, None);
+        let json = manifest.to_json().map_err(|source| Error::Manifest {
+            id: id.to_string(),
+            source,
+        })?;
+        let header = archive::entry_header(
+            MANIFEST_FILE,
+            &TarKind::File,
+            json.len() as u64,
+            0o600,
+            timestamp.timestamp(),
+        )
+        .map_err(|e| Error::Cancelled(format!("manifest header: {e}")))?;
+        let pad = archive::padding(json.len() as u64);
+        sink.send(Bytes::from(header)).await?;
+        sink.send(Bytes::from(json)).await?;
+        sink.send(Bytes::from_static(pad)).await?;
+        sink.send(Bytes::from_static(&archive::END_OF_ARCHIVE))
+            .await?;
+        Ok(manifest)
+    }
+
+    /// Snapshots every included component into the sink, in canonical order.
+    async fn produce(
+        &self,
+        id: &BackupId,
+        sink: &Sink<'_>,
+        options: &CreateOptions,
+    ) -> Result<Produced> {
+        let mut produced = Produced::default();
+        for component in &self.settings.include {
+            let source = self
+                .ports
+                .sources
+                .iter()
+                .find(|s| s.component() == *component)
+                .ok_or_else(|| Error::Cancelled(format!("no source for {component}")))?;
+            if source.needs_quiesce() {
+                let quiesce = self.ports.quiesce.as_ref();
+                let limit = self.settings.quiesce_timeout;
+                with_timeout(
+                    self.ports.clock.as_ref(),
+                    limit,
+                    &format!("{component} snapshot while its writer is paused"),
+                    async {
+                        quiesce.pause().await?;
+                        let _resume = ResumeOnDrop(quiesce);
+                        self.produce_component(id, source.as_ref(), sink, options, &mut produced)
+                            .await
+                    },
+                )
+                .await?;
+            } else {
+                self.produce_component(id, source.as_ref(), sink, options, &mut produced)
+                    .await?;
+            }
+        }
+        Ok(produced)
+    }
+
+    async fn produce_component(
+        &self,
+        id: &BackupId,
+        source: &dyn ComponentSource,
+        sink: &Sink<'_>,
+        options: &CreateOptions,
+        produced: &mut Produced,
+    ) -> Result<()> {
+        let component = source.component();
+        let snapshot = source.snapshot().await?;
+        let result = async {
+            if component == Component::Persistence {
+                produced.db_schema_version = snapshot.db_schema_version();
+            }
+            let entries = snapshot.entries();
+            let files_total = entries.iter().filter(|e| e.kind == EntryKind::File).count() as u64;
+            let bytes_total: u64 = entries.iter().map(|e| e.size).sum();
+            let (mut files_done, mut bytes_done) = (0u64, 0u64);
+            for entry in entries {
+                if entry.path.component() != Some(component) {
+                    return Err(Error::Source {
+                        component,
+                        path: entry.path.to_string(),
+                        reason: "snapshot entry outside its component".into(),
+                        source: None,
+                    });
+                }
+                match &entry.kind {
+                    EntryKind::File => {
+                        let opened = snapshot.open(&entry.path).await?;
+                        let (size, sha256) = sink.file(entry, opened, component).await?;
+                        produced.files.push(FileEntry {
+                            path: entry.path.clone(),
+                            size,
+                            sha256,
+                            mode: Some(entry.mode),
+                            mtime: Some(entry.mtime),
+                        });
+                        files_done += 1;
+                        bytes_done += size;
+                        self.report(
+                            options,
+                            id,
+                            Phase::Backup(component),
+                            bytes_done,
+                            bytes_total.max(bytes_done),
+                            files_done,
+                            files_total,
+                        );
+                    }
+                    EntryKind::Dir => {
+                        sink.dir_or_link(entry, TarKind::Dir, component).await?;
+                        produced.dirs.push(DirEntry {
+                            path: entry.path.clone(),
+                            mode: Some(entry.mode),
+                        });
+                    }
+                    EntryKind::Symlink(target) => {
+                        sink.dir_or_link(entry, TarKind::Symlink(target.clone()), component)
+                            .await?;
+                        produced.symlinks.push(SymlinkEntry {
+                            path: entry.path.clone(),
+                            target: target.clone(),
+                        });
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = snapshot.finish().await {
+            tracing::warn!(backup_id = %id, component = %component, error = %e, "cleaning up the snapshot failed");
+        }
+        result
+    }
+
+    fn manifest(
+        &self,
+        id: &BackupId,
+        timestamp: chrono::DateTime<chrono::Utc>,
+        mut produced: Produced,
+        labels: &BTreeMap<String, String>,
+        archive: Option<ArchiveInfo>,
+    ) -> Manifest {
+        produced.files.sort_by(|a, b| a.path.cmp(&b.path));
+        produced.dirs.sort_by(|a, b| a.path.cmp(&b.path));
+        produced.symlinks.sort_by(|a, b| a.path.cmp(&b.path));
+        let checksum = tree_checksum(&produced.files, &produced.dirs, &produced.symlinks);
+        Manifest {
+            version: ManifestVersion::CURRENT,
+            id: id.clone(),
+            synthorg_version: self.app.version.clone(),
+            timestamp,
+            trigger: id.trigger(),
+            components: self.settings.include.clone(),
+            db_schema_version: produced.db_schema_version,
+            size_bytes: produced.files.iter().map(|f| f.size).sum(),
+            checksum,
+            compression: self.settings.compression,
+            archive,
+            files: produced.files,
+            dirs: produced.dirs,
+            symlinks: produced.symlinks,
+            labels: labels.clone(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn report(
+        &self,
+        options: &CreateOptions,
+        id: &BackupId,
+        phase: Phase,
+        bytes_done: u64,
+        bytes_total: u64,
+        files_done: u64,
+        files_total: u64,
+    ) {
+        if let Some(progress) = &options.progress {
+            progress(&Progress {
+                id: id.clone(),
+                phase,
+                bytes_done,
+                bytes_total,
+                files_done,
+                files_total,
+            });
+        }
+    }
+}
+
+fn once(bytes: Vec<u8>) -> ByteStream {
+    futures::stream::once(async move { Ok(Bytes::from(bytes)) }).boxed()
+}

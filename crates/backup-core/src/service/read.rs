@@ -1,0 +1,424 @@
+//! Reading a stored backup back and checking it against its manifest, for
+//! verify and restore.
+//!
+//! Every entry is checked before its data is passed on: the path must parse
+//! as an [`ArchivePath`] inside a component, be listed in the manifest
+//! exactly once, have the listed kind and size (so a tar bomb stops at the
+//! header), and its content must hash to the listed sha256. The archive's
+//! own sha256 and size are checked at the end, and nothing may follow the
+//! end-of-archive marker but a little zero padding.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use tokio::io::AsyncReadExt;
+
+use crate::archive::{TarError, TarKind, TarReader};
+use crate::compress::decompress;
+use crate::config::Compression;
+use crate::digest::Sha256Hasher;
+use crate::error::{Error, Result};
+use crate::id::Component;
+use crate::manifest::{MAX_MANIFEST_BYTES, Manifest};
+use crate::path::{ArchivePath, MANIFEST_FILE};
+use crate::ports::{BackupStore, ByteStream, EntrySink, ObjectName};
+
+/// Read buffer for entry data.
+const READ_CHUNK: usize = 256 * 1024;
+/// Zero padding allowed after the end-of-archive marker (GNU tar pads to
+/// 10 KiB records).
+const MAX_TRAILING: u64 = 64 * 1024;
+
+/// What a read covered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ReadStats {
+    /// Files checked.
+    pub(crate) files: u64,
+    /// File bytes checked.
+    pub(crate) bytes: u64,
+}
+
+/// What the manifest lists for a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expected {
+    File(usize),
+    Dir(usize),
+    Symlink(usize),
+}
+
+fn integrity(m: &Manifest, path: &str, reason: impl Into<String>) -> Error {
+    Error::Integrity {
+        id: m.id.to_string(),
+        path: path.chars().take(300).collect(),
+        reason: reason.into(),
+    }
+}
+
+/// Hashes what the store delivers and remembers whether the store failed.
+#[derive(Debug, Default)]
+struct Tap {
+    hasher: Sha256Hasher,
+    size: u64,
+    store_error: Option<String>,
+}
+
+/// Reads the whole backup, passing entries of `wanted` components (all when
+/// `None`) to `sink`. Everything is verified, wanted or not.
+pub(crate) async fn read_backup(
+    store: &dyn BackupStore,
+    manifest: &Manifest,
+    wanted: Option<&[Component]>,
+    sink: &mut dyn EntrySink,
+) -> Result<ReadStats> {
+    let wants = |c: Option<Component>| c.is_some_and(|c| wanted.is_none_or(|w| w.contains(&c)));
+    if manifest.compression == Compression::None {
+        return read_directory(store, manifest, &wants, sink).await;
+    }
+    let info = manifest
+        .require_archive_info()
+        .map_err(|source| Error::Manifest {
+            id: manifest.id.to_string(),
+            source,
+        })?;
+    let raw = store
+        .get(&manifest.id, &ObjectName::Archive(manifest.compression))
+        .await?;
+    let tap = Arc::new(Mutex::new(Tap::default()));
+    let tapped = Arc::clone(&tap);
+    let stream: ByteStream = raw
+        .inspect(move |item| {
+            if let Ok(mut t) = tapped.lock() {
+                match item {
+                    Ok(chunk) => {
+                        t.hasher.update(chunk);
+                        t.size += chunk.len() as u64;
+                    }
+                    Err(e) => t.store_error = Some(e.to_string()),
+                }
+            }
+        })
+        .boxed();
+    let mut tar = TarReader::new(decompress(stream, manifest.compression));
+    let result = read_entries(&mut tar, manifest, &wants, sink).await;
+    let store_error = tap.lock().ok().and_then(|t| t.store_error.clone());
+    if let Some(reason) = store_error {
+        return Err(Error::Store {
+            location: store.location(),
+            key: manifest.id.to_string(),
+            reason: format!("reading the archive failed: {reason}"),
+            source: None,
+        });
+    }
+    let stats = result?;
+    // Drain the decompressed stream: only zero padding may follow, and the
+    // whole stored archive must be consumed to check its hash.
+    let mut rest = tar.into_inner();
+    let mut trailing = Vec::new();
+    (&mut rest)
+        .take(MAX_TRAILING + 1)
+        .read_to_end(&mut trailing)
+        .await
+        .map_err(|e| integrity(manifest, "<archive>", format!("after the end marker: {e}")))?;
+    if trailing.len() as u64 > MAX_TRAILING || trailing.iter().any(|b| *b != 0) {
+        return Err(integrity(
+            manifest,
+            "<archive>",
+            "unexpected data after the end of the archive",
+        ));
+    }
+    let (digest, size) = tap
+        .lock()
+        .map(|t| (t.hasher.clone().finish(), t.size))
+        .map_err(|_| integrity(manifest, "<archive>", "hash state poisoned"))?;
+    if size != info.size_bytes {
+        return Err(integrity(
+            manifest,
+            "<archive>",
+            format!(
+                "archive is {size} bytes, the manifest says {}",
+                info.size_bytes
+            ),
+        ));
+    }
+    if digest != info.sha256 {
+        return Err(integrity(
+            manifest,
+            "<archive>",
+            format!(
+                "archive sha256 {digest} does not match the manifest's {}",
+                info.sha256
+            ),
+        ));
+    }
+    Ok(stats)
+}
+
+fn expected_entries(manifest: &Manifest) -> BTreeMap<&str, Expected> {
+    let mut map = BTreeMap::new();
+    for (i, f) in manifest.files.iter().enumerate() {
+        map.insert(f.path.as_str(), Expected::File(i));
+    }
+    for (i, d) in manifest.dirs.iter().enumerate() {
+        map.insert(d.path.as_str(), Expected::Dir(i));
+    }
+    for (i, s) in manifest.symlinks.iter().enumerate() {
+        map.insert(s.path.as_str(), Expected::Symlink(i));
+    }
+    map
+}
+
+async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
+    tar: &mut TarReader<R>,
+    manifest: &Manifest,
+    wants: &(dyn Fn(Option<Component>) -> bool + Sync),
+    sink: &mut dyn EntrySink,
+) -> Result<ReadStats> {
+    let tar_err = |e: TarError| integrity(manifest, "<archive>", e.to_string());
+    let expected = expected_entries(manifest);
+    let max_entries = manifest.entry_count() + 1;
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut inner_manifest = false;
+    let mut stats = ReadStats::default();
+    let mut count = 0usize;
+    let mut buf = vec![0u8; READ_CHUNK];
+    while let Some(entry) = tar.next_entry().await.map_err(tar_err)? {
+        count += 1;
+        if count > max_entries {
+            return Err(integrity(
+                manifest,
+                &entry.path,
+                "more entries than the manifest lists",
+            ));
+        }
+        if entry.path == MANIFEST_FILE && entry.kind == TarKind::File {
+            if inner_manifest {
+                return Err(integrity(manifest, &entry.path, "duplicate entry"));
+            }
+            inner_manifest = true;
+            if entry.size > MAX_MANIFEST_BYTES as u64 {
+                return Err(integrity(
+                    manifest,
+                    &entry.path,
+                    "embedded manifest is too large",
+                ));
+            }
+            let mut json = Vec::with_capacity(entry.size as usize);
+            loop {
+                let n = tar.read_data(&mut buf).await.map_err(tar_err)?;
+                if n == 0 {
+                    break;
+                }
+                json.extend_from_slice(&buf[..n]);
+            }
+            check_inner_manifest(manifest, &json)?;
+            continue;
+        }
+        let (path, component) = ArchivePath::parse_in_component(&entry.path)
+            .map_err(|e| integrity(manifest, &entry.path, format!("refused entry: {e}")))?;
+        let Some(listed) = expected.get(path.as_str()) else {
+            return Err(integrity(
+                manifest,
+                path.as_str(),
+                "entry is not in the manifest",
+            ));
+        };
+        if !seen.insert(path.as_str().to_owned()) {
+            return Err(integrity(manifest, path.as_str(), "duplicate entry"));
+        }
+        let wanted = wants(Some(component));
+        match (listed, &entry.kind) {
+            (Expected::Dir(i), TarKind::Dir) => {
+                if wanted {
+                    sink.dir(&manifest.dirs[*i]).await?;
+                }
+            }
+            (Expected::Symlink(i), TarKind::Symlink(target)) => {
+                let link = &manifest.symlinks[*i];
+                if &link.target != target {
+                    return Err(integrity(
+                        manifest,
+                        path.as_str(),
+                        "symlink target differs from the manifest",
+                    ));
+                }
+                if wanted {
+                    sink.symlink(link).await?;
+                }
+            }
+            (Expected::File(i), TarKind::File) => {
+                let file = &manifest.files[*i];
+                if entry.size != file.size {
+                    return Err(integrity(
+                        manifest,
+                        path.as_str(),
+                        format!(
+                            "size {} in the archive, {} in the manifest",
+                            entry.size, file.size
+                        ),
+                    ));
+                }
+                if wanted {
+                    sink.file_start(file).await?;
+                }
+                let mut hasher = Sha256Hasher::new();
+                loop {
+                    let n = tar.read_data(&mut buf).await.map_err(tar_err)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    if wanted {
+                        sink.file_data(&buf[..n]).await?;
+                    }
+                }
+                let digest = hasher.finish();
+                if digest != file.sha256 {
+                    return Err(integrity(
+                        manifest,
+                        path.as_str(),
+                        format!(
+                            "sha256 {digest} does not match the manifest's {}",
+                            file.sha256
+                        ),
+                    ));
+                }
+                if wanted {
+                    sink.file_end(file).await?;
+                }
+                stats.files += 1;
+                stats.bytes += file.size;
+            }
+            _ => {
+                return Err(integrity(
+                    manifest,
+                    path.as_str(),
+                    "entry kind differs from the manifest",
+                ));
+            }
+        }
+    }
+    if let Some(missing) = expected.keys().find(|p| !seen.contains(**p)) {
+        return Err(integrity(
+            manifest,
+            missing,
+            "listed in the manifest but missing from the archive",
+        ));
+    }
+    if !inner_manifest {
+        return Err(integrity(
+            manifest,
+            MANIFEST_FILE,
+            "missing from the archive",
+        ));
+    }
+    Ok(stats)
+}
+
+fn check_inner_manifest(manifest: &Manifest, json: &[u8]) -> Result<()> {
+    let inner = Manifest::from_json(json)
+        .map_err(|e| integrity(manifest, MANIFEST_FILE, format!("embedded manifest: {e}")))?;
+    if inner.id != manifest.id || inner.checksum != manifest.checksum {
+        return Err(integrity(
+            manifest,
+            MANIFEST_FILE,
+            "embedded manifest does not match the sidecar (id or checksum)",
+        ));
+    }
+    Ok(())
+}
+
+async fn read_directory(
+    store: &dyn BackupStore,
+    manifest: &Manifest,
+    wants: &(dyn Fn(Option<Component>) -> bool + Sync),
+    sink: &mut dyn EntrySink,
+) -> Result<ReadStats> {
+    let missing = |e: Error, path: &str| match e {
+        Error::NotFound { .. } => integrity(manifest, path, "missing from the backup directory"),
+        other => other,
+    };
+    let mut inner = Vec::new();
+    let mut stream = store
+        .get(&manifest.id, &ObjectName::InnerManifest)
+        .await
+        .map_err(|e| missing(e, MANIFEST_FILE))?;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| store_read(store, manifest, MANIFEST_FILE, &e))?;
+        inner.extend_from_slice(&chunk);
+        if inner.len() > MAX_MANIFEST_BYTES {
+            return Err(integrity(
+                manifest,
+                MANIFEST_FILE,
+                "embedded manifest is too large",
+            ));
+        }
+    }
+    check_inner_manifest(manifest, &inner)?;
+    // Directories first, so that a sink can create files inside them.
+    for dir in &manifest.dirs {
+        if wants(dir.path.component()) {
+            sink.dir(dir).await?;
+        }
+    }
+    let mut stats = ReadStats::default();
+    for file in &manifest.files {
+        let wanted = wants(file.path.component());
+        let mut stream = store
+            .get(&manifest.id, &ObjectName::File(file.path.clone()))
+            .await
+            .map_err(|e| missing(e, file.path.as_str()))?;
+        if wanted {
+            sink.file_start(file).await?;
+        }
+        let mut hasher = Sha256Hasher::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| store_read(store, manifest, file.path.as_str(), &e))?;
+            size += chunk.len() as u64;
+            if size > file.size {
+                return Err(integrity(
+                    manifest,
+                    file.path.as_str(),
+                    format!("larger than the manifest's {} bytes", file.size),
+                ));
+            }
+            hasher.update(&chunk);
+            if wanted {
+                sink.file_data(&chunk).await?;
+            }
+        }
+        let digest = hasher.finish();
+        if size != file.size || digest != file.sha256 {
+            return Err(integrity(
+                manifest,
+                file.path.as_str(),
+                format!(
+                    "{size} bytes with sha256 {digest}; the manifest says {} bytes, {}",
+                    file.size, file.sha256
+                ),
+            ));
+        }
+        if wanted {
+            sink.file_end(file).await?;
+        }
+        stats.files += 1;
+        stats.bytes += size;
+    }
+    for link in &manifest.symlinks {
+        if wants(link.path.component()) {
+            sink.symlink(link).await?;
+        }
+    }
+    Ok(stats)
+}
+
+fn store_read(store: &dyn BackupStore, manifest: &Manifest, path: &str, e: &io::Error) -> Error {
+    Error::Store {
+        location: store.location(),
+        key: format!("{}/{path}", manifest.id),
+        reason: format!("read failed: {e}"),
+        source: None,
+    }
+}

@@ -1,0 +1,289 @@
+//! Backups end to end with the real adapters: a generated SynthOrg data
+//! directory, a live writer, the local-disk store, and the system `tar`.
+
+#![allow(clippy::unwrap_used)] // test helpers may unwrap
+
+use std::path::Path;
+use std::process::Command;
+
+use backup_core::manifest::tree_checksum;
+use backup_core::ports::Listed;
+use backup_core::{Component, Compression, Error, Manifest, Sha256Digest, Trigger};
+use synthorg_tests::{Fixture, Writer, dump, files_under, writer_state};
+
+fn extract(archive: &Path, into: &Path, flags: &[&str]) {
+    std::fs::create_dir_all(into).unwrap();
+    let out = Command::new("tar")
+        .args(flags)
+        .arg(archive)
+        .arg("-C")
+        .arg(into)
+        .output()
+        .expect("run tar");
+    assert!(
+        out.status.success(),
+        "tar failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Everything in an extracted backup equals the live data: files byte for
+/// byte, databases by SQL content, and the manifest's hashes recompute.
+async fn assert_matches_live(fx: &Fixture, extracted: &Path, manifest: &Manifest) {
+    let live = &fx.layout;
+    assert_eq!(
+        dump(&extracted.join("synthorg.db")).await,
+        dump(&live.database).await
+    );
+    for (rel, bytes) in files_under(&live.memory_dir) {
+        let copy = extracted.join("memory").join(&rel);
+        if rel.extension().is_some_and(|e| e == "db") {
+            assert_eq!(
+                dump(&copy).await,
+                dump(&live.memory_dir.join(&rel)).await,
+                "{rel:?}"
+            );
+        } else {
+            assert_eq!(std::fs::read(&copy).unwrap(), bytes, "memory/{rel:?}");
+        }
+    }
+    assert_eq!(
+        files_under(&extracted.join("checkpoints")),
+        files_under(&live.checkpoints_dir)
+    );
+    assert_eq!(
+        std::fs::read(extracted.join("config/company.yaml")).unwrap(),
+        std::fs::read(&live.company_config).unwrap()
+    );
+    for f in &manifest.files {
+        let data = std::fs::read(extracted.join(f.path.as_str())).unwrap();
+        assert_eq!(data.len() as u64, f.size, "{}", f.path);
+        assert_eq!(Sha256Digest::of(&data), f.sha256, "{}", f.path);
+    }
+    assert_eq!(
+        tree_checksum(&manifest.files, &manifest.dirs, &manifest.symlinks),
+        manifest.checksum
+    );
+    let inner =
+        Manifest::from_json(&std::fs::read(extracted.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(inner.checksum, manifest.checksum);
+    assert_eq!(inner.id, manifest.id);
+}
+
+#[tokio::test]
+async fn gzip_backup_opens_with_system_tar_and_equals_the_live_data() {
+    let fx = Fixture::new(3_000_000).await;
+    let config = fx.config("");
+    let service = fx.service(&config);
+    let m = service.create(Trigger::Manual).await.unwrap();
+
+    assert_eq!(m.components, Component::ALL.to_vec());
+    assert_eq!(
+        m.db_schema_version,
+        Some(synthorg_cli::demo::DEMO_SCHEMA_VERSION)
+    );
+    assert_eq!(m.synthorg_version.to_string(), synthorg_tests::APP_VERSION);
+    assert!(m.checksum.to_string().starts_with("sha256:"));
+    let archive = fx.layout.backups_dir.join(format!("{}.tar.gz", m.id));
+    let info = m.archive.as_ref().unwrap();
+    assert_eq!(std::fs::metadata(&archive).unwrap().len(), info.size_bytes);
+    assert_eq!(
+        Sha256Digest::of(&std::fs::read(&archive).unwrap()),
+        info.sha256
+    );
+    assert!(
+        fx.layout
+            .backups_dir
+            .join(format!("{}.manifest.json", m.id))
+            .is_file()
+    );
+
+    let out = fx.dir.path().join("extracted");
+    extract(&archive, &out, &["-xzf"]);
+    assert_matches_live(&fx, &out, &m).await;
+
+    let report = service.verify(&m.id).await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.files_checked, m.files.len() as u64);
+    let listed = service.list().await.unwrap();
+    assert!(matches!(&listed[..], [Listed::Complete(x)] if x.id == m.id));
+}
+
+#[tokio::test]
+async fn zstd_and_directory_forms_round_trip() {
+    let fx = Fixture::new(1_000_000).await;
+    let zstd = fx.service(&fx.config("compression: zstd"));
+    let m = zstd.create(Trigger::Scheduled).await.unwrap();
+    assert_eq!(m.compression, Compression::Zstd);
+    let out = fx.dir.path().join("zstd");
+    extract(
+        &fx.layout.backups_dir.join(format!("{}.tar.zst", m.id)),
+        &out,
+        &["--zstd", "-xf"],
+    );
+    assert!(zstd.verify(&m.id).await.unwrap().ok);
+
+    let plain = fx.service(&fx.config("compression: false"));
+    let d = plain.create(Trigger::Manual).await.unwrap();
+    assert_eq!(d.compression, Compression::None);
+    assert!(d.archive.is_none());
+    let dir = fx.layout.backups_dir.join(d.id.to_string());
+    assert_matches_live(&fx, &dir, &d).await;
+    assert!(plain.verify(&d.id).await.unwrap().ok);
+    // Same data, same tree checksum in both forms.
+    assert_eq!(m.checksum, d.checksum);
+}
+
+#[tokio::test]
+async fn verify_catches_a_flipped_byte_in_archive_and_directory_forms() {
+    let fx = Fixture::new(500_000).await;
+    let gz = fx.service(&fx.config(""));
+    let m = gz.create(Trigger::Manual).await.unwrap();
+    let archive = fx.layout.backups_dir.join(format!("{}.tar.gz", m.id));
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&archive, bytes).unwrap();
+    let report = gz.verify(&m.id).await.unwrap();
+    assert!(!report.ok);
+    assert!(report.problem.unwrap().contains(&m.id.to_string()));
+
+    let plain = fx.service(&fx.config("compression: none"));
+    let d = plain.create(Trigger::Manual).await.unwrap();
+    let file = fx
+        .layout
+        .backups_dir
+        .join(d.id.to_string())
+        .join("config/company.yaml");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[3] ^= 0x20;
+    std::fs::write(&file, bytes).unwrap();
+    let report = plain.verify(&d.id).await.unwrap();
+    assert!(!report.ok);
+    assert!(report.problem.unwrap().contains("config/company.yaml"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_under_a_continuous_writer_is_consistent_and_never_blocks_it() {
+    let fx = Fixture::new(2_000_000).await;
+    let writer = Writer::start(&fx.layout.database).await;
+    while writer.commits() < 200 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let service = fx.service(&fx.config(""));
+    let before = writer.commits();
+    let m = service.create(Trigger::Scheduled).await.unwrap();
+    let during = writer.commits() - before;
+    let total = writer.stop().await.expect("writer saw no errors");
+    assert!(total > before);
+    assert!(during > 0, "the writer made progress while the backup ran");
+
+    let out = fx.dir.path().join("x");
+    extract(
+        &fx.layout.backups_dir.join(format!("{}.tar.gz", m.id)),
+        &out,
+        &["-xzf"],
+    );
+    let (n, rows) = writer_state(&out.join("synthorg.db")).await;
+    assert_eq!(n, rows, "counter and log agree in the snapshot");
+    assert!(n >= 200);
+    let mut conn = synthorg_tests::open(&out.join("synthorg.db")).await;
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[tokio::test]
+async fn retention_runs_after_each_backup_and_spares_pre_migration() {
+    let fx = Fixture::new(300_000).await;
+    let service = fx.service(&fx.config("retention: {max_count: 2, max_age_days: 30}"));
+    let pinned = service.create(Trigger::PreMigration).await.unwrap();
+    let mut made = Vec::new();
+    for _ in 0..4 {
+        made.push(service.create(Trigger::Scheduled).await.unwrap().id);
+    }
+    let ids: Vec<_> = service
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.id().clone())
+        .collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(ids.contains(&pinned.id));
+    assert!(ids.contains(&made[3]) && ids.contains(&made[2]));
+    // Same-second backups get distinct, ordered ids.
+    assert!(made.windows(2).all(|w| w[0] < w[1]));
+    // Pruned backups are gone from disk too.
+    assert!(
+        !fx.layout
+            .backups_dir
+            .join(format!("{}.tar.gz", made[0]))
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn a_held_lock_makes_backup_busy_and_touches_nothing() {
+    let fx = Fixture::new(200_000).await;
+    let config = fx.config("");
+    let service = fx.service(&config);
+    let lock = adapters_fs_lock(&config.path);
+    let guard = backup_core::ports::OperationLock::try_acquire(
+        &lock,
+        backup_core::ports::Operation::Restore,
+    )
+    .await
+    .unwrap();
+    let err = service.create(Trigger::Manual).await.unwrap_err();
+    assert!(matches!(err, Error::Busy { .. }), "{err}");
+    assert!(err.to_string().contains("restore"), "{err}");
+    assert!(service.list().await.unwrap().is_empty());
+    drop(guard);
+    service.create(Trigger::Manual).await.unwrap();
+}
+
+fn adapters_fs_lock(path: &Path) -> adapters_fs::FileLock {
+    adapters_fs::FileLock::in_dir(path)
+}
+
+#[tokio::test]
+async fn a_failing_source_publishes_nothing_and_leaves_no_leftovers() {
+    let fx = Fixture::new(200_000).await;
+    std::fs::write(
+        &fx.layout.database,
+        b"this is not a database at all, just text",
+    )
+    .unwrap();
+    let service = fx.service(&fx.config(""));
+    let err = service.create(Trigger::Manual).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("not a SQLite database") && text.contains("synthorg.db"),
+        "{text}"
+    );
+    assert!(service.list().await.unwrap().is_empty());
+    let left: Vec<_> = std::fs::read_dir(&fx.layout.backups_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert!(left.is_empty(), "leftovers: {left:?}");
+    // No scratch copies left next to the data either.
+    let scratch: Vec<_> = std::fs::read_dir(&fx.layout.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".synthorg-snapshot-"))
+        .collect();
+    assert!(scratch.is_empty(), "{scratch:?}");
+
+    std::fs::remove_file(&fx.layout.database).unwrap();
+    let err = service
+        .create(Trigger::Manual)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not exist"), "{err}");
+}
