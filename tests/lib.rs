@@ -227,3 +227,54 @@ pub async fn writer_state(db: &Path) -> (i64, i64) {
     let _ = conn.close().await;
     (n, rows)
 }
+
+/// The content of live data, compared by value: databases by SQL dump,
+/// other files by sha256. Equal states hold the same data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveState {
+    /// SQL dump of `synthorg.db`, hashed.
+    pub database: String,
+    /// Every file under memory/ (databases by dump), hashed.
+    pub memory: Vec<(PathBuf, String)>,
+    /// The company config, hashed.
+    pub config: String,
+    /// Every file under checkpoints/, hashed.
+    pub checkpoints: Vec<(PathBuf, String)>,
+}
+
+fn hash(bytes: &[u8]) -> String {
+    backup_core::Sha256Digest::of(bytes).to_string()
+}
+
+impl LiveState {
+    /// Captures the live data of `layout`.
+    pub async fn capture(layout: &DemoLayout) -> LiveState {
+        let mut memory = Vec::new();
+        for (rel, bytes) in files_under(&layout.memory_dir) {
+            let value = if bytes.starts_with(b"SQLite format 3\0") {
+                hash(
+                    dump(&layout.memory_dir.join(&rel))
+                        .await
+                        .join("\n")
+                        .as_bytes(),
+                )
+            } else {
+                hash(&bytes)
+            };
+            memory.push((rel, value));
+        }
+        memory.retain(|(rel, _)| {
+            let name = rel.to_string_lossy();
+            !(name.ends_with("-wal") || name.ends_with("-shm"))
+        });
+        LiveState {
+            database: hash(dump(&layout.database).await.join("\n").as_bytes()),
+            memory,
+            config: hash(&std::fs::read(&layout.company_config).expect("config")),
+            checkpoints: files_under(&layout.checkpoints_dir)
+                .into_iter()
+                .map(|(p, b)| (p, hash(&b)))
+                .collect(),
+        }
+    }
+}

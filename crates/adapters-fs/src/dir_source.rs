@@ -189,7 +189,7 @@ impl DirSource {
 
 /// `target` as a string if it is relative and, resolved lexically from the
 /// link's directory, stays inside the link's component.
-fn contained_target(link: &ArchivePath, target: &Path) -> Option<String> {
+pub(crate) fn contained_target(link: &ArchivePath, target: &Path) -> Option<String> {
     let text = target.to_str()?;
     if target.is_absolute() || text.is_empty() || text.chars().any(char::is_control) {
         return None;

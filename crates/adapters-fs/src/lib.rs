@@ -4,6 +4,7 @@
 //!   writes and the sidecar manifest published last.
 //! - [`FileLock`]: the cross-process operation lock (`flock`).
 //! - [`DirSource`]: the memory, config and checkpoints components.
+//! - [`LiveData`]: the restore target: staging, journaled swap, recovery.
 //! - [`SystemClock`]: the real clock for hosts.
 //!
 //! Depends only on `backup-core` and the standard library / tokio; SQLite
@@ -12,10 +13,12 @@
 mod clock;
 mod dir_source;
 mod fsio;
+mod live;
 mod lock;
 mod store;
 
 pub use clock::SystemClock;
 pub use dir_source::DirSource;
+pub use live::LiveData;
 pub use lock::{FileLock, FileLockGuard, LOCK_FILE};
 pub use store::LocalFsStore;

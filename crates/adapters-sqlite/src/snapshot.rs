@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use backup_core::ports::{
-    ComponentSource, EntryKind, FileSnapshotter, Opened, Snapshot, SnapshotEntry,
+    ComponentSource, DatabaseVerifier, EntryKind, FileSnapshotter, Opened, Snapshot, SnapshotEntry,
 };
 use backup_core::{ArchivePath, Component, Error, Result};
 use bytes::BytesMut;
@@ -13,7 +13,7 @@ use futures::StreamExt;
 use sqlx::Connection;
 use tokio::io::AsyncReadExt;
 
-use crate::{SQLITE_HEADER, check_header, connect, sqlx_error, user_version};
+use crate::{SQLITE_HEADER, check_header, connect, sqlx_error, user_version, verify_database};
 
 /// Read size when streaming a snapshot file.
 const CHUNK: usize = 1024 * 1024;
@@ -211,5 +211,21 @@ impl FileSnapshotter for SqliteSnapshotter {
         let took = vacuum_into(component, source, dest).await?;
         tracing::debug!(file = %source.display(), vacuum_ms = took.as_millis() as u64, "SQLite file copied with VACUUM INTO");
         Ok(())
+    }
+}
+
+#[async_trait]
+impl DatabaseVerifier for SqliteSnapshotter {
+    fn handles(&self, header: &[u8]) -> bool {
+        header.starts_with(SQLITE_HEADER)
+    }
+
+    async fn verify(
+        &self,
+        component: Component,
+        path: &Path,
+        expected_schema: Option<i64>,
+    ) -> Result<i64> {
+        verify_database(component, path, expected_schema).await
     }
 }

@@ -5,4 +5,4 @@
 
 mod wiring;
 
-pub use wiring::build_service;
+pub use wiring::{build_service, build_service_with};

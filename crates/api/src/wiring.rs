@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use adapters_fs::{DirSource, FileLock, LocalFsStore, SystemClock};
+use adapters_fs::{DirSource, FileLock, LiveData, LocalFsStore, SystemClock};
 use adapters_sqlite::{SqliteSnapshotter, SqliteSource};
 use backup_core::config::ConfigError;
 use backup_core::ports::{BackupStore, ComponentSource, NoQuiesce, OperationLock, Quiesce};
@@ -23,6 +23,21 @@ pub fn build_service(
     config: &BackupConfig,
     app: RunningApp,
     quiesce: Option<Arc<dyn Quiesce>>,
+) -> Result<BackupService> {
+    let live = LiveData::new(&config.sources).with_verifier(Arc::new(SqliteSnapshotter));
+    build_service_with(config, app, quiesce, live)
+}
+
+/// As [`build_service`], with the restore target given (e.g. one with
+/// fault injection for tests).
+///
+/// # Errors
+/// As [`build_service`].
+pub fn build_service_with(
+    config: &BackupConfig,
+    app: RunningApp,
+    quiesce: Option<Arc<dyn Quiesce>>,
+    live: LiveData,
 ) -> Result<BackupService> {
     if config.s3.is_some() {
         return Err(Error::Config(ConfigError::Invalid {
@@ -63,6 +78,7 @@ pub fn build_service(
             sources,
             quiesce: quiesce.unwrap_or_else(|| Arc::new(NoQuiesce)),
             clock: Arc::new(SystemClock),
+            restore_target: Arc::new(live),
         },
         app,
     )

@@ -497,6 +497,18 @@ impl S3Config {
     }
 }
 
+/// Checks that `text` is a YAML mapping (the shape of the company config),
+/// for verifying a staged config before it replaces the live one.
+///
+/// # Errors
+/// The parser's message, with line and column.
+pub fn check_yaml(text: &str) -> Result<(), String> {
+    Figment::from(Yaml::string(text))
+        .extract::<figment::value::Dict>()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 fn check_path(key: &str, path: &Path) -> Result<(), ConfigError> {
     if path.as_os_str().is_empty() {
         return Err(invalid(key, "must not be empty"));
@@ -557,6 +569,13 @@ mod tests {
 
     fn err_text(yaml: &str) -> String {
         load(yaml).expect_err(yaml).to_string()
+    }
+
+    #[test]
+    fn check_yaml_accepts_mappings_only() {
+        assert!(check_yaml("company:\n  name: acme\n").is_ok());
+        assert!(check_yaml("company: [\n").is_err());
+        assert!(check_yaml("- a\n- b\n").is_err());
     }
 
     #[test]

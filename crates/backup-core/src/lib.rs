@@ -31,4 +31,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use id::{BackupId, Component, IdError, Trigger};
 pub use manifest::{Manifest, ManifestError};
 pub use path::ArchivePath;
-pub use service::{BackupService, CreateOptions, Ports, Progress, Settings, VerifyReport};
+pub use service::{
+    BackupService, CreateOptions, Ports, Progress, RestoreOptions, RestoreReport, Settings,
+    VerifyReport,
+};

@@ -418,3 +418,78 @@ impl EntrySink for DiscardSink {
         Ok(())
     }
 }
+
+/// Live data that a restore replaces: staging next to it, an all-or-nothing
+/// swap, and recovery of an interrupted swap.
+///
+/// # Contract
+/// Staging lives on the same filesystem as each live component, so the swap
+/// is a handful of renames. [`Staging::commit`] writes a fsynced journal
+/// first; whenever the process dies, [`recover`](RestoreTarget::recover)
+/// leaves the live data exactly as before the swap or exactly as restored,
+/// never a mix.
+#[async_trait]
+pub trait RestoreTarget: Debug + Send + Sync + 'static {
+    /// Where a component lives, for reports.
+    fn live_path(&self, component: Component) -> String;
+
+    /// Creates an empty staging area for `components` of `manifest`'s backup.
+    ///
+    /// # Errors
+    /// `Source` when it cannot be created (permissions, disk full).
+    async fn stage(
+        &self,
+        manifest: &Manifest,
+        components: &[Component],
+    ) -> Result<Box<dyn Staging>>;
+
+    /// Rolls back (or finishes, if it had committed) an interrupted swap and
+    /// removes staging and aside leftovers. Returns what it did.
+    ///
+    /// # Errors
+    /// `Source` when the journal cannot be read or a rename fails.
+    async fn recover(&self) -> Result<Vec<String>>;
+}
+
+/// A staging area being filled with a backup's content.
+#[async_trait]
+pub trait Staging: EntrySink + Send {
+    /// Checks the staged components: SQLite `integrity_check` and schema
+    /// version, YAML parses, expected layout. Applies modes and mtimes.
+    ///
+    /// # Errors
+    /// `Integrity`/`Source` naming the staged file that fails.
+    async fn verify(&mut self) -> Result<()>;
+
+    /// Swaps the staged components into place, all or nothing.
+    ///
+    /// # Errors
+    /// `Source` when a step fails; everything done so far is rolled back
+    /// before returning.
+    async fn commit(self: Box<Self>) -> Result<()>;
+
+    /// Removes the staging area; live data is untouched.
+    ///
+    /// # Errors
+    /// `Source` when files cannot be removed (the next `recover` retries).
+    async fn discard(self: Box<Self>) -> Result<()>;
+}
+
+/// Checks a staged SQLite database (implemented by the SQLite adapter).
+#[async_trait]
+pub trait DatabaseVerifier: Debug + Send + Sync + 'static {
+    /// Whether a file starting with `header` is a database to check.
+    fn handles(&self, header: &[u8]) -> bool;
+
+    /// `PRAGMA integrity_check` = ok and, when given, `user_version` equal
+    /// to `expected_schema`. Returns the schema version.
+    ///
+    /// # Errors
+    /// `Source` naming the file and the problem.
+    async fn verify(
+        &self,
+        component: Component,
+        path: &std::path::Path,
+        expected_schema: Option<i64>,
+    ) -> Result<i64>;
+}

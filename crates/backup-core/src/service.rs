@@ -7,6 +7,7 @@
 
 mod create;
 mod read;
+mod restore;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -22,10 +23,11 @@ use crate::error::{Error, Result};
 use crate::id::{BackupId, Component, Trigger};
 use crate::manifest::Manifest;
 use crate::ports::{
-    BackupStore, Clock, ComponentSource, Listed, Operation, OperationLock, Quiesce,
+    BackupStore, Clock, ComponentSource, Listed, Operation, OperationLock, Quiesce, RestoreTarget,
 };
 use crate::retention::{self, Action, Candidate, Decision, RetentionPolicy};
 
+pub use restore::{Replaced, RestoreOptions, RestoreReport};
 pub use verify::VerifyReport;
 
 /// What the service needs from the config.
@@ -120,6 +122,8 @@ pub struct Ports {
     pub quiesce: Arc<dyn Quiesce>,
     /// Time.
     pub clock: Arc<dyn Clock>,
+    /// The live data a restore replaces.
+    pub restore_target: Arc<dyn RestoreTarget>,
 }
 
 /// Create, list, show, verify, delete and prune backups.
@@ -250,13 +254,21 @@ impl BackupService {
         result
     }
 
-    /// Removes leftovers of interrupted operations. Runs at start-up.
+    /// Finishes or rolls back an interrupted restore, then removes
+    /// leftovers of interrupted backups. Runs at start-up, before the host
+    /// opens its data. Returns what it did (also logged at WARN).
     ///
     /// # Errors
-    /// `Busy`, or `Store` when the location cannot be listed.
+    /// `Busy`, `Source` when the restore journal cannot be handled, `Store`
+    /// when the backup location cannot be listed.
     pub async fn recover(&self) -> Result<Vec<String>> {
         let guard = self.ports.lock.try_acquire(Operation::Recover).await?;
-        let result = self.ports.store.cleanup_incomplete().await;
+        let result = async {
+            let mut done = self.ports.restore_target.recover().await?;
+            done.extend(self.ports.store.cleanup_incomplete().await?);
+            Ok(done)
+        }
+        .await;
         let _ = guard.release().await;
         result
     }

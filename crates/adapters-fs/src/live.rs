@@ -1,0 +1,624 @@
+//! [`LiveData`]: the live SynthOrg data a restore replaces.
+//!
+//! Staging for each component sits next to it (`.<name>.restore-staged`,
+//! same filesystem, so the swap is renames). The swap is journaled in
+//! `<database dir>/.synthorg-restore.journal`:
+//!
+//! 1. write the journal (`swapping`, what exists and where it goes), fsync;
+//! 2. per component: move the live item and, for the database, its
+//!    `-wal`/`-shm`/`-journal` aside (`.<name>.restore-aside`), move the
+//!    staged item into place, fsync the directory;
+//! 3. rewrite the journal as `committed` (atomic), fsync;
+//! 4. remove the aside copies, then the journal.
+//!
+//! [`recover`](RestoreTarget::recover) reads a journal left by a crash: in
+//! state `swapping` it moves everything back (the old state), in state
+//! `committed` it finishes step 4 (the new state). Every step is idempotent,
+//! so a crash during recovery is recovered by the next run.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use backup_core::config::{SourcesConfig, check_yaml};
+use backup_core::manifest::{DirEntry, FileEntry, SymlinkEntry};
+use backup_core::ports::{DatabaseVerifier, EntrySink, RestoreTarget, Staging};
+use backup_core::{ArchivePath, Component, Error, Manifest, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use crate::dir_source::contained_target;
+use crate::fsio::{self, DIR_MODE, FILE_MODE};
+
+const JOURNAL: &str = ".synthorg-restore.journal";
+const STAGED: &str = ".restore-staged";
+const ASIDE: &str = ".restore-aside";
+/// Largest company config accepted when verifying a staged one.
+const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The live data directory layout, from `backup.sources`.
+#[derive(Debug, Clone)]
+pub struct LiveData {
+    database: PathBuf,
+    memory_dir: PathBuf,
+    company_config: PathBuf,
+    checkpoints_dir: PathBuf,
+    verifier: Option<Arc<dyn DatabaseVerifier>>,
+    fail_after: Option<usize>,
+}
+
+impl LiveData {
+    /// The live data at the configured source paths.
+    pub fn new(sources: &SourcesConfig) -> LiveData {
+        LiveData {
+            database: sources.database.clone(),
+            memory_dir: sources.memory_dir.clone(),
+            company_config: sources.company_config.clone(),
+            checkpoints_dir: sources.checkpoints_dir.clone(),
+            verifier: None,
+            fail_after: None,
+        }
+    }
+
+    /// Fault injection for tests of the rollback: the swap fails, as a disk
+    /// error would, after `renames` renames.
+    pub fn fail_swap_after(mut self, renames: usize) -> LiveData {
+        self.fail_after = Some(renames);
+        self
+    }
+
+    /// Checks staged SQLite databases with `verifier` before swapping.
+    pub fn with_verifier(mut self, verifier: Arc<dyn DatabaseVerifier>) -> LiveData {
+        self.verifier = Some(verifier);
+        self
+    }
+
+    fn live(&self, c: Component) -> &Path {
+        match c {
+            Component::Persistence => &self.database,
+            Component::Memory => &self.memory_dir,
+            Component::Config => &self.company_config,
+            Component::Checkpoints => &self.checkpoints_dir,
+        }
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        parent_of(&self.database).join(JOURNAL)
+    }
+
+    /// The live paths a component occupies: the database has companions.
+    fn live_items(&self, c: Component) -> Vec<PathBuf> {
+        let main = self.live(c).to_path_buf();
+        if c == Component::Persistence {
+            let mut items = vec![main.clone()];
+            for suffix in ["-wal", "-shm", "-journal"] {
+                let mut p = main.clone().into_os_string();
+                p.push(suffix);
+                items.push(PathBuf::from(p));
+            }
+            items
+        } else {
+            vec![main]
+        }
+    }
+}
+
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// `<dir>/.<name><suffix>`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parent_of(path).join(format!(".{name}{suffix}"))
+}
+
+fn source_err(c: Component, path: &Path, e: io::Error) -> Error {
+    Error::Source {
+        component: c,
+        path: path.display().to_string(),
+        reason: fsio::describe(&e),
+        source: Some(Box::new(e)),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Cancelled(format!("restore task: {e}")))?
+}
+
+/// The restore journal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Journal {
+    backup_id: String,
+    state: JournalState,
+    moves: Vec<Move>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum JournalState {
+    Swapping,
+    Committed,
+}
+
+/// One live item and where it goes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Move {
+    live: PathBuf,
+    /// Where the live item is moved aside, if it existed before the swap.
+    aside: Option<PathBuf>,
+    /// The staged item that replaces it (only for the component's main path).
+    staged: Option<PathBuf>,
+}
+
+fn write_journal(path: &Path, journal: &Journal) -> io::Result<()> {
+    let json = serde_json::to_vec_pretty(journal).map_err(io::Error::other)?;
+    let temp = fsio::temp_path_for(path);
+    let guard = fsio::RemoveOnDrop::new(temp.clone());
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&temp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&temp, path)?;
+    guard.disarm();
+    fsio::fsync_dir(parent_of(path))
+}
+
+fn exists(path: &Path) -> bool {
+    path.symlink_metadata().is_ok()
+}
+
+fn rename_synced(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::rename(from, to)?;
+    fsio::fsync_dir(parent_of(to))
+}
+
+/// Performs the journaled swap; on a failure midway, rolls back.
+fn swap(journal_path: &Path, journal: &Journal, fail_after: Option<usize>) -> io::Result<()> {
+    // Aside names must be free before the journal claims them: anything
+    // there is a leftover (we hold the operation lock), and rolling back
+    // must never mistake it for the live data it moved.
+    for m in &journal.moves {
+        if let Some(aside) = &m.aside {
+            fsio::remove_any(aside)?;
+        }
+    }
+    write_journal(journal_path, journal)?;
+    let mut renames = 0usize;
+    let mut rename = |from: &Path, to: &Path| -> io::Result<()> {
+        if fail_after == Some(renames) {
+            return Err(io::Error::other("injected fault: swap interrupted"));
+        }
+        renames += 1;
+        rename_synced(from, to)
+    };
+    let mut forward = || -> io::Result<()> {
+        for m in &journal.moves {
+            if let Some(aside) = &m.aside {
+                rename(&m.live, aside)?;
+            }
+            if let Some(staged) = &m.staged {
+                rename(staged, &m.live)?;
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = forward() {
+        roll_back(journal)?;
+        std::fs::remove_file(journal_path)?;
+        fsio::fsync_dir(parent_of(journal_path))?;
+        return Err(e);
+    }
+    let committed = Journal {
+        state: JournalState::Committed,
+        ..journal.clone()
+    };
+    write_journal(journal_path, &committed)?;
+    finish(&committed, journal_path)
+}
+
+/// Puts every live item back where it was (idempotent).
+fn roll_back(journal: &Journal) -> io::Result<()> {
+    for m in journal.moves.iter().rev() {
+        match &m.aside {
+            Some(aside) if exists(aside) => {
+                if exists(&m.live) {
+                    // The staged item took its place: move it back to staging.
+                    let back = m.staged.clone().unwrap_or_else(|| sibling(&m.live, STAGED));
+                    fsio::remove_any(&back)?;
+                    rename_synced(&m.live, &back)?;
+                }
+                rename_synced(aside, &m.live)?;
+            }
+            // Never moved aside: the live item is untouched.
+            Some(_) => {}
+            None => {
+                // Nothing lived here before: whatever is here now was staged.
+                if m.staged.is_some() && exists(&m.live) {
+                    fsio::remove_any(&m.live)?;
+                    fsio::fsync_dir(parent_of(&m.live))?;
+                }
+            }
+        }
+    }
+    for m in &journal.moves {
+        if let Some(staged) = &m.staged {
+            fsio::remove_any(staged)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the old copies after a committed swap (idempotent).
+fn finish(journal: &Journal, journal_path: &Path) -> io::Result<()> {
+    for m in &journal.moves {
+        if let Some(aside) = &m.aside {
+            fsio::remove_any(aside)?;
+        }
+        if let Some(staged) = &m.staged {
+            fsio::remove_any(staged)?;
+        }
+        fsio::fsync_dir(parent_of(&m.live))?;
+    }
+    std::fs::remove_file(journal_path)?;
+    fsio::fsync_dir(parent_of(journal_path))
+}
+
+#[async_trait]
+impl RestoreTarget for LiveData {
+    fn live_path(&self, component: Component) -> String {
+        self.live(component).display().to_string()
+    }
+
+    async fn stage(
+        &self,
+        manifest: &Manifest,
+        components: &[Component],
+    ) -> Result<Box<dyn Staging>> {
+        let me = self.clone();
+        let comps = components.to_vec();
+        let roots = blocking(move || {
+            let mut roots = Vec::new();
+            for c in comps {
+                let live = me.live(c).to_path_buf();
+                let staged = sibling(&live, STAGED);
+                fsio::create_dir_private(parent_of(&live)).map_err(|e| source_err(c, &live, e))?;
+                fsio::remove_any(&staged).map_err(|e| source_err(c, &staged, e))?;
+                if matches!(c, Component::Memory | Component::Checkpoints) {
+                    fsio::create_dir_private(&staged).map_err(|e| source_err(c, &staged, e))?;
+                }
+                roots.push((c, staged));
+            }
+            Ok(roots)
+        })
+        .await?;
+        Ok(Box::new(FsStaging {
+            live: self.clone(),
+            manifest: manifest.clone(),
+            roots,
+            current: None,
+            dir_modes: Vec::new(),
+        }))
+    }
+
+    async fn recover(&self) -> Result<Vec<String>> {
+        let me = self.clone();
+        blocking(move || {
+            let journal_path = me.journal_path();
+            let mut done = Vec::new();
+            let err = |e: io::Error| source_err(Component::Persistence, &journal_path, e);
+            if exists(&journal_path) {
+                let bytes = std::fs::read(&journal_path).map_err(err)?;
+                let journal: Journal = serde_json::from_slice(&bytes).map_err(|e| Error::Source {
+                    component: Component::Persistence,
+                    path: journal_path.display().to_string(),
+                    reason: format!("restore journal is unreadable: {e}; resolve by hand before starting"),
+                    source: None,
+                })?;
+                match journal.state {
+                    JournalState::Swapping => {
+                        roll_back(&journal).map_err(err)?;
+                        std::fs::remove_file(&journal_path).map_err(err)?;
+                        fsio::fsync_dir(parent_of(&journal_path)).map_err(err)?;
+                        let msg = format!("rolled back the interrupted restore of {}: live data is as before it", journal.backup_id);
+                        tracing::warn!("{msg}");
+                        done.push(msg);
+                    }
+                    JournalState::Committed => {
+                        finish(&journal, &journal_path).map_err(err)?;
+                        let msg = format!("finished the interrupted restore of {}: live data is the restored backup", journal.backup_id);
+                        tracing::warn!("{msg}");
+                        done.push(msg);
+                    }
+                }
+            }
+            for c in Component::ALL {
+                for item in me.live_items(c) {
+                    for leftover in [sibling(&item, STAGED), sibling(&item, ASIDE)] {
+                        if exists(&leftover) {
+                            fsio::remove_any(&leftover).map_err(|e| source_err(c, &leftover, e))?;
+                            tracing::warn!(path = %leftover.display(), "removed restore leftover");
+                            done.push(format!("removed {}", leftover.display()));
+                        }
+                    }
+                }
+            }
+            Ok(done)
+        })
+        .await
+    }
+}
+
+/// A staging area being filled.
+struct FsStaging {
+    live: LiveData,
+    manifest: Manifest,
+    roots: Vec<(Component, PathBuf)>,
+    current: Option<(tokio::fs::File, PathBuf, Component)>,
+    dir_modes: Vec<(PathBuf, u32)>,
+}
+
+impl FsStaging {
+    fn root(&self, c: Component) -> Result<&Path> {
+        self.roots
+            .iter()
+            .find(|(rc, _)| *rc == c)
+            .map(|(_, p)| p.as_path())
+            .ok_or_else(|| self.refuse(c.archive_root(), "component is not being restored"))
+    }
+
+    fn refuse(&self, path: &str, reason: &str) -> Error {
+        Error::Integrity {
+            id: self.manifest.id.to_string(),
+            path: path.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// Where an archive path goes in staging.
+    fn staged_path(&self, path: &ArchivePath) -> Result<(Component, PathBuf)> {
+        let c = path
+            .component()
+            .ok_or_else(|| self.refuse(path.as_str(), "outside every component"))?;
+        let root = self.root(c)?.to_path_buf();
+        let mut segments = path.segments().skip(1);
+        match c {
+            Component::Persistence => Ok((c, root)),
+            Component::Config => match (segments.next(), segments.next()) {
+                (Some(_name), None) => Ok((c, root)),
+                _ => Err(self.refuse(
+                    path.as_str(),
+                    "config/ must hold exactly one file, the company config",
+                )),
+            },
+            Component::Memory | Component::Checkpoints => {
+                let mut p = root;
+                p.extend(segments);
+                Ok((c, p))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EntrySink for FsStaging {
+    async fn dir(&mut self, entry: &DirEntry) -> Result<()> {
+        if entry.path.component() == Some(Component::Config) {
+            return Ok(()); // the config component is staged as its one file
+        }
+        let (c, path) = self.staged_path(&entry.path)?;
+        tokio::fs::create_dir_all(&path)
+            .await
+            .map_err(|e| source_err(c, &path, e))?;
+        self.dir_modes.push((path, entry.mode.unwrap_or(DIR_MODE)));
+        Ok(())
+    }
+
+    async fn symlink(&mut self, entry: &SymlinkEntry) -> Result<()> {
+        let (c, path) = self.staged_path(&entry.path)?;
+        if contained_target(&entry.path, Path::new(&entry.target)).is_none() {
+            return Err(self.refuse(entry.path.as_str(), "symlink points outside its component"));
+        }
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| source_err(c, parent, e))?;
+        }
+        tokio::fs::symlink(&entry.target, &path)
+            .await
+            .map_err(|e| source_err(c, &path, e))
+    }
+
+    async fn file_start(&mut self, entry: &FileEntry) -> Result<()> {
+        let (c, path) = self.staged_path(&entry.path)?;
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| source_err(c, parent, e))?;
+        }
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&path)
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => self.refuse(entry.path.as_str(), "written twice"),
+                _ => source_err(c, &path, e),
+            })?;
+        self.current = Some((file, path, c));
+        Ok(())
+    }
+
+    async fn file_data(&mut self, data: &[u8]) -> Result<()> {
+        let Some((file, path, c)) = self.current.as_mut() else {
+            return Err(Error::Cancelled("file data outside a file".into()));
+        };
+        file.write_all(data)
+            .await
+            .map_err(|e| source_err(*c, path, e))
+    }
+
+    async fn file_end(&mut self, entry: &FileEntry) -> Result<()> {
+        let Some((mut file, path, c)) = self.current.take() else {
+            return Err(Error::Cancelled("file end outside a file".into()));
+        };
+        file.flush().await.map_err(|e| source_err(c, &path, e))?;
+        let std_file = file.into_std().await;
+        let mode = entry.mode.unwrap_or(FILE_MODE) & 0o7777;
+        let mtime = entry.mtime;
+        blocking(move || {
+            std_file.sync_all().map_err(|e| source_err(c, &path, e))?;
+            if let Some(secs) = mtime.and_then(|s| u64::try_from(s).ok()) {
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+                std_file
+                    .set_modified(t)
+                    .map_err(|e| source_err(c, &path, e))?;
+            }
+            std_file
+                .set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| source_err(c, &path, e))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Staging for FsStaging {
+    async fn verify(&mut self) -> Result<()> {
+        for (c, root) in self.roots.clone() {
+            match c {
+                Component::Persistence => {
+                    if !exists(&root) {
+                        return Err(self.refuse("synthorg.db", "missing from the backup"));
+                    }
+                    if let Some(v) = &self.live.verifier {
+                        v.verify(c, &root, self.manifest.db_schema_version).await?;
+                    }
+                }
+                Component::Config => {
+                    if !exists(&root) {
+                        return Err(
+                            self.refuse("config/", "the company config is missing from the backup")
+                        );
+                    }
+                    let text = fsio::read_capped(&root, MAX_CONFIG_BYTES as usize)
+                        .await
+                        .map_err(|e| source_err(c, &root, e))?;
+                    let text = String::from_utf8(text)
+                        .map_err(|_| self.refuse("config/", "company config is not UTF-8"))?;
+                    check_yaml(&text).map_err(|e| Error::Integrity {
+                        id: self.manifest.id.to_string(),
+                        path: "config/".into(),
+                        reason: format!("company config does not parse as YAML: {e}"),
+                    })?;
+                }
+                Component::Memory => {
+                    if let Some(v) = self.live.verifier.clone() {
+                        for file in sqlite_candidates(&root).map_err(|e| source_err(c, &root, e))? {
+                            let header = read_header(&file).map_err(|e| source_err(c, &file, e))?;
+                            if v.handles(&header) {
+                                v.verify(c, &file, None).await?;
+                            }
+                        }
+                    }
+                }
+                Component::Checkpoints => {}
+            }
+        }
+        // Directory modes last (deepest first), so that read-only
+        // directories did not stop their files from being written.
+        let mut modes = std::mem::take(&mut self.dir_modes);
+        modes.sort_by_key(|(dir, _)| std::cmp::Reverse(dir.components().count()));
+        blocking(move || {
+            for (dir, mode) in modes {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(|e| source_err(Component::Memory, &dir, e))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        let live = self.live.clone();
+        let journal = Journal {
+            backup_id: self.manifest.id.to_string(),
+            state: JournalState::Swapping,
+            moves: self
+                .roots
+                .iter()
+                .flat_map(|(c, staged)| {
+                    live.live_items(*c)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, item)| Move {
+                            aside: exists(&item).then(|| sibling(&item, ASIDE)),
+                            staged: (i == 0).then(|| staged.clone()),
+                            live: item,
+                        })
+                })
+                .collect(),
+        };
+        let journal_path = live.journal_path();
+        let fail_after = live.fail_after;
+        blocking(move || {
+            swap(&journal_path, &journal, fail_after)
+                .map_err(|e| source_err(Component::Persistence, &journal_path, e))
+        })
+        .await
+    }
+
+    async fn discard(self: Box<Self>) -> Result<()> {
+        let roots = self.roots.clone();
+        drop(self);
+        blocking(move || {
+            for (c, root) in roots {
+                fsio::remove_any(&root).map_err(|e| source_err(c, &root, e))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn read_header(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(100);
+    std::fs::File::open(path)?.take(100).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Regular files under `root`.
+fn sqlite_candidates(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                stack.push(entry.path());
+            } else if ft.is_file() {
+                out.push(entry.path());
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,210 @@
+//! Restore: validated, all-or-nothing, crash-safe (DESIGN.md protocol).
+//!
+//! 1. Read the sidecar manifest and run the compatibility rules; any error
+//!    stops here, before anything is downloaded. `dry_run` stops here too
+//!    and reports what would be replaced.
+//! 2. Stream the backup into staging next to the live data, verifying every
+//!    entry, hash and size (see `read.rs`).
+//! 3. Verify the staged components (SQLite integrity and schema, YAML).
+//! 4. Take the `pre-restore` safety backup of the live state.
+//! 5. Swap under the operation lock with a fsynced journal.
+//!
+//! Any failure before step 5 discards the staging and leaves live data
+//! untouched; a failure inside step 5 is rolled back by the target.
+
+use serde::Serialize;
+
+use super::read::read_backup;
+use super::{BackupService, CreateOptions};
+use crate::compat::{self, CompatReport};
+use crate::error::{Error, Result};
+use crate::id::{BackupId, Component, Trigger};
+use crate::manifest::Manifest;
+use crate::ports::{Operation, Staging};
+
+/// Options of [`BackupService::restore`].
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Must be true, or nothing happens (`NotConfirmed`).
+    pub confirm: bool,
+    /// Only check and report; touch nothing (needs no confirmation).
+    pub dry_run: bool,
+    /// Components to restore; all in the backup when `None`.
+    pub components: Option<Vec<Component>>,
+}
+
+/// One component a restore replaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Replaced {
+    /// The component.
+    pub component: Component,
+    /// Its live location.
+    pub live_path: String,
+    /// Files restored into it.
+    pub files: u64,
+    /// Bytes restored into it.
+    pub bytes: u64,
+}
+
+/// What a restore did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RestoreReport {
+    /// The backup restored.
+    pub id: BackupId,
+    /// Whether this was only a dry run.
+    pub dry_run: bool,
+    /// What is (or would be) replaced.
+    pub components: Vec<Replaced>,
+    /// Total bytes restored.
+    pub bytes: u64,
+    /// Compatibility findings.
+    pub compatibility: CompatReport,
+    /// Warnings, as text.
+    pub warnings: Vec<String>,
+    /// The safety backup of the state before the restore.
+    pub safety_backup_id: Option<BackupId>,
+    /// The host must restart (or reopen its pools) after a restore.
+    pub restart_required: bool,
+}
+
+impl BackupService {
+    /// Restores a backup; see the module docs for the protocol.
+    ///
+    /// # Errors
+    /// `NotFound`; `Manifest` for a damaged sidecar; `Incompatible` with
+    /// every finding; `NotConfirmed` without `confirm`; `Busy`; `Integrity`
+    /// when the stored data does not match the manifest; `Source`/`Store`
+    /// for I/O failures. In every case the live data is as it was.
+    pub async fn restore(&self, id: &BackupId, options: RestoreOptions) -> Result<RestoreReport> {
+        let target = self.ports.restore_target.as_ref();
+        let manifest = self.ports.store.manifest(id).await?;
+        if manifest.compression != crate::config::Compression::None {
+            manifest
+                .require_archive_info()
+                .map_err(|source| Error::Manifest {
+                    id: id.to_string(),
+                    source,
+                })?;
+        }
+        let components = match &options.components {
+            Some(list) => {
+                let mut list = list.clone();
+                list.sort();
+                list.dedup();
+                list
+            }
+            None => manifest.components.clone(),
+        };
+        let report_compat = compat::check(&manifest, &self.app, options.components.as_deref());
+        if !report_compat.is_compatible() {
+            tracing::error!(backup_id = %id, findings = ?report_compat.errors, "restore refused: incompatible backup");
+            return Err(Error::Incompatible {
+                id: id.to_string(),
+                report: report_compat,
+            });
+        }
+        let mut report = RestoreReport {
+            id: id.clone(),
+            dry_run: options.dry_run,
+            components: components
+                .iter()
+                .map(|c| {
+                    let files = manifest
+                        .files
+                        .iter()
+                        .filter(|f| f.path.component() == Some(*c));
+                    Replaced {
+                        component: *c,
+                        live_path: target.live_path(*c),
+                        files: files.clone().count() as u64,
+                        bytes: files.map(|f| f.size).sum(),
+                    }
+                })
+                .collect(),
+            bytes: 0,
+            warnings: report_compat
+                .warnings
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            compatibility: report_compat,
+            safety_backup_id: None,
+            restart_required: !options.dry_run,
+        };
+        report.bytes = report.components.iter().map(|c| c.bytes).sum();
+        if options.dry_run {
+            return Ok(report);
+        }
+        if !options.confirm {
+            return Err(Error::NotConfirmed {
+                operation: "restore".into(),
+                id: id.to_string(),
+            });
+        }
+        let guard = self.ports.lock.try_acquire(Operation::Restore).await?;
+        let result = self
+            .restore_locked(&manifest, &components, &mut report)
+            .await;
+        if let Err(e) = guard.release().await {
+            tracing::warn!(error = %e, "releasing the operation lock failed");
+        }
+        match &result {
+            Ok(()) => {
+                tracing::info!(backup_id = %id, safety_backup = ?report.safety_backup_id.as_ref().map(ToString::to_string),
+                "restore complete; restart the app")
+            }
+            Err(e) => {
+                tracing::error!(backup_id = %id, error = %e, "restore failed; live data is unchanged")
+            }
+        }
+        result.map(|()| report)
+    }
+
+    async fn restore_locked(
+        &self,
+        manifest: &Manifest,
+        components: &[Component],
+        report: &mut RestoreReport,
+    ) -> Result<()> {
+        let target = self.ports.restore_target.as_ref();
+        let mut staging = target.stage(manifest, components).await?;
+        let staged = async {
+            read_backup(
+                self.ports.store.as_ref(),
+                manifest,
+                Some(components),
+                staging.as_mut(),
+            )
+            .await?;
+            staging.verify().await
+        }
+        .await;
+        if let Err(e) = staged {
+            discard(staging, &manifest.id).await;
+            return Err(e);
+        }
+        let safety = match self
+            .create_locked(Trigger::PreRestore, &CreateOptions::default())
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                discard(staging, &manifest.id).await;
+                return Err(e);
+            }
+        };
+        report.safety_backup_id = Some(safety.id.clone());
+        tracing::info!(backup_id = %manifest.id, safety_backup = %safety.id, "safety backup taken; swapping");
+        staging.commit().await?;
+        if let Err(e) = self.apply_retention(false).await {
+            tracing::error!(error = %e, "retention after restore failed");
+        }
+        Ok(())
+    }
+}
+
+async fn discard(staging: Box<dyn Staging>, id: &BackupId) {
+    if let Err(e) = staging.discard().await {
+        tracing::warn!(backup_id = %id, error = %e, "removing the staging area failed; the next recover removes it");
+    }
+}

@@ -1,0 +1,307 @@
+//! Restore end to end with the real adapters: round trips, refusals that
+//! leave live data byte-for-byte unchanged, and a swap failure rolled back.
+
+#![allow(clippy::unwrap_used)] // test helpers may unwrap
+
+use std::sync::Arc;
+
+use adapters_fs::LiveData;
+use adapters_sqlite::SqliteSnapshotter;
+use backup_core::ports::Listed;
+use backup_core::{BackupService, Component, Error, RestoreOptions, RunningApp, Trigger};
+use synthorg_tests::{Fixture, LiveState};
+
+fn confirmed() -> RestoreOptions {
+    RestoreOptions {
+        confirm: true,
+        ..RestoreOptions::default()
+    }
+}
+
+/// Changes every component of the live data.
+async fn mutate(fx: &Fixture) {
+    let mut conn = synthorg_tests::open(&fx.layout.database).await;
+    sqlx::query("UPDATE tasks SET status = 'tampered' WHERE id % 3 = 0")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_log WHERE id % 2 = 0")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let agents = fx.layout.memory_dir.join("agents");
+    let victim = std::fs::read_dir(agents.join("agent-0"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::remove_file(victim).unwrap();
+    std::fs::write(fx.layout.memory_dir.join("new-note.json"), b"{}").unwrap();
+    std::fs::write(&fx.layout.company_config, b"company:\n  name: Changed\n").unwrap();
+    std::fs::create_dir_all(fx.layout.checkpoints_dir.join("task-new")).unwrap();
+    std::fs::write(
+        fx.layout.checkpoints_dir.join("task-new/turn-0000.json"),
+        b"{}",
+    )
+    .unwrap();
+}
+
+fn service_with(fx: &Fixture, app: RunningApp, extra: &str) -> BackupService {
+    synthorg_api::build_service(&fx.config(extra), app, None).unwrap()
+}
+
+#[tokio::test]
+async fn restore_brings_back_every_component_and_keeps_a_safety_backup() {
+    let fx = Fixture::new(2_000_000).await;
+    let service = fx.service(&fx.config(""));
+    let before = LiveState::capture(&fx.layout).await;
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    mutate(&fx).await;
+    let changed = LiveState::capture(&fx.layout).await;
+    assert_ne!(before, changed);
+
+    let report = service.restore(&backup.id, confirmed()).await.unwrap();
+    assert!(report.restart_required);
+    assert_eq!(report.components.len(), 4);
+    assert_eq!(LiveState::capture(&fx.layout).await, before);
+    // No staging, aside or journal leftovers next to the data.
+    let hidden: Vec<_> = std::fs::read_dir(&fx.layout.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+
+    // The safety backup holds the state from right before the restore.
+    let safety = report.safety_backup_id.unwrap();
+    assert_eq!(safety.trigger(), Trigger::PreRestore);
+    assert!(
+        service
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|l| matches!(l, Listed::Complete(m) if m.id == safety))
+    );
+    service.restore(&safety, confirmed()).await.unwrap();
+    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+}
+
+#[tokio::test]
+async fn restore_of_a_subset_touches_only_those_components() {
+    let fx = Fixture::new(500_000).await;
+    let service = fx.service(&fx.config("compression: none"));
+    let before = LiveState::capture(&fx.layout).await;
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    mutate(&fx).await;
+    let changed = LiveState::capture(&fx.layout).await;
+    let options = RestoreOptions {
+        confirm: true,
+        components: Some(vec![Component::Config, Component::Memory]),
+        ..RestoreOptions::default()
+    };
+    service.restore(&backup.id, options).await.unwrap();
+    let now = LiveState::capture(&fx.layout).await;
+    assert_eq!(now.config, before.config);
+    assert_eq!(now.memory, before.memory);
+    assert_eq!(now.database, changed.database);
+    assert_eq!(now.checkpoints, changed.checkpoints);
+}
+
+#[tokio::test]
+async fn unconfirmed_and_dry_run_restores_touch_nothing() {
+    let fx = Fixture::new(300_000).await;
+    let service = fx.service(&fx.config(""));
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    mutate(&fx).await;
+    let changed = LiveState::capture(&fx.layout).await;
+    let listed = service.list().await.unwrap().len();
+
+    let err = service
+        .restore(&backup.id, RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotConfirmed { .. }), "{err}");
+
+    let newer_app = RunningApp {
+        version: semver::Version::new(1, 5, 0),
+        supported_schema: synthorg_cli::demo::DEMO_SCHEMA_VERSION + 1,
+    };
+    let dry = service_with(&fx, newer_app, "")
+        .restore(
+            &backup.id,
+            RestoreOptions {
+                dry_run: true,
+                ..RestoreOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(dry.dry_run && !dry.restart_required);
+    assert!(dry.safety_backup_id.is_none());
+    assert!(
+        dry.warnings
+            .iter()
+            .any(|w| w == "schema 3 < 4: migrations will run on next start"),
+        "{:?}",
+        dry.warnings
+    );
+    assert_eq!(
+        dry.components
+            .iter()
+            .map(|c| c.component)
+            .collect::<Vec<_>>(),
+        Component::ALL.to_vec()
+    );
+    assert!(dry.bytes > 0);
+
+    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+    assert_eq!(service.list().await.unwrap().len(), listed);
+}
+
+#[tokio::test]
+async fn incompatible_backups_are_refused_before_anything_is_read() {
+    let fx = Fixture::new(300_000).await;
+    let service = fx.service(&fx.config(""));
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    mutate(&fx).await;
+    let changed = LiveState::capture(&fx.layout).await;
+    // Remove the archive: a refusal must come from the manifest alone.
+    std::fs::remove_file(fx.layout.backups_dir.join(format!("{}.tar.gz", backup.id))).unwrap();
+
+    let older = RunningApp {
+        version: semver::Version::new(1, 3, 0),
+        supported_schema: 2,
+    };
+    let err = service_with(&fx, older, "")
+        .restore(&backup.id, confirmed())
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Incompatible { report, .. } => assert_eq!(report.errors.len(), 2, "{report:?}"),
+        other => panic!("expected Incompatible, got {other}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("newer than the running 1.3.0") && text.contains("schema 3"),
+        "{text}"
+    );
+
+    let err = fx
+        .service(&fx.config(""))
+        .restore(
+            &backup.id,
+            RestoreOptions {
+                confirm: true,
+                components: Some(vec![Component::Checkpoints]),
+                dry_run: false,
+            },
+        )
+        .await;
+    assert!(err.is_err()); // archive missing -> refused
+    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+}
+
+#[tokio::test]
+async fn corrupted_or_truncated_backups_are_refused_and_live_data_is_unchanged() {
+    let fx = Fixture::new(1_000_000).await;
+    let service = fx.service(&fx.config(""));
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    mutate(&fx).await;
+    let changed = LiveState::capture(&fx.layout).await;
+    let archive = fx.layout.backups_dir.join(format!("{}.tar.gz", backup.id));
+    let good = std::fs::read(&archive).unwrap();
+
+    let mut flipped = good.clone();
+    let at = good.len() / 3;
+    flipped[at] ^= 0x40;
+    std::fs::write(&archive, &flipped).unwrap();
+    let err = service.restore(&backup.id, confirmed()).await.unwrap_err();
+    assert!(matches!(err, Error::Integrity { .. }), "{err}");
+    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+
+    std::fs::write(&archive, &good[..good.len() - 1000]).unwrap();
+    let err = service.restore(&backup.id, confirmed()).await.unwrap_err();
+    assert!(matches!(err, Error::Integrity { .. }), "{err}");
+    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+
+    // Neither attempt got as far as a safety backup.
+    assert_eq!(service.list().await.unwrap().len(), 1);
+    let hidden: Vec<_> = std::fs::read_dir(&fx.layout.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "staging left behind: {hidden:?}");
+}
+
+#[tokio::test]
+async fn a_failure_midway_through_the_swap_is_rolled_back() {
+    let fx = Fixture::new(500_000).await;
+    let config = fx.config("");
+    let restored = LiveState::capture(&fx.layout).await;
+    let backup = fx.service(&config).create(Trigger::Manual).await.unwrap();
+    mutate(&fx).await;
+    let changed = LiveState::capture(&fx.layout).await;
+    // Fail after 0, 1, 2, ... renames (database aside, database in,
+    // memory aside, ...) until the swap has none left to fail.
+    let mut failures = 0;
+    for fail_after in 0..20 {
+        let live = LiveData::new(&config.sources)
+            .with_verifier(Arc::new(SqliteSnapshotter))
+            .fail_swap_after(fail_after);
+        let service =
+            synthorg_api::build_service_with(&config, synthorg_tests::running_app(), None, live)
+                .unwrap();
+        match service.restore(&backup.id, confirmed()).await {
+            Err(err) => {
+                assert!(err.to_string().contains("injected fault"), "{err}");
+                assert_eq!(
+                    LiveState::capture(&fx.layout).await,
+                    changed,
+                    "after {fail_after} renames"
+                );
+                assert!(!fx.layout.root.join(".synthorg-restore.journal").exists());
+                failures += 1;
+            }
+            Ok(_) => {
+                assert_eq!(LiveState::capture(&fx.layout).await, restored);
+                break;
+            }
+        }
+    }
+    assert!(
+        failures >= 8,
+        "every component's two renames were interrupted once: {failures}"
+    );
+    mutate(&fx).await;
+    // A leftover directory where the swap puts the old checkpoints is
+    // cleared, never mistaken for live data.
+    std::fs::create_dir_all(fx.layout.root.join(".checkpoints.restore-aside/in-the-way")).unwrap();
+    let before = fx.service(&config);
+    before.restore(&backup.id, confirmed()).await.unwrap();
+    assert!(!fx.layout.checkpoints_dir.join("in-the-way").exists());
+    assert!(!fx.layout.root.join(".checkpoints.restore-aside").exists());
+}
+
+#[tokio::test]
+async fn restore_while_locked_is_busy_and_touches_nothing() {
+    let fx = Fixture::new(300_000).await;
+    let config = fx.config("");
+    let service = fx.service(&config);
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    mutate(&fx).await;
+    let changed = LiveState::capture(&fx.layout).await;
+    let lock = adapters_fs::FileLock::in_dir(&config.path);
+    let _held = backup_core::ports::OperationLock::try_acquire(
+        &lock,
+        backup_core::ports::Operation::Backup,
+    )
+    .await
+    .unwrap();
+    let err = service.restore(&backup.id, confirmed()).await.unwrap_err();
+    assert!(matches!(err, Error::Busy { .. }), "{err}");
+    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+}
