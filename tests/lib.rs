@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use backup_core::{BackupConfig, BackupService, RunningApp};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
-use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
+use sqlx::{ConnectOptions, Connection, SqliteConnection};
 use synthorg_cli::demo::{self, DemoLayout, DemoSize};
+use synthorg_cli::state;
+pub use synthorg_cli::state::LiveState;
 
 /// The app version the fixtures run as.
 pub const APP_VERSION: &str = "1.4.0";
@@ -61,82 +63,24 @@ pub fn running_app() -> RunningApp {
 
 /// Opens an existing database.
 pub async fn open(path: &Path) -> SqliteConnection {
-    SqliteConnectOptions::from_str("sqlite://")
-        .expect("options")
-        .filename(path)
-        .create_if_missing(false)
-        .connect()
-        .await
-        .expect("open database")
+    state::open(path).await.expect("open database")
 }
 
-/// Every row of every table, as text, ordered: two databases with the same
-/// dump hold the same data.
+/// SQL dump of a database (see `synthorg_cli::state::dump`).
 pub async fn dump(path: &Path) -> Vec<String> {
-    let mut conn = open(path).await;
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .expect("tables");
-    let mut out = Vec::new();
-    for t in tables {
-        let sql = format!("SELECT * FROM \"{t}\" ORDER BY 1");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&mut conn)
-            .await
-            .expect("rows");
-        for row in rows {
-            let mut line = format!("{t}:");
-            for i in 0..row.len() {
-                let v: Option<String> = row
-                    .try_get::<Option<String>, _>(i)
-                    .or_else(|_| {
-                        row.try_get::<Option<i64>, _>(i)
-                            .map(|v| v.map(|v| v.to_string()))
-                    })
-                    .or_else(|_| {
-                        row.try_get::<Option<f64>, _>(i)
-                            .map(|v| v.map(|v| v.to_string()))
-                    })
-                    .unwrap_or(None);
-                line.push_str(&format!("{v:?}|"));
-            }
-            out.push(line);
-        }
-    }
-    let version: i64 = sqlx::query_scalar("PRAGMA user_version")
-        .fetch_one(&mut conn)
-        .await
-        .expect("version");
-    out.push(format!("user_version={version}"));
-    let _ = conn.close().await;
-    out
+    state::dump(path).await.expect("dump database")
 }
 
 /// Every regular file under `root`, relative path -> bytes, sorted.
 pub fn files_under(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read_dir") {
-            let entry = entry.expect("entry");
-            let ft = entry.file_type().expect("file type");
-            if ft.is_dir() {
-                stack.push(entry.path());
-            } else if ft.is_file() {
-                let rel = entry
-                    .path()
-                    .strip_prefix(root)
-                    .expect("prefix")
-                    .to_path_buf();
-                out.push((rel, std::fs::read(entry.path()).expect("read")));
-            }
-        }
-    }
-    out.sort();
-    out
+    state::files_under(root).expect("list files")
+}
+
+/// Captures the live data of a layout.
+pub async fn capture(layout: &DemoLayout) -> LiveState {
+    LiveState::capture(layout)
+        .await
+        .expect("capture live state")
 }
 
 /// A task committing continuously to a WAL database: each transaction
@@ -226,55 +170,4 @@ pub async fn writer_state(db: &Path) -> (i64, i64) {
         .expect("rows");
     let _ = conn.close().await;
     (n, rows)
-}
-
-/// The content of live data, compared by value: databases by SQL dump,
-/// other files by sha256. Equal states hold the same data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LiveState {
-    /// SQL dump of `synthorg.db`, hashed.
-    pub database: String,
-    /// Every file under memory/ (databases by dump), hashed.
-    pub memory: Vec<(PathBuf, String)>,
-    /// The company config, hashed.
-    pub config: String,
-    /// Every file under checkpoints/, hashed.
-    pub checkpoints: Vec<(PathBuf, String)>,
-}
-
-fn hash(bytes: &[u8]) -> String {
-    backup_core::Sha256Digest::of(bytes).to_string()
-}
-
-impl LiveState {
-    /// Captures the live data of `layout`.
-    pub async fn capture(layout: &DemoLayout) -> LiveState {
-        let mut memory = Vec::new();
-        for (rel, bytes) in files_under(&layout.memory_dir) {
-            let value = if bytes.starts_with(b"SQLite format 3\0") {
-                hash(
-                    dump(&layout.memory_dir.join(&rel))
-                        .await
-                        .join("\n")
-                        .as_bytes(),
-                )
-            } else {
-                hash(&bytes)
-            };
-            memory.push((rel, value));
-        }
-        memory.retain(|(rel, _)| {
-            let name = rel.to_string_lossy();
-            !(name.ends_with("-wal") || name.ends_with("-shm"))
-        });
-        LiveState {
-            database: hash(dump(&layout.database).await.join("\n").as_bytes()),
-            memory,
-            config: hash(&std::fs::read(&layout.company_config).expect("config")),
-            checkpoints: files_under(&layout.checkpoints_dir)
-                .into_iter()
-                .map(|(p, b)| (p, hash(&b)))
-                .collect(),
-        }
-    }
 }

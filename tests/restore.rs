@@ -9,7 +9,7 @@ use adapters_fs::LiveData;
 use adapters_sqlite::SqliteSnapshotter;
 use backup_core::ports::Listed;
 use backup_core::{BackupService, Component, Error, RestoreOptions, RunningApp, Trigger};
-use synthorg_tests::{Fixture, LiveState};
+use synthorg_tests::Fixture;
 
 fn confirmed() -> RestoreOptions {
     RestoreOptions {
@@ -56,16 +56,16 @@ fn service_with(fx: &Fixture, app: RunningApp, extra: &str) -> BackupService {
 async fn restore_brings_back_every_component_and_keeps_a_safety_backup() {
     let fx = Fixture::new(2_000_000).await;
     let service = fx.service(&fx.config(""));
-    let before = LiveState::capture(&fx.layout).await;
+    let before = synthorg_tests::capture(&fx.layout).await;
     let backup = service.create(Trigger::Manual).await.unwrap();
     mutate(&fx).await;
-    let changed = LiveState::capture(&fx.layout).await;
+    let changed = synthorg_tests::capture(&fx.layout).await;
     assert_ne!(before, changed);
 
     let report = service.restore(&backup.id, confirmed()).await.unwrap();
     assert!(report.restart_required);
     assert_eq!(report.components.len(), 4);
-    assert_eq!(LiveState::capture(&fx.layout).await, before);
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, before);
     // No staging, aside or journal leftovers next to the data.
     let hidden: Vec<_> = std::fs::read_dir(&fx.layout.root)
         .unwrap()
@@ -86,24 +86,24 @@ async fn restore_brings_back_every_component_and_keeps_a_safety_backup() {
             .any(|l| matches!(l, Listed::Complete(m) if m.id == safety))
     );
     service.restore(&safety, confirmed()).await.unwrap();
-    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, changed);
 }
 
 #[tokio::test]
 async fn restore_of_a_subset_touches_only_those_components() {
     let fx = Fixture::new(500_000).await;
     let service = fx.service(&fx.config("compression: none"));
-    let before = LiveState::capture(&fx.layout).await;
+    let before = synthorg_tests::capture(&fx.layout).await;
     let backup = service.create(Trigger::Manual).await.unwrap();
     mutate(&fx).await;
-    let changed = LiveState::capture(&fx.layout).await;
+    let changed = synthorg_tests::capture(&fx.layout).await;
     let options = RestoreOptions {
         confirm: true,
         components: Some(vec![Component::Config, Component::Memory]),
         ..RestoreOptions::default()
     };
     service.restore(&backup.id, options).await.unwrap();
-    let now = LiveState::capture(&fx.layout).await;
+    let now = synthorg_tests::capture(&fx.layout).await;
     assert_eq!(now.config, before.config);
     assert_eq!(now.memory, before.memory);
     assert_eq!(now.database, changed.database);
@@ -116,7 +116,7 @@ async fn unconfirmed_and_dry_run_restores_touch_nothing() {
     let service = fx.service(&fx.config(""));
     let backup = service.create(Trigger::Manual).await.unwrap();
     mutate(&fx).await;
-    let changed = LiveState::capture(&fx.layout).await;
+    let changed = synthorg_tests::capture(&fx.layout).await;
     let listed = service.list().await.unwrap().len();
 
     let err = service
@@ -157,7 +157,7 @@ async fn unconfirmed_and_dry_run_restores_touch_nothing() {
     );
     assert!(dry.bytes > 0);
 
-    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, changed);
     assert_eq!(service.list().await.unwrap().len(), listed);
 }
 
@@ -167,7 +167,7 @@ async fn incompatible_backups_are_refused_before_anything_is_read() {
     let service = fx.service(&fx.config(""));
     let backup = service.create(Trigger::Manual).await.unwrap();
     mutate(&fx).await;
-    let changed = LiveState::capture(&fx.layout).await;
+    let changed = synthorg_tests::capture(&fx.layout).await;
     // Remove the archive: a refusal must come from the manifest alone.
     std::fs::remove_file(fx.layout.backups_dir.join(format!("{}.tar.gz", backup.id))).unwrap();
 
@@ -201,7 +201,7 @@ async fn incompatible_backups_are_refused_before_anything_is_read() {
         )
         .await;
     assert!(err.is_err()); // archive missing -> refused
-    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, changed);
 }
 
 #[tokio::test]
@@ -210,7 +210,7 @@ async fn corrupted_or_truncated_backups_are_refused_and_live_data_is_unchanged()
     let service = fx.service(&fx.config(""));
     let backup = service.create(Trigger::Manual).await.unwrap();
     mutate(&fx).await;
-    let changed = LiveState::capture(&fx.layout).await;
+    let changed = synthorg_tests::capture(&fx.layout).await;
     let archive = fx.layout.backups_dir.join(format!("{}.tar.gz", backup.id));
     let good = std::fs::read(&archive).unwrap();
 
@@ -220,12 +220,12 @@ async fn corrupted_or_truncated_backups_are_refused_and_live_data_is_unchanged()
     std::fs::write(&archive, &flipped).unwrap();
     let err = service.restore(&backup.id, confirmed()).await.unwrap_err();
     assert!(matches!(err, Error::Integrity { .. }), "{err}");
-    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, changed);
 
     std::fs::write(&archive, &good[..good.len() - 1000]).unwrap();
     let err = service.restore(&backup.id, confirmed()).await.unwrap_err();
     assert!(matches!(err, Error::Integrity { .. }), "{err}");
-    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, changed);
 
     // Neither attempt got as far as a safety backup.
     assert_eq!(service.list().await.unwrap().len(), 1);
@@ -241,10 +241,10 @@ async fn corrupted_or_truncated_backups_are_refused_and_live_data_is_unchanged()
 async fn a_failure_midway_through_the_swap_is_rolled_back() {
     let fx = Fixture::new(500_000).await;
     let config = fx.config("");
-    let restored = LiveState::capture(&fx.layout).await;
+    let restored = synthorg_tests::capture(&fx.layout).await;
     let backup = fx.service(&config).create(Trigger::Manual).await.unwrap();
     mutate(&fx).await;
-    let changed = LiveState::capture(&fx.layout).await;
+    let changed = synthorg_tests::capture(&fx.layout).await;
     // Fail after 0, 1, 2, ... renames (database aside, database in,
     // memory aside, ...) until the swap has none left to fail.
     let mut failures = 0;
@@ -259,7 +259,7 @@ async fn a_failure_midway_through_the_swap_is_rolled_back() {
             Err(err) => {
                 assert!(err.to_string().contains("injected fault"), "{err}");
                 assert_eq!(
-                    LiveState::capture(&fx.layout).await,
+                    synthorg_tests::capture(&fx.layout).await,
                     changed,
                     "after {fail_after} renames"
                 );
@@ -267,7 +267,7 @@ async fn a_failure_midway_through_the_swap_is_rolled_back() {
                 failures += 1;
             }
             Ok(_) => {
-                assert_eq!(LiveState::capture(&fx.layout).await, restored);
+                assert_eq!(synthorg_tests::capture(&fx.layout).await, restored);
                 break;
             }
         }
@@ -293,7 +293,7 @@ async fn restore_while_locked_is_busy_and_touches_nothing() {
     let service = fx.service(&config);
     let backup = service.create(Trigger::Manual).await.unwrap();
     mutate(&fx).await;
-    let changed = LiveState::capture(&fx.layout).await;
+    let changed = synthorg_tests::capture(&fx.layout).await;
     let lock = adapters_fs::FileLock::in_dir(&config.path);
     let _held = backup_core::ports::OperationLock::try_acquire(
         &lock,
@@ -303,5 +303,5 @@ async fn restore_while_locked_is_busy_and_touches_nothing() {
     .unwrap();
     let err = service.restore(&backup.id, confirmed()).await.unwrap_err();
     assert!(matches!(err, Error::Busy { .. }), "{err}");
-    assert_eq!(LiveState::capture(&fx.layout).await, changed);
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, changed);
 }

@@ -303,7 +303,7 @@ impl DirSource {
         }
         .unwrap_or_else(|| Path::new("."));
         tempfile::Builder::new()
-            .prefix(".synthorg-snapshot-")
+            .prefix(backup_core::ports::SCRATCH_PREFIX)
             .tempdir_in(parent)
             .map_err(|e| self.io_err(parent, e))
     }

@@ -167,3 +167,38 @@ pub(crate) fn describe(e: &io::Error) -> String {
         },
     }
 }
+
+/// Creates a new file (and its parent directories) for restored content.
+pub(crate) async fn create_new_file(path: &Path) -> io::Result<tokio::fs::File> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .await
+}
+
+/// Flushes and fsyncs restored content, then applies its mode and mtime.
+pub(crate) async fn finish_file(
+    mut file: tokio::fs::File,
+    mode: Option<u32>,
+    mtime: Option<i64>,
+) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.flush().await?;
+    let file = file.into_std().await;
+    tokio::task::spawn_blocking(move || {
+        file.sync_all()?;
+        if let Some(secs) = mtime.and_then(|s| u64::try_from(s).ok()) {
+            file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))?;
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(
+            mode.unwrap_or(FILE_MODE) & 0o7777,
+        ))
+    })
+    .await
+    .map_err(io::Error::other)?
+}

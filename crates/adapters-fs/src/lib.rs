@@ -5,6 +5,7 @@
 //! - [`FileLock`]: the cross-process operation lock (`flock`).
 //! - [`DirSource`]: the memory, config and checkpoints components.
 //! - [`LiveData`]: the restore target: staging, journaled swap, recovery.
+//! - [`ExportDir`]: a verified backup extracted into a plain directory.
 //! - [`SystemClock`]: the real clock for hosts.
 //!
 //! Depends only on `backup-core` and the standard library / tokio; SQLite
@@ -12,6 +13,7 @@
 
 mod clock;
 mod dir_source;
+mod export;
 mod fsio;
 mod live;
 mod lock;
@@ -19,6 +21,7 @@ mod store;
 
 pub use clock::SystemClock;
 pub use dir_source::DirSource;
+pub use export::ExportDir;
 pub use live::LiveData;
 pub use lock::{FileLock, FileLockGuard, LOCK_FILE};
 pub use store::LocalFsStore;

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use backup_core::config::{SourcesConfig, check_yaml};
 use backup_core::manifest::{DirEntry, FileEntry, SymlinkEntry};
-use backup_core::ports::{DatabaseVerifier, EntrySink, RestoreTarget, Staging};
+use backup_core::ports::{DatabaseVerifier, EntrySink, RestoreTarget, SCRATCH_PREFIX, Staging};
 use backup_core::{ArchivePath, Component, Error, Manifest, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
@@ -33,6 +33,7 @@ use crate::dir_source::contained_target;
 use crate::fsio::{self, DIR_MODE, FILE_MODE};
 
 const JOURNAL: &str = ".synthorg-restore.journal";
+
 const STAGED: &str = ".restore-staged";
 const ASIDE: &str = ".restore-aside";
 /// Largest company config accepted when verifying a staged one.
@@ -348,6 +349,23 @@ impl RestoreTarget for LiveData {
                     }
                 }
             }
+            // Scratch copies of interrupted snapshots (SQLite VACUUM INTO
+            // targets) sit next to the sources; no snapshot runs while we
+            // hold the lock.
+            let mut parents: Vec<&Path> = Component::ALL.iter().map(|c| parent_of(me.live(*c))).collect();
+            parents.sort();
+            parents.dedup();
+            for dir in parents {
+                let Ok(entries) = std::fs::read_dir(dir) else { continue };
+                for entry in entries.flatten() {
+                    if entry.file_name().to_string_lossy().starts_with(SCRATCH_PREFIX) {
+                        let path = entry.path();
+                        fsio::remove_any(&path).map_err(|e| source_err(Component::Persistence, &path, e))?;
+                        tracing::warn!(path = %path.display(), "removed snapshot scratch leftover");
+                        done.push(format!("removed {}", path.display()));
+                    }
+                }
+            }
             for c in Component::ALL {
                 for item in me.live_items(c) {
                     for leftover in [sibling(&item, STAGED), sibling(&item, ASIDE)] {
@@ -435,28 +453,14 @@ impl EntrySink for FsStaging {
         if contained_target(&entry.path, Path::new(&entry.target)).is_none() {
             return Err(self.refuse(entry.path.as_str(), "symlink points outside its component"));
         }
-        if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| source_err(c, parent, e))?;
-        }
-        tokio::fs::symlink(&entry.target, &path)
+        create_symlink(&entry.target, &path)
             .await
             .map_err(|e| source_err(c, &path, e))
     }
 
     async fn file_start(&mut self, entry: &FileEntry) -> Result<()> {
         let (c, path) = self.staged_path(&entry.path)?;
-        if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| source_err(c, parent, e))?;
-        }
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&path)
+        let file = fsio::create_new_file(&path)
             .await
             .map_err(|e| match e.kind() {
                 io::ErrorKind::AlreadyExists => self.refuse(entry.path.as_str(), "written twice"),
@@ -476,26 +480,12 @@ impl EntrySink for FsStaging {
     }
 
     async fn file_end(&mut self, entry: &FileEntry) -> Result<()> {
-        let Some((mut file, path, c)) = self.current.take() else {
+        let Some((file, path, c)) = self.current.take() else {
             return Err(Error::Cancelled("file end outside a file".into()));
         };
-        file.flush().await.map_err(|e| source_err(c, &path, e))?;
-        let std_file = file.into_std().await;
-        let mode = entry.mode.unwrap_or(FILE_MODE) & 0o7777;
-        let mtime = entry.mtime;
-        blocking(move || {
-            std_file.sync_all().map_err(|e| source_err(c, &path, e))?;
-            if let Some(secs) = mtime.and_then(|s| u64::try_from(s).ok()) {
-                let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-                std_file
-                    .set_modified(t)
-                    .map_err(|e| source_err(c, &path, e))?;
-            }
-            std_file
-                .set_permissions(std::fs::Permissions::from_mode(mode))
-                .map_err(|e| source_err(c, &path, e))
-        })
-        .await
+        fsio::finish_file(file, entry.mode, entry.mtime)
+            .await
+            .map_err(|e| source_err(c, &path, e))
     }
 }
 
@@ -596,6 +586,14 @@ impl Staging for FsStaging {
         })
         .await
     }
+}
+
+/// Creates a symlink (and its parent directories).
+pub(crate) async fn create_symlink(target: &str, path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    tokio::fs::symlink(target, path).await
 }
 
 fn read_header(path: &Path) -> io::Result<Vec<u8>> {

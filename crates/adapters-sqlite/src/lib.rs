@@ -163,6 +163,19 @@ pub(crate) async fn user_version(
         .map_err(|e| sqlx_error(component, path, &e))
 }
 
+/// `PRAGMA user_version` of an existing database file.
+///
+/// # Errors
+/// `Source` when the file is missing, not SQLite, locked or corrupt.
+pub async fn read_user_version(path: &Path) -> Result<i64> {
+    let component = Component::Persistence;
+    check_header(component, path).await?;
+    let mut conn = connect(component, path, true).await?;
+    let version = user_version(&mut conn, component, path).await;
+    let _ = sqlx::Connection::close(conn).await;
+    version
+}
+
 /// Verifies a staged database: SQLite header, `PRAGMA integrity_check` =
 /// `ok`, and `user_version` equal to `expected_schema` when given. Returns
 /// the schema version.

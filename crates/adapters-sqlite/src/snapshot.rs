@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use backup_core::ports::{
-    ComponentSource, DatabaseVerifier, EntryKind, FileSnapshotter, Opened, Snapshot, SnapshotEntry,
+    ComponentSource, DatabaseVerifier, EntryKind, FileSnapshotter, Opened, SCRATCH_PREFIX,
+    Snapshot, SnapshotEntry,
 };
 use backup_core::{ArchivePath, Component, Error, Result};
 use bytes::BytesMut;
@@ -51,7 +52,7 @@ fn scratch_dir(component: Component, near: &Path) -> Result<tempfile::TempDir> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     tempfile::Builder::new()
-        .prefix(".synthorg-snapshot-")
+        .prefix(SCRATCH_PREFIX)
         .tempdir_in(parent)
         .map_err(|e| Error::Source {
             component,

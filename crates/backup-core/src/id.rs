@@ -174,7 +174,7 @@ pub enum IdError {
     },
     /// A character outside `[0-9A-Za-z_-]` (path separators, NUL, unicode look-alikes...).
     #[error(
-        "backup id {id:?} contains {ch:?}; only ASCII letters, digits, '-', '_' and 'T' are allowed"
+        "backup id {id:?} contains {ch:?}; only ASCII letters, digits, '-' and '_' are allowed"
     )]
     BadCharacter {
         /// The rejected input.

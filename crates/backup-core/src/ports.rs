@@ -20,6 +20,10 @@ use crate::id::{BackupId, Component};
 use crate::manifest::{DirEntry, FileEntry, Manifest, SymlinkEntry};
 use crate::path::ArchivePath;
 
+/// Name prefix of the scratch directories that sources create next to the
+/// live data for consistent copies; `recover` removes leftovers by it.
+pub const SCRATCH_PREFIX: &str = ".synthorg-snapshot-";
+
 /// A stream of byte chunks; an `Err` item ends it.
 pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 

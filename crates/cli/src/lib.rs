@@ -1,4 +1,5 @@
-//! Library part of the `synthorg` CLI: the demo data generator shared with
-//! the tests and the benchmarks.
+//! Library part of the `synthorg` CLI: the demo data generator and the
+//! content comparison, shared with the tests and the benchmarks.
 
 pub mod demo;
+pub mod state;

@@ -1,40 +1,173 @@
 //! `synthorg`: the command-line tool of synthorg-backup.
 //!
 //! Thin over the library: parse arguments, load the config, call the
-//! service, render the result. Errors are one line on stderr (with their
-//! context chain) and map to documented exit codes: 0 ok, 1 failed,
+//! service, render the result. Results go to stdout (`--json` for
+//! machines), logs to stderr. Errors are one line on stderr with their
+//! context chain and map to documented exit codes: 0 ok, 1 failed,
 //! 2 usage/config/invalid input, 3 refused, 4 busy.
 
+mod commands;
 mod config_file;
+mod render;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use backup_core::{BackupConfig, ErrorKind};
-use clap::{Parser, Subcommand};
+use backup_core::{Component, ErrorKind};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// Backup and restore for SynthOrg.
 #[derive(Debug, Parser)]
-#[command(name = "synthorg", version, about)]
+#[command(name = "synthorg", version, about, propagate_version = true)]
 struct Cli {
     /// Config file (default: $SYNTHORG_CONFIG, else ./synthorg.yaml if present, else built-in defaults).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Print results as JSON.
+    /// Print results as JSON on stdout.
     #[arg(long, global = true)]
     json: bool,
-    /// More detail in logs and errors (repeat for more).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create, list, inspect, verify, delete, prune, restore and export backups.
+    Backup(BackupArgs),
+    /// Restore a backup (alias of `backup restore`).
+    Restore(RestoreArgs),
+    /// Roll back or finish an interrupted restore and remove leftovers of interrupted backups.
+    Recover,
+    /// Create a demo data directory and run backup, list, verify, change, restore and compare on it.
+    Demo(DemoArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BackupArgs {
+    #[command(subcommand)]
+    command: Option<BackupCommand>,
+    #[command(flatten)]
+    create: CreateArgs,
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// Why the backup is taken.
+    #[arg(long, value_enum, default_value_t = CliTrigger::Manual)]
+    trigger: CliTrigger,
+    /// A label stored in the manifest, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CliTrigger {
+    Manual,
+    PreMigration,
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Create a backup and print its id (the default).
+    Create(CreateArgs),
+    /// List backups, newest first.
+    List {
+        /// Show at most N backups.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+    /// Show a backup's manifest.
+    Show {
+        /// Backup id.
+        id: String,
+    },
+    /// Re-read a backup completely and check every hash; exit 0 only if intact.
+    Verify {
+        /// Backup id.
+        id: String,
+    },
+    /// Delete a backup.
+    Delete {
+        /// Backup id.
+        id: String,
+        /// Also delete a pinned pre-migration backup.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Apply the retention policy now.
+    Prune {
+        /// Only show what would be pruned.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Restore a backup into the live data (stop SynthOrg first).
+    Restore(RestoreArgs),
+    /// Verify a backup and extract it into a new directory, without touching live data.
+    Export {
+        /// Backup id.
+        id: String,
+        /// Destination directory (must not exist or be empty).
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// Backup id.
+    id: String,
+    /// Only check compatibility and show what would be replaced.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Restore only these components.
+    #[arg(long, value_enum, num_args = 1.., value_name = "COMPONENT")]
+    only: Vec<CliComponent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CliComponent {
+    Persistence,
+    Memory,
+    Config,
+    Checkpoints,
+}
+
+impl From<CliComponent> for Component {
+    fn from(c: CliComponent) -> Component {
+        match c {
+            CliComponent::Persistence => Component::Persistence,
+            CliComponent::Memory => Component::Memory,
+            CliComponent::Config => Component::Config,
+            CliComponent::Checkpoints => Component::Checkpoints,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Where to create the demo data (must not hold a SynthOrg database yet).
+    #[arg(long, default_value = "synthorg-demo")]
+    dir: PathBuf,
+    /// Approximate size of the generated data, e.g. 20MB, 600MB, 2GiB.
+    #[arg(long, default_value = "20MB", value_parser = synthorg_cli::demo::parse_size)]
+    size: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +186,14 @@ mod exit {
     pub(crate) const BUSY: u8 = 4;
 }
 
+/// An error that already carries its exit code (e.g. verify found damage).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct Exit {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -62,11 +203,20 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_logging(cli.verbose);
-    match run(&cli) {
+    init_logging(cli.verbose, cli.quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    match runtime.block_on(run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line with the whole chain; `-v` adds the debug form.
             eprintln!("error: {e:#}");
             if cli.verbose > 1 {
                 eprintln!("{e:?}");
@@ -76,11 +226,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -92,6 +243,9 @@ fn init_logging(verbose: u8) {
 
 /// Maps the domain's error kinds (anywhere in the chain) to exit codes.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(exit) = e.chain().find_map(|c| c.downcast_ref::<Exit>()) {
+        return exit.code;
+    }
     if let Some(core) = e
         .chain()
         .find_map(|c| c.downcast_ref::<backup_core::Error>())
@@ -103,42 +257,59 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             ErrorKind::NotFound | ErrorKind::Failed => exit::FAILED,
         };
     }
-    if e.chain()
-        .any(|c| c.is::<backup_core::ConfigError>() || c.is::<config_file::FileError>())
-    {
+    if e.chain().any(|c| {
+        c.is::<backup_core::ConfigError>()
+            || c.is::<config_file::FileError>()
+            || c.is::<backup_core::IdError>()
+    }) {
         return exit::USAGE;
     }
     exit::FAILED
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let out = render::Output { json: cli.json };
     match &cli.command {
         Command::Config(cmd) => {
             let loaded = config_file::load(cli.config.as_deref())?;
             match cmd {
-                ConfigCommand::Check => {
-                    if cli.json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"ok": true, "source": loaded.source})
-                        );
-                    } else {
-                        println!("configuration OK ({})", loaded.source);
-                    }
-                }
-                ConfigCommand::Show => print_config(&loaded.config, cli.json)?,
+                ConfigCommand::Check => out.config_ok(&loaded.source),
+                ConfigCommand::Show => out.config(&loaded.config),
             }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "synthorg",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
+        Command::Demo(args) => commands::demo(&out, &args.dir, args.size).await,
+        Command::Recover => commands::recover(&out, &commands::Context::load(cli).await?).await,
+        Command::Restore(args) => {
+            commands::restore(&out, &commands::Context::load(cli).await?, args).await
+        }
+        Command::Backup(args) => {
+            let ctx = commands::Context::load(cli).await?;
+            match &args.command {
+                None => commands::create(&out, &ctx, &args.create).await,
+                Some(BackupCommand::Create(create)) => commands::create(&out, &ctx, create).await,
+                Some(BackupCommand::List { limit }) => commands::list(&out, &ctx, *limit).await,
+                Some(BackupCommand::Show { id }) => commands::show(&out, &ctx, id).await,
+                Some(BackupCommand::Verify { id }) => commands::verify(&out, &ctx, id).await,
+                Some(BackupCommand::Delete { id, force }) => {
+                    commands::delete(&out, &ctx, id, *force).await
+                }
+                Some(BackupCommand::Prune { dry_run }) => {
+                    commands::prune(&out, &ctx, *dry_run).await
+                }
+                Some(BackupCommand::Restore(r)) => commands::restore(&out, &ctx, r).await,
+                Some(BackupCommand::Export { id, dir }) => {
+                    commands::export(&out, &ctx, id, dir).await
+                }
+            }
+        }
     }
-}
-
-fn print_config(config: &BackupConfig, json: bool) -> anyhow::Result<()> {
-    let value = serde_json::json!({ "backup": config });
-    if json {
-        println!("{}", serde_json::to_string(&value)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    }
-    Ok(())
 }

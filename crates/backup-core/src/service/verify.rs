@@ -6,7 +6,8 @@ use super::BackupService;
 use super::read::read_backup;
 use crate::error::{Error, Result};
 use crate::id::BackupId;
-use crate::ports::DiscardSink;
+use crate::manifest::Manifest;
+use crate::ports::{DiscardSink, EntrySink};
 
 /// The outcome of [`BackupService::verify`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -54,5 +55,30 @@ impl BackupService {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+impl BackupService {
+    /// Reads and verifies the whole backup, passing its content to `sink`
+    /// (e.g. an export directory). Returns the manifest and what was read.
+    ///
+    /// # Errors
+    /// `NotFound`, `Manifest`, `Integrity` (the sink's content must then be
+    /// discarded), `Store`, or the sink's own errors.
+    pub async fn export(
+        &self,
+        id: &BackupId,
+        sink: &mut dyn EntrySink,
+    ) -> Result<(Manifest, VerifyReport)> {
+        let manifest = self.ports.store.manifest(id).await?;
+        let stats = read_backup(self.ports.store.as_ref(), &manifest, None, sink).await?;
+        let report = VerifyReport {
+            id: id.clone(),
+            ok: true,
+            files_checked: stats.files,
+            bytes_checked: stats.bytes,
+            problem: None,
+        };
+        Ok((manifest, report))
     }
 }

@@ -1,0 +1,307 @@
+//! The commands: each loads what it needs, calls the service, renders.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+
+use adapters_fs::ExportDir;
+use anyhow::Context as _;
+use backup_core::{
+    BackupConfig, BackupId, BackupService, Component, CreateOptions, RestoreOptions, RunningApp,
+    Trigger,
+};
+use synthorg_cli::demo::{self, DemoLayout, DemoSize};
+use synthorg_cli::state::LiveState;
+
+use crate::render::Output;
+use crate::{Cli, CliTrigger, CreateArgs, Exit, RestoreArgs, config_file, exit};
+
+/// The service built from the loaded config.
+pub(crate) struct Context {
+    pub(crate) service: BackupService,
+}
+
+impl Context {
+    pub(crate) async fn load(cli: &Cli) -> anyhow::Result<Context> {
+        let loaded = config_file::load(cli.config.as_deref())?;
+        let app = running_app(&loaded.config).await?;
+        let service = synthorg_api::build_service(&loaded.config, app, None)?;
+        Ok(Context { service })
+    }
+}
+
+/// The app this CLI acts for: its own version, and as the newest supported
+/// schema `$SYNTHORG_SCHEMA_VERSION`, else the live database's
+/// `user_version` (what the installed app migrated it to).
+async fn running_app(config: &BackupConfig) -> anyhow::Result<RunningApp> {
+    let version = semver::Version::parse(env!("CARGO_PKG_VERSION"))?;
+    let supported_schema = match std::env::var("SYNTHORG_SCHEMA_VERSION") {
+        Ok(raw) => raw.trim().parse().map_err(|_| Exit {
+            code: exit::USAGE,
+            message: format!("SYNTHORG_SCHEMA_VERSION={raw:?} is not an integer"),
+        })?,
+        Err(_) => adapters_sqlite::read_user_version(&config.sources.database)
+            .await
+            .unwrap_or(i64::MAX),
+    };
+    Ok(RunningApp {
+        version,
+        supported_schema,
+    })
+}
+
+fn parse_id(raw: &str) -> anyhow::Result<BackupId> {
+    Ok(BackupId::parse(raw).map_err(backup_core::Error::InvalidId)?)
+}
+
+pub(crate) async fn create(out: &Output, ctx: &Context, args: &CreateArgs) -> anyhow::Result<()> {
+    let trigger = match args.trigger {
+        CliTrigger::Manual => Trigger::Manual,
+        CliTrigger::PreMigration => Trigger::PreMigration,
+    };
+    let mut labels = BTreeMap::new();
+    for raw in &args.labels {
+        let (k, v) = raw.split_once('=').ok_or_else(|| Exit {
+            code: exit::USAGE,
+            message: format!("label {raw:?} is not KEY=VALUE"),
+        })?;
+        labels.insert(k.trim().to_owned(), v.to_owned());
+    }
+    let options = CreateOptions {
+        labels,
+        progress: out.progress(),
+    };
+    let manifest = ctx.service.create_with(trigger, options).await?;
+    out.created(&manifest)
+}
+
+pub(crate) async fn list(out: &Output, ctx: &Context, limit: Option<usize>) -> anyhow::Result<()> {
+    let mut listed = ctx.service.list().await?;
+    if let Some(n) = limit {
+        listed.truncate(n);
+    }
+    out.list(&listed)
+}
+
+pub(crate) async fn show(out: &Output, ctx: &Context, id: &str) -> anyhow::Result<()> {
+    let manifest = ctx.service.show(&parse_id(id)?).await?;
+    out.manifest(&manifest)
+}
+
+pub(crate) async fn verify(out: &Output, ctx: &Context, id: &str) -> anyhow::Result<()> {
+    let report = ctx.service.verify(&parse_id(id)?).await?;
+    out.verified(&report)?;
+    if report.ok {
+        Ok(())
+    } else {
+        Err(Exit {
+            code: exit::REFUSED,
+            message: format!(
+                "backup {} is damaged: {}",
+                report.id,
+                report.problem.unwrap_or_default()
+            ),
+        }
+        .into())
+    }
+}
+
+pub(crate) async fn delete(
+    out: &Output,
+    ctx: &Context,
+    id: &str,
+    force: bool,
+) -> anyhow::Result<()> {
+    let id = parse_id(id)?;
+    ctx.service.delete(&id, force).await?;
+    out.deleted(&id)
+}
+
+pub(crate) async fn prune(out: &Output, ctx: &Context, dry_run: bool) -> anyhow::Result<()> {
+    let plan = ctx.service.prune(dry_run).await?;
+    out.pruned(&plan, dry_run)
+}
+
+pub(crate) async fn recover(out: &Output, ctx: &Context) -> anyhow::Result<()> {
+    let done = ctx.service.recover().await?;
+    out.recovered(&done)
+}
+
+pub(crate) async fn restore(out: &Output, ctx: &Context, args: &RestoreArgs) -> anyhow::Result<()> {
+    let id = parse_id(&args.id)?;
+    let components = (!args.only.is_empty()).then(|| {
+        args.only
+            .iter()
+            .map(|c| Component::from(*c))
+            .collect::<Vec<_>>()
+    });
+    let plan = ctx
+        .service
+        .restore(
+            &id,
+            RestoreOptions {
+                dry_run: true,
+                confirm: false,
+                components: components.clone(),
+            },
+        )
+        .await?;
+    if args.dry_run {
+        return out.restore_report(&plan);
+    }
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(backup_core::Error::NotConfirmed {
+                operation: "restore (stdin is not a terminal: pass --yes)".into(),
+                id: id.to_string(),
+            }
+            .into());
+        }
+        out.restore_plan(&plan)?;
+        eprint!("Replace the live data with backup {id}? A safety backup is taken first. [y/N] ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES") {
+            return Err(backup_core::Error::NotConfirmed {
+                operation: "restore".into(),
+                id: id.to_string(),
+            }
+            .into());
+        }
+    }
+    let report = ctx
+        .service
+        .restore(
+            &id,
+            RestoreOptions {
+                dry_run: false,
+                confirm: true,
+                components,
+            },
+        )
+        .await?;
+    out.restore_report(&report)
+}
+
+pub(crate) async fn export(
+    out: &Output,
+    ctx: &Context,
+    id: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let id = parse_id(id)?;
+    let mut sink = ExportDir::create(dir)?;
+    match ctx.service.export(&id, &mut sink).await {
+        Ok((manifest, report)) => {
+            let path = sink.finish(&manifest).await?;
+            out.exported(&report, &path)
+        }
+        Err(e) => {
+            sink.abandon();
+            Err(e.into())
+        }
+    }
+}
+
+/// `synthorg demo`: generate data, then backup, list, verify, change the
+/// data, restore, and check that the data equals the backup again.
+pub(crate) async fn demo(out: &Output, dir: &Path, size: u64) -> anyhow::Result<()> {
+    let step = |n: u32, text: &str| out.step(n, text);
+    step(
+        1,
+        &format!(
+            "generating ~{} of SynthOrg data in {}",
+            crate::render::bytes(size),
+            dir.display()
+        ),
+    );
+    let layout = demo::generate(dir, DemoSize::total(size), 2026)
+        .await
+        .context("generating demo data")?;
+    let text = std::fs::read_to_string(&layout.config_file)?;
+    let config = BackupConfig::load(Some(&text), &layout.root)?;
+    let app = running_app(&config).await?;
+    let service = synthorg_api::build_service(&config, app, None)?;
+    let original = LiveState::capture(&layout).await?;
+
+    step(2, "backing up (manual trigger)");
+    let manifest = service
+        .create_with(
+            Trigger::Manual,
+            CreateOptions {
+                labels: BTreeMap::new(),
+                progress: out.progress(),
+            },
+        )
+        .await?;
+    out.created(&manifest)?;
+
+    step(3, "listing backups");
+    out.list(&service.list().await?)?;
+
+    step(
+        4,
+        "verifying the backup (re-reading and re-hashing everything)",
+    );
+    let report = service.verify(&manifest.id).await?;
+    out.verified(&report)?;
+    if !report.ok {
+        anyhow::bail!("verification of the fresh backup failed");
+    }
+
+    step(
+        5,
+        "changing the live data (tasks, memory, config, checkpoints)",
+    );
+    change(&layout).await?;
+    let changed = LiveState::capture(&layout).await?;
+    anyhow::ensure!(
+        changed != original,
+        "the demo change did not change anything"
+    );
+
+    step(6, &format!("restoring {}", manifest.id));
+    let restored = service
+        .restore(
+            &manifest.id,
+            RestoreOptions {
+                confirm: true,
+                ..RestoreOptions::default()
+            },
+        )
+        .await?;
+    out.restore_report(&restored)?;
+
+    step(7, "comparing the live data with the backup");
+    let now = LiveState::capture(&layout).await?;
+    if now != original {
+        anyhow::bail!("the restored data differs from the backed-up data");
+    }
+    out.note("restored data equals the backup: database content, memory, config and checkpoints")?;
+    out.note(&format!(
+        "try: synthorg --config {} backup list",
+        layout.config_file.display()
+    ))
+}
+
+/// The demo's change to every component.
+async fn change(layout: &DemoLayout) -> anyhow::Result<()> {
+    let mut conn = synthorg_cli::state::open(&layout.database).await?;
+    sqlx::query("UPDATE tasks SET status = 'cancelled' WHERE id % 5 = 0")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("DELETE FROM audit_log WHERE id % 7 = 0")
+        .execute(&mut conn)
+        .await?;
+    drop(conn);
+    std::fs::write(
+        layout.memory_dir.join("agents/agent-1/forgotten.json"),
+        b"{\"oops\":true}\n",
+    )?;
+    std::fs::write(&layout.company_config, b"company:\n  name: Renamed Corp\n")?;
+    if let Some((first, _)) = synthorg_cli::state::files_under(&layout.checkpoints_dir)?.first() {
+        std::fs::remove_file(layout.checkpoints_dir.join(first))?;
+    }
+    Ok(())
+}

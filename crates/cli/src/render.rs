@@ -1,0 +1,372 @@
+//! Rendering results: human text or `--json` on stdout; progress on a
+//! terminal only.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+
+use backup_core::ports::Listed;
+use backup_core::retention::{Action, Decision};
+use backup_core::service::ProgressFn;
+use backup_core::{BackupConfig, BackupId, Manifest, RestoreReport, VerifyReport};
+use serde_json::json;
+
+/// How to print.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Output {
+    pub(crate) json: bool,
+}
+
+/// `1.5 MiB`.
+pub(crate) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn age(ts: chrono::DateTime<chrono::Utc>) -> String {
+    let secs = chrono::Utc::now()
+        .signed_duration_since(ts)
+        .num_seconds()
+        .max(0);
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        3600..=86_399 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// A list item as JSON (the documented schema of `backup list --json`).
+fn listed_json(l: &Listed) -> serde_json::Value {
+    match l {
+        Listed::Complete(m) => json!({
+            "id": m.id,
+            "status": "complete",
+            "trigger": m.trigger,
+            "timestamp": m.timestamp,
+            "size_bytes": m.size_bytes,
+            "stored_bytes": m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes),
+            "components": m.components,
+            "compression": m.compression,
+            "pinned": m.is_pinned(),
+        }),
+        Listed::Damaged { id, reason } => json!({
+            "id": id,
+            "status": "damaged",
+            "trigger": id.trigger(),
+            "timestamp": id.timestamp(),
+            "reason": reason,
+        }),
+    }
+}
+
+impl Output {
+    /// A progress receiver drawing on stderr, only on a terminal and never with `--json`.
+    pub(crate) fn progress(&self) -> Option<ProgressFn> {
+        if self.json || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let f: ProgressFn = Arc::new(|p| {
+            let pct = (p.bytes_done * 100)
+                .checked_div(p.bytes_total)
+                .unwrap_or(100);
+            let phase = serde_json::to_value(p.phase)
+                .ok()
+                .and_then(|v| {
+                    v.get("component")
+                        .and_then(|c| c.as_str().map(str::to_owned))
+                })
+                .unwrap_or_else(|| "finishing".to_owned());
+            eprint!(
+                "\r\x1b[2K  {phase:<12} {pct:>3}%  {} / {}  files {}/{}",
+                bytes(p.bytes_done),
+                bytes(p.bytes_total),
+                p.files_done,
+                p.files_total
+            );
+            if pct >= 100 {
+                eprintln!();
+            }
+        });
+        Some(f)
+    }
+
+    pub(crate) fn step(&self, n: u32, text: &str) {
+        if self.json {
+            eprintln!("step {n}: {text}");
+        } else {
+            println!("\n== {n}. {text}");
+        }
+    }
+
+    pub(crate) fn note(&self, text: &str) -> anyhow::Result<()> {
+        if self.json {
+            print_json(&json!({ "note": text }))
+        } else {
+            println!("{text}");
+            Ok(())
+        }
+    }
+
+    pub(crate) fn config_ok(&self, source: &str) -> anyhow::Result<()> {
+        if self.json {
+            print_json(&json!({ "ok": true, "source": source }))
+        } else {
+            println!("configuration OK ({source})");
+            Ok(())
+        }
+    }
+
+    pub(crate) fn config(&self, config: &BackupConfig) -> anyhow::Result<()> {
+        print_json(&json!({ "backup": config }))
+    }
+
+    pub(crate) fn created(&self, m: &Manifest) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(&serde_json::to_value(m)?);
+        }
+        println!("{}", m.id);
+        eprintln!(
+            "  {} of data in {} files, stored as {} ({})",
+            bytes(m.size_bytes),
+            m.files.len(),
+            bytes(m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes)),
+            m.compression
+        );
+        Ok(())
+    }
+
+    pub(crate) fn list(&self, listed: &[Listed]) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(&serde_json::Value::Array(
+                listed.iter().map(listed_json).collect(),
+            ));
+        }
+        if listed.is_empty() {
+            println!("no backups");
+            return Ok(());
+        }
+        println!(
+            "{:<34} {:<14} {:>9} {:>10}  {:<38} STATUS",
+            "ID", "TRIGGER", "AGE", "SIZE", "COMPONENTS"
+        );
+        for l in listed {
+            match l {
+                Listed::Complete(m) => println!(
+                    "{:<34} {:<14} {:>9} {:>10}  {:<38} {}",
+                    m.id.to_string(),
+                    m.trigger.to_string(),
+                    age(m.timestamp),
+                    bytes(m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes)),
+                    m.components
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    if m.is_pinned() {
+                        "complete (pinned)"
+                    } else {
+                        "complete"
+                    }
+                ),
+                Listed::Damaged { id, reason } => println!(
+                    "{:<34} {:<14} {:>9} {:>10}  {:<38} damaged: {reason}",
+                    id.to_string(),
+                    id.trigger().to_string(),
+                    age(id.timestamp()),
+                    "-",
+                    "-"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn manifest(&self, m: &Manifest) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(&serde_json::to_value(m)?);
+        }
+        println!("id:               {}", m.id);
+        println!(
+            "trigger:          {}{}",
+            m.trigger,
+            if m.is_pinned() { " (pinned)" } else { "" }
+        );
+        println!("timestamp:        {}", m.timestamp.to_rfc3339());
+        println!("synthorg_version: {}", m.synthorg_version);
+        println!(
+            "db_schema:        {}",
+            m.db_schema_version
+                .map_or("-".to_owned(), |v| v.to_string())
+        );
+        println!(
+            "components:       {}",
+            m.components
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "size:             {} in {} files",
+            bytes(m.size_bytes),
+            m.files.len()
+        );
+        println!("compression:      {}", m.compression);
+        if let Some(a) = &m.archive {
+            println!(
+                "archive:          {} sha256 {}",
+                bytes(a.size_bytes),
+                a.sha256
+            );
+        }
+        println!("checksum:         {}", m.checksum);
+        for (k, v) in &m.labels {
+            println!("label:            {k}={v}");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn verified(&self, r: &VerifyReport) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(&serde_json::to_value(r)?);
+        }
+        if r.ok {
+            println!(
+                "{}: intact ({} files, {} checked)",
+                r.id,
+                r.files_checked,
+                bytes(r.bytes_checked)
+            );
+        } else {
+            println!(
+                "{}: DAMAGED: {}",
+                r.id,
+                r.problem.as_deref().unwrap_or("unknown problem")
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn deleted(&self, id: &BackupId) -> anyhow::Result<()> {
+        if self.json {
+            print_json(&json!({ "deleted": id }))
+        } else {
+            println!("deleted {id}");
+            Ok(())
+        }
+    }
+
+    pub(crate) fn pruned(&self, plan: &[Decision], dry_run: bool) -> anyhow::Result<()> {
+        if self.json {
+            let items: Vec<_> = plan
+                .iter()
+                .map(|d| json!({ "id": d.id, "action": if d.action == Action::Prune { "prune" } else { "keep" }, "reason": d.reason.to_string() }))
+                .collect();
+            return print_json(&json!({ "dry_run": dry_run, "decisions": items }));
+        }
+        for d in plan {
+            let verb = match (d.action, dry_run) {
+                (Action::Keep, _) => "keep      ",
+                (Action::Prune, true) => "would prune",
+                (Action::Prune, false) => "pruned    ",
+            };
+            println!("{verb} {}  {}", d.id, d.reason);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn recovered(&self, done: &[String]) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(&json!({ "actions": done }));
+        }
+        if done.is_empty() {
+            println!("nothing to recover");
+        }
+        for d in done {
+            println!("{d}");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn restore_plan(&self, r: &RestoreReport) -> anyhow::Result<()> {
+        eprintln!("Backup {} would replace:", r.id);
+        for c in &r.components {
+            eprintln!(
+                "  {:<12} {}  ({} files, {})",
+                c.component.to_string(),
+                c.live_path,
+                c.files,
+                bytes(c.bytes)
+            );
+        }
+        for w in &r.warnings {
+            eprintln!("  warning: {w}");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn restore_report(&self, r: &RestoreReport) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(&serde_json::to_value(r)?);
+        }
+        if r.dry_run {
+            println!(
+                "dry run: restoring {} is compatible and would replace:",
+                r.id
+            );
+        } else {
+            println!("restored {}:", r.id);
+        }
+        for c in &r.components {
+            println!(
+                "  {:<12} {}  ({} files, {})",
+                c.component.to_string(),
+                c.live_path,
+                c.files,
+                bytes(c.bytes)
+            );
+        }
+        for w in &r.warnings {
+            println!("  warning: {w}");
+        }
+        if let Some(s) = &r.safety_backup_id {
+            println!("safety backup of the previous state: {s}");
+        }
+        if r.restart_required {
+            println!("restart SynthOrg now so that it opens the restored data");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn exported(&self, r: &VerifyReport, path: &Path) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(
+                &json!({ "id": r.id, "path": path, "files": r.files_checked, "bytes": r.bytes_checked }),
+            );
+        }
+        println!(
+            "exported {} to {} ({} files, {}, verified)",
+            r.id,
+            path.display(),
+            r.files_checked,
+            bytes(r.bytes_checked)
+        );
+        Ok(())
+    }
+}
