@@ -171,3 +171,13 @@ pub async fn writer_state(db: &Path) -> (i64, i64) {
     let _ = conn.close().await;
     (n, rows)
 }
+
+/// sha256 of every file under the data directory except the backups: live
+/// data compared byte for byte.
+pub fn raw_bytes(layout: &DemoLayout) -> Vec<(PathBuf, String)> {
+    files_under(&layout.root)
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with("backups"))
+        .map(|(p, b)| (p, backup_core::Sha256Digest::of(&b).to_string()))
+        .collect()
+}

@@ -29,7 +29,7 @@ async fn mutate(fx: &Fixture) {
         .execute(&mut conn)
         .await
         .unwrap();
-    drop(conn);
+    sqlx::Connection::close(conn).await.unwrap();
     let agents = fx.layout.memory_dir.join("agents");
     let victim = std::fs::read_dir(agents.join("agent-0"))
         .unwrap()
@@ -304,4 +304,120 @@ async fn restore_while_locked_is_busy_and_touches_nothing() {
     let err = service.restore(&backup.id, confirmed()).await.unwrap_err();
     assert!(matches!(err, Error::Busy { .. }), "{err}");
     assert_eq!(synthorg_tests::capture(&fx.layout).await, changed);
+}
+
+#[tokio::test]
+async fn refusals_leave_live_data_byte_for_byte_unchanged() {
+    let fx = Fixture::new(500_000).await;
+    let gz = fx.service(&fx.config(""));
+    let plain = fx.service(&fx.config("compression: none"));
+    let partial = fx.service(&fx.config("include: [persistence, config]"));
+    let archived = gz.create(Trigger::Manual).await.unwrap();
+    let directory = plain.create(Trigger::Manual).await.unwrap();
+    let without_memory = partial.create(Trigger::Manual).await.unwrap();
+    mutate(&fx).await;
+    let raw = synthorg_tests::raw_bytes(&fx.layout);
+    let listed = gz.list().await.unwrap().len();
+
+    // One flipped byte in a file of a directory-form backup.
+    let file = fx
+        .layout
+        .backups_dir
+        .join(directory.id.to_string())
+        .join("synthorg.db");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[5000] ^= 0x01;
+    std::fs::write(&file, bytes).unwrap();
+    let err = plain.restore(&directory.id, confirmed()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Integrity { .. }) && err.to_string().contains("synthorg.db"),
+        "{err}"
+    );
+
+    // A requested component the backup does not hold.
+    let err = gz
+        .restore(
+            &without_memory.id,
+            RestoreOptions {
+                confirm: true,
+                components: Some(vec![Component::Memory]),
+                dry_run: false,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("component memory is not in the backup"),
+        "{err}"
+    );
+
+    // An unknown manifest major version in the sidecar.
+    let sidecar = fx
+        .layout
+        .backups_dir
+        .join(format!("{}.manifest.json", archived.id));
+    let text = std::fs::read_to_string(&sidecar).unwrap().replacen(
+        "\"version\": \"1.0\"",
+        "\"version\": \"2.0\"",
+        1,
+    );
+    std::fs::write(&sidecar, text).unwrap();
+    let err = gz.restore(&archived.id, confirmed()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Manifest { .. }) && err.to_string().contains("2.0"),
+        "{err}"
+    );
+    let listed_now = gz.list().await.unwrap();
+    assert!(
+        listed_now
+            .iter()
+            .any(|l| matches!(l, Listed::Damaged { id, .. } if *id == archived.id))
+    );
+
+    assert_eq!(synthorg_tests::raw_bytes(&fx.layout), raw);
+    assert_eq!(listed_now.len(), listed, "no safety backup was taken");
+}
+
+#[tokio::test]
+async fn restore_into_an_empty_data_directory() {
+    let fx = Fixture::new(500_000).await;
+    let service = fx.service(&fx.config(""));
+    let before = synthorg_tests::capture(&fx.layout).await;
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    for p in [&fx.layout.database, &fx.layout.company_config] {
+        std::fs::remove_file(p).unwrap();
+    }
+    for d in [&fx.layout.memory_dir, &fx.layout.checkpoints_dir] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+    let _ = std::fs::remove_file(fx.layout.root.join("synthorg.db-wal"));
+    let _ = std::fs::remove_file(fx.layout.root.join("synthorg.db-shm"));
+    let report = service.restore(&backup.id, confirmed()).await.unwrap();
+    assert!(report.safety_backup_id.is_none(), "nothing to protect");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("no safety backup")),
+        "{:?}",
+        report.warnings
+    );
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, before);
+
+    // With only the config present, the safety backup holds just that.
+    std::fs::remove_dir_all(&fx.layout.memory_dir).unwrap();
+    std::fs::write(&fx.layout.company_config, b"company: {name: other}\n").unwrap();
+    let options = RestoreOptions {
+        confirm: true,
+        components: Some(vec![Component::Memory, Component::Config]),
+        dry_run: false,
+    };
+    let report = service.restore(&backup.id, options).await.unwrap();
+    let safety = service
+        .show(&report.safety_backup_id.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(safety.components, vec![Component::Config]);
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, before);
 }

@@ -287,6 +287,12 @@ impl RestoreTarget for LiveData {
         self.live(component).display().to_string()
     }
 
+    async fn is_present(&self, component: Component) -> bool {
+        tokio::fs::symlink_metadata(self.live(component))
+            .await
+            .is_ok()
+    }
+
     async fn stage(
         &self,
         manifest: &Manifest,

@@ -49,8 +49,9 @@ pub fn build_service_with(
     let lock: Arc<dyn OperationLock> = Arc::new(FileLock::in_dir(store.root()));
     let store: Arc<dyn BackupStore> = Arc::new(store);
     let sqlite = Arc::new(SqliteSnapshotter);
-    let sources: Vec<Arc<dyn ComponentSource>> = config
-        .include
+    // A source for every component, included or not: a restore's safety
+    // backup must be able to cover any component it replaces.
+    let sources: Vec<Arc<dyn ComponentSource>> = Component::ALL
         .iter()
         .map(|c| -> Arc<dyn ComponentSource> {
             match c {

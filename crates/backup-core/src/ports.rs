@@ -437,6 +437,10 @@ pub trait RestoreTarget: Debug + Send + Sync + 'static {
     /// Where a component lives, for reports.
     fn live_path(&self, component: Component) -> String;
 
+    /// Whether a component has live data now (a fresh install has none, and
+    /// its safety backup then covers only what exists).
+    async fn is_present(&self, component: Component) -> bool;
+
     /// Creates an empty staging area for `components` of `manifest`'s backup.
     ///
     /// # Errors

@@ -98,6 +98,8 @@ pub struct CreateOptions {
     pub labels: BTreeMap<String, String>,
     /// Progress receiver.
     pub progress: Option<ProgressFn>,
+    /// Back up only these components (each needs a source); `include` when `None`.
+    pub components: Option<Vec<Component>>,
 }
 
 impl std::fmt::Debug for CreateOptions {
@@ -105,6 +107,7 @@ impl std::fmt::Debug for CreateOptions {
         f.debug_struct("CreateOptions")
             .field("labels", &self.labels)
             .field("progress", &self.progress.is_some())
+            .field("components", &self.components)
             .finish()
     }
 }
@@ -140,22 +143,40 @@ impl BackupService {
     /// # Errors
     /// `Config` when an included component has no source, or one has two.
     pub fn new(settings: Settings, ports: Ports, app: RunningApp) -> Result<BackupService> {
-        for c in &settings.include {
-            let n = ports.sources.iter().filter(|s| s.component() == *c).count();
-            if n != 1 {
-                return Err(Error::Config(crate::config::ConfigError::Invalid {
-                    key: "backup.include".into(),
-                    reason: format!(
-                        "component {c} has {n} sources configured; exactly one is needed"
-                    ),
-                }));
-            }
-        }
-        Ok(BackupService {
+        let service = BackupService {
             settings,
             ports,
             app,
-        })
+        };
+        service.check_sources(&service.settings.include)?;
+        for s in &service.ports.sources {
+            let same = service
+                .ports
+                .sources
+                .iter()
+                .filter(|o| o.component() == s.component());
+            if same.count() > 1 {
+                return Err(Error::Config(crate::config::ConfigError::Invalid {
+                    key: "backup.sources".into(),
+                    reason: format!("component {} has more than one source", s.component()),
+                }));
+            }
+        }
+        Ok(service)
+    }
+
+    /// Every component in `list` has a source.
+    fn check_sources(&self, list: &[Component]) -> Result<()> {
+        match list
+            .iter()
+            .find(|c| !self.ports.sources.iter().any(|s| s.component() == **c))
+        {
+            Some(c) => Err(Error::Config(crate::config::ConfigError::Invalid {
+                key: "backup.include".into(),
+                reason: format!("component {c} has no source configured"),
+            })),
+            None => Ok(()),
+        }
     }
 
     /// The store's location, for messages.
@@ -185,10 +206,13 @@ impl BackupService {
     /// applies retention (whose failures are logged, not returned).
     ///
     /// # Errors
-    /// `Busy` when another operation runs; `Source`, `Store`, `Timeout`
-    /// otherwise. On any error nothing is published and partial objects are
-    /// removed.
+    /// `Busy` when another operation runs; `Config` when a requested
+    /// component has no source; `Source`, `Store`, `Timeout` otherwise. On
+    /// any error nothing is published and partial objects are removed.
     pub async fn create_with(&self, trigger: Trigger, options: CreateOptions) -> Result<Manifest> {
+        if let Some(list) = &options.components {
+            self.check_sources(list)?;
+        }
         let guard = self.ports.lock.try_acquire(Operation::Backup).await?;
         let result = self.create_locked(trigger, &options).await;
         if result.is_ok()

@@ -70,6 +70,7 @@ pub(crate) async fn create(out: &Output, ctx: &Context, args: &CreateArgs) -> an
     let options = CreateOptions {
         labels,
         progress: out.progress(),
+        ..CreateOptions::default()
     };
     let manifest = ctx.service.create_with(trigger, options).await?;
     out.created(&manifest)
@@ -230,8 +231,8 @@ pub(crate) async fn demo(out: &Output, dir: &Path, size: u64) -> anyhow::Result<
         .create_with(
             Trigger::Manual,
             CreateOptions {
-                labels: BTreeMap::new(),
                 progress: out.progress(),
+                ..CreateOptions::default()
             },
         )
         .await?;

@@ -43,7 +43,7 @@ async fn restore_killed_at_any_moment_leaves_old_or_new_state() {
         .execute(&mut conn)
         .await
         .unwrap();
-    drop(conn);
+    sqlx::Connection::close(conn).await.unwrap();
     let state_b = LiveState::capture(&demo.layout).await.unwrap();
     let backup_b = demo.json(&["backup", "--trigger", "pre-migration"])["id"]
         .as_str()

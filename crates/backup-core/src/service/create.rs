@@ -6,7 +6,6 @@
 //! compressed stream. Memory use is bounded by the channel and the number of
 //! compression blocks in flight, whatever the data size.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -229,7 +228,7 @@ impl BackupService {
         let manifest = if compression == Compression::None {
             let sink = Sink::Dir { store, id };
             let produced = self.produce(id, &sink, options).await?;
-            let manifest = self.manifest(id, timestamp, produced, &options.labels, None);
+            let manifest = self.manifest(id, timestamp, produced, options, None);
             let json = manifest.to_json().map_err(|source| Error::Manifest {
                 id: id.to_string(),
                 source,
@@ -309,7 +308,7 @@ impl BackupService {
         options: &CreateOptions,
     ) -> Result<Manifest> {
         let produced = self.produce(id, sink, options).await?;
-        let manifest = self.manifest(id, timestamp, produced, &options.labels, None);
+        let manifest = self.manifest(id, timestamp, produced, options, None);
         let json = manifest.to_json().map_err(|source| Error::Manifest {
             id: id.to_string(),
             source,
@@ -339,7 +338,7 @@ impl BackupService {
         options: &CreateOptions,
     ) -> Result<Produced> {
         let mut produced = Produced::default();
-        for component in &self.settings.include {
+        for component in &self.components_for(options) {
             let source = self
                 .ports
                 .sources
@@ -450,9 +449,11 @@ impl BackupService {
         id: &BackupId,
         timestamp: chrono::DateTime<chrono::Utc>,
         mut produced: Produced,
-        labels: &BTreeMap<String, String>,
+        options: &CreateOptions,
         archive: Option<ArchiveInfo>,
     ) -> Manifest {
+        let components = self.components_for(options);
+        let labels = &options.labels;
         produced.files.sort_by(|a, b| a.path.cmp(&b.path));
         produced.dirs.sort_by(|a, b| a.path.cmp(&b.path));
         produced.symlinks.sort_by(|a, b| a.path.cmp(&b.path));
@@ -463,7 +464,7 @@ impl BackupService {
             synthorg_version: self.app.version.clone(),
             timestamp,
             trigger: id.trigger(),
-            components: self.settings.include.clone(),
+            components,
             db_schema_version: produced.db_schema_version,
             size_bytes: produced.files.iter().map(|f| f.size).sum(),
             checksum,
@@ -474,6 +475,17 @@ impl BackupService {
             symlinks: produced.symlinks,
             labels: labels.clone(),
         }
+    }
+
+    /// The components a backup holds: the options' subset, else `include`.
+    fn components_for(&self, options: &CreateOptions) -> Vec<Component> {
+        let mut list = options
+            .components
+            .clone()
+            .unwrap_or_else(|| self.settings.include.clone());
+        list.sort();
+        list.dedup();
+        list
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -183,18 +183,32 @@ impl BackupService {
             discard(staging, &manifest.id).await;
             return Err(e);
         }
-        let safety = match self
-            .create_locked(Trigger::PreRestore, &CreateOptions::default())
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                discard(staging, &manifest.id).await;
-                return Err(e);
+        // The safety backup covers what this restore replaces and exists.
+        let mut present = Vec::new();
+        for c in components {
+            if target.is_present(*c).await {
+                present.push(*c);
             }
-        };
-        report.safety_backup_id = Some(safety.id.clone());
-        tracing::info!(backup_id = %manifest.id, safety_backup = %safety.id, "safety backup taken; swapping");
+        }
+        if present.is_empty() {
+            report
+                .warnings
+                .push("no live data to replace: no safety backup was needed".into());
+        } else {
+            let options = CreateOptions {
+                components: Some(present),
+                ..CreateOptions::default()
+            };
+            let safety = match self.create_locked(Trigger::PreRestore, &options).await {
+                Ok(m) => m,
+                Err(e) => {
+                    discard(staging, &manifest.id).await;
+                    return Err(e);
+                }
+            };
+            tracing::info!(backup_id = %manifest.id, safety_backup = %safety.id, "safety backup taken; swapping");
+            report.safety_backup_id = Some(safety.id);
+        }
         staging.commit().await?;
         if let Err(e) = self.apply_retention(false).await {
             tracing::error!(error = %e, "retention after restore failed");
