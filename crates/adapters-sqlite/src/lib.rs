@@ -30,8 +30,9 @@ pub use snapshot::{SqliteSnapshotter, SqliteSource};
 /// The 16-byte header of every SQLite 3 database file.
 pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 
-/// How long a snapshot connection waits on a lock before reporting it.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot connection waits on a lock before reporting it as
+/// locked, unless configured otherwise.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a database could not be read; mapped onto [`Error::Source`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,13 +139,14 @@ pub(crate) async fn connect(
     component: Component,
     path: &Path,
     read_only: bool,
+    busy_timeout: Duration,
 ) -> Result<SqliteConnection> {
     SqliteConnectOptions::from_str("sqlite://")
         .map_err(|e| sqlx_error(component, path, &e))?
         .filename(path)
         .create_if_missing(false)
         .read_only(read_only)
-        .busy_timeout(BUSY_TIMEOUT)
+        .busy_timeout(busy_timeout)
         .foreign_keys(false)
         .connect()
         .await
@@ -170,7 +172,7 @@ pub(crate) async fn user_version(
 pub async fn read_user_version(path: &Path) -> Result<i64> {
     let component = Component::Persistence;
     check_header(component, path).await?;
-    let mut conn = connect(component, path, true).await?;
+    let mut conn = connect(component, path, true, DEFAULT_BUSY_TIMEOUT).await?;
     let version = user_version(&mut conn, component, path).await;
     let _ = sqlx::Connection::close(conn).await;
     version
@@ -189,7 +191,7 @@ pub async fn verify_database(
     expected_schema: Option<i64>,
 ) -> Result<i64> {
     check_header(component, path).await?;
-    let mut conn = connect(component, path, true).await?;
+    let mut conn = connect(component, path, true, DEFAULT_BUSY_TIMEOUT).await?;
     let rows: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check(20)")
         .fetch_all(&mut conn)
         .await

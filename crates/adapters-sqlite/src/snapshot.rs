@@ -1,7 +1,7 @@
 //! Snapshots with `VACUUM INTO`.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use backup_core::ports::{
@@ -14,7 +14,10 @@ use futures::StreamExt;
 use sqlx::Connection;
 use tokio::io::AsyncReadExt;
 
-use crate::{SQLITE_HEADER, check_header, connect, sqlx_error, user_version, verify_database};
+use crate::{
+    DEFAULT_BUSY_TIMEOUT, SQLITE_HEADER, check_header, connect, sqlx_error, user_version,
+    verify_database,
+};
 
 /// Read size when streaming a snapshot file.
 const CHUNK: usize = 1024 * 1024;
@@ -25,7 +28,8 @@ async fn vacuum_into(
     component: Component,
     source: &Path,
     dest: &Path,
-) -> Result<std::time::Duration> {
+    busy_timeout: Duration,
+) -> Result<Duration> {
     check_header(component, source).await?;
     let dest_text = dest.to_str().ok_or_else(|| Error::Source {
         component,
@@ -34,7 +38,7 @@ async fn vacuum_into(
         source: None,
     })?;
     let started = Instant::now();
-    let mut conn = connect(component, source, false).await?;
+    let mut conn = connect(component, source, false, busy_timeout).await?;
     // The path is ours (a scratch file), quoted as an SQL string literal.
     let sql = format!("VACUUM INTO '{}'", dest_text.replace('\'', "''"));
     let result = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -66,12 +70,23 @@ fn scratch_dir(component: Component, near: &Path) -> Result<tempfile::TempDir> {
 #[derive(Debug, Clone)]
 pub struct SqliteSource {
     path: PathBuf,
+    busy_timeout: Duration,
 }
 
 impl SqliteSource {
     /// The live database at `path`.
     pub fn new(path: impl Into<PathBuf>) -> SqliteSource {
-        SqliteSource { path: path.into() }
+        SqliteSource {
+            path: path.into(),
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+        }
+    }
+
+    /// How long to wait for a lock held by another process before failing
+    /// with a "locked" error.
+    pub fn with_busy_timeout(mut self, timeout: Duration) -> SqliteSource {
+        self.busy_timeout = timeout;
+        self
     }
 }
 
@@ -85,8 +100,8 @@ impl ComponentSource for SqliteSource {
         let component = Component::Persistence;
         let scratch = scratch_dir(component, &self.path)?;
         let copy = scratch.path().join("synthorg.db");
-        let took = vacuum_into(component, &self.path, &copy).await?;
-        let mut conn = connect(component, &copy, true).await?;
+        let took = vacuum_into(component, &self.path, &copy, self.busy_timeout).await?;
+        let mut conn = connect(component, &copy, true, DEFAULT_BUSY_TIMEOUT).await?;
         let schema = user_version(&mut conn, component, &copy).await;
         let _ = conn.close().await;
         let schema = schema?;
@@ -209,7 +224,7 @@ impl FileSnapshotter for SqliteSnapshotter {
         source: &Path,
         dest: &Path,
     ) -> Result<()> {
-        let took = vacuum_into(component, source, dest).await?;
+        let took = vacuum_into(component, source, dest, DEFAULT_BUSY_TIMEOUT).await?;
         tracing::debug!(file = %source.display(), vacuum_ms = took.as_millis() as u64, "SQLite file copied with VACUUM INTO");
         Ok(())
     }
