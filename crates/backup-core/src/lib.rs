@@ -15,6 +15,8 @@ pub mod archive;
 pub mod compat;
 pub mod compress;
 pub mod config;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod digest;
 pub mod error;
 pub mod id;
