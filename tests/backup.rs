@@ -287,3 +287,45 @@ async fn a_failing_source_publishes_nothing_and_leaves_no_leftovers() {
         .to_string();
     assert!(err.contains("does not exist"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_backup_publishes_nothing_and_recover_clears_its_leftovers() {
+    let fx = Fixture::new(6_000_000).await;
+    let service = fx.service(&fx.config(""));
+    let mut cancelled = 0;
+    for delay_ms in [5, 20, 60, 150] {
+        let run = tokio::time::timeout(
+            std::time::Duration::from_millis(delay_ms),
+            service.create(Trigger::Manual),
+        )
+        .await;
+        if run.is_err() {
+            cancelled += 1;
+            assert!(
+                service.list().await.unwrap().is_empty(),
+                "nothing published after {delay_ms} ms"
+            );
+        } else {
+            // Finished before the deadline: that is fine, but clean up.
+            let id = run.unwrap().unwrap().id;
+            service.delete(&id, false).await.unwrap();
+        }
+        service.recover().await.unwrap();
+        let left: Vec<_> = std::fs::read_dir(&fx.layout.backups_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".lock")
+            .collect();
+        assert!(left.is_empty(), "after {delay_ms} ms: {left:?}");
+        let scratch: Vec<_> = std::fs::read_dir(&fx.layout.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(scratch.is_empty(), "after {delay_ms} ms: {scratch:?}");
+    }
+    assert!(cancelled > 0, "at least one backup was cancelled midway");
+    // The lock was released by the cancelled runs.
+    let m = service.create(Trigger::Manual).await.unwrap();
+    assert!(service.verify(&m.id).await.unwrap().ok);
+}

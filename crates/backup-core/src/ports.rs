@@ -75,6 +75,7 @@ impl Listed {
 /// - Keys are derived only from validated [`BackupId`]s and
 ///   [`ArchivePath`]s; foreign keys under the location are ignored.
 /// - Error messages never contain credentials.
+#[cfg_attr(test, mockall::automock)]
 #[async_trait]
 pub trait BackupStore: Debug + Send + Sync + 'static {
     /// Where this store is, for messages and logs, e.g. `/var/backups` or
@@ -172,6 +173,7 @@ impl Operation {
 
 /// A held lock. Dropping it releases the lock too (best effort); call
 /// [`release`](LockGuard::release) to learn whether that worked.
+#[cfg_attr(test, mockall::automock)]
 #[async_trait]
 pub trait LockGuard: Debug + Send + Sync {
     /// Releases the lock.
@@ -189,6 +191,7 @@ pub trait LockGuard: Debug + Send + Sync {
 /// holder: it succeeds at once or fails with `Busy` naming the holder. A
 /// lock left by a dead process is released by the OS (flock) or is
 /// detectably stale (expired lease) and taken over.
+#[cfg_attr(test, mockall::automock)]
 #[async_trait]
 pub trait OperationLock: Debug + Send + Sync + 'static {
     /// Takes the lock for `operation`.
@@ -273,6 +276,7 @@ pub trait Snapshot: Send + Sync {
 }
 
 /// Reads one component of the live data consistently.
+#[cfg_attr(test, mockall::automock)]
 #[async_trait]
 pub trait ComponentSource: Debug + Send + Sync + 'static {
     /// Which component this is.
@@ -320,6 +324,7 @@ pub trait FileSnapshotter: Debug + Send + Sync + 'static {
 /// stays paused until [`resume`](Quiesce::resume). `resume` is synchronous,
 /// never blocks and is idempotent, so that a guard can call it on drop:
 /// after an error, a panic or a cancellation alike.
+#[cfg_attr(test, mockall::automock)]
 #[async_trait]
 pub trait Quiesce: Debug + Send + Sync + 'static {
     /// Pauses the writer.
@@ -432,6 +437,7 @@ impl EntrySink for DiscardSink {
 /// first; whenever the process dies, [`recover`](RestoreTarget::recover)
 /// leaves the live data exactly as before the swap or exactly as restored,
 /// never a mix.
+#[cfg_attr(test, mockall::automock)]
 #[async_trait]
 pub trait RestoreTarget: Debug + Send + Sync + 'static {
     /// Where a component lives, for reports.

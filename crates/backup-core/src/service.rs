@@ -8,6 +8,8 @@
 mod create;
 mod read;
 mod restore;
+#[cfg(test)]
+mod tests;
 mod verify;
 
 use std::collections::BTreeMap;

@@ -353,8 +353,10 @@ impl BackupService {
                     limit,
                     &format!("{component} snapshot while its writer is paused"),
                     async {
-                        quiesce.pause().await?;
+                        // Armed before pausing: a pause that fails or times
+                        // out half-way is resumed too (resume is idempotent).
                         let _resume = ResumeOnDrop(quiesce);
+                        quiesce.pause().await?;
                         self.produce_component(id, source.as_ref(), sink, options, &mut produced)
                             .await
                     },
