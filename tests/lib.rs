@@ -2,6 +2,8 @@
 //! directory, a service wired with the real adapters, SQL-level
 //! comparison of databases, and a continuous writer.
 
+pub mod s3_server;
+
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;

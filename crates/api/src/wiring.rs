@@ -5,20 +5,18 @@ use std::sync::Arc;
 
 use adapters_fs::{DirSource, FileLock, LiveData, LocalFsStore, SystemClock};
 use adapters_sqlite::{SqliteSnapshotter, SqliteSource};
-use backup_core::config::ConfigError;
 use backup_core::ports::{BackupStore, ComponentSource, NoQuiesce, OperationLock, Quiesce};
-use backup_core::{
-    BackupConfig, BackupService, Component, Error, Ports, Result, RunningApp, Settings,
-};
+use backup_core::{BackupConfig, BackupService, Component, Ports, Result, RunningApp, Settings};
 
-/// Builds the service for `config`: the local-disk target at `backup.path`,
+/// Builds the service for `config`: the S3 target of `backup.s3` when
+/// present, else the local-disk target at `backup.path`,
 /// the SQLite source for persistence, directory sources (with consistent
 /// copies of SQLite files) for memory, config and checkpoints, and
 /// `quiesce` around the memory snapshot.
 ///
 /// # Errors
-/// `Config` when the configuration asks for a target this build cannot use
-/// yet (`backup.s3`); `Store` when the backup directory cannot be created.
+/// `Store` when the backup directory cannot be created or the S3 client
+/// cannot be configured.
 pub fn build_service(
     config: &BackupConfig,
     app: RunningApp,
@@ -39,15 +37,17 @@ pub fn build_service_with(
     quiesce: Option<Arc<dyn Quiesce>>,
     live: LiveData,
 ) -> Result<BackupService> {
-    if config.s3.is_some() {
-        return Err(Error::Config(ConfigError::Invalid {
-            key: "backup.s3".into(),
-            reason: "the S3 target is not available in this build yet; remove the s3 block to use backup.path".into(),
-        }));
-    }
-    let store = LocalFsStore::open(&config.path)?;
-    let lock: Arc<dyn OperationLock> = Arc::new(FileLock::in_dir(store.root()));
-    let store: Arc<dyn BackupStore> = Arc::new(store);
+    let (store, lock): (Arc<dyn BackupStore>, Arc<dyn OperationLock>) = match &config.s3 {
+        Some(s3) => {
+            let (store, lock) = adapters_s3::connect(s3)?;
+            (Arc::new(store), Arc::new(lock))
+        }
+        None => {
+            let store = LocalFsStore::open(&config.path)?;
+            let lock = FileLock::in_dir(store.root());
+            (Arc::new(store), Arc::new(lock))
+        }
+    };
     let sqlite = Arc::new(SqliteSnapshotter);
     // A source for every component, included or not: a restore's safety
     // backup must be able to cover any component it replaces.

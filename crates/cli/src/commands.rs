@@ -207,7 +207,12 @@ pub(crate) async fn export(
 
 /// `synthorg demo`: generate data, then backup, list, verify, change the
 /// data, restore, and check that the data equals the backup again.
-pub(crate) async fn demo(out: &Output, dir: &Path, size: u64) -> anyhow::Result<()> {
+pub(crate) async fn demo(
+    out: &Output,
+    dir: &Path,
+    size: u64,
+    generate_only: bool,
+) -> anyhow::Result<()> {
     let step = |n: u32, text: &str| out.step(n, text);
     step(
         1,
@@ -220,6 +225,12 @@ pub(crate) async fn demo(out: &Output, dir: &Path, size: u64) -> anyhow::Result<
     let layout = demo::generate(dir, DemoSize::total(size), 2026)
         .await
         .context("generating demo data")?;
+    if generate_only {
+        return out.note(&format!(
+            "generated; config: {}",
+            layout.config_file.display()
+        ));
+    }
     let text = std::fs::read_to_string(&layout.config_file)?;
     let config = BackupConfig::load(Some(&text), &layout.root)?;
     let app = running_app(&config).await?;

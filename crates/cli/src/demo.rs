@@ -247,37 +247,47 @@ async fn create_database(path: &Path, bytes: u64, rng: &mut Rng) -> Result<(), s
         sqlx::query(ddl).execute(&mut conn).await?;
     }
     let rows = (bytes / 1_100).max(20);
+    // Multi-row inserts in batches: per-statement overhead dominates
+    // otherwise (generating 600 MB took minutes row by row).
+    const BATCH: u64 = 200;
     let mut tx = conn.begin().await?;
-    for i in 0..rows {
-        let len = 700 + rng.below(400) as usize;
-        let payload = rng.text(len);
-        sqlx::query("INSERT INTO tasks (title, status, assignee, payload, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(rng.text(40))
-            .bind(["pending", "running", "done", "blocked"][rng.below(4) as usize])
-            .bind(format!("agent-{}", rng.below(50)))
-            .bind(payload)
-            .bind(1_700_000_000 + i as i64 * 60)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO audit_log (ts, actor, action, detail) VALUES (?, ?, ?, ?)")
-            .bind(1_700_000_000 + i as i64 * 60)
-            .bind(format!("agent-{}", rng.below(50)))
-            .bind(["create", "update", "assign", "close"][rng.below(4) as usize])
-            .bind(rng.text(120))
-            .execute(&mut *tx)
-            .await?;
-        if i % 10 == 0 {
-            sqlx::query("INSERT INTO budget_records (agent_id, amount_cents, ts) VALUES (?, ?, ?)")
-                .bind(format!("agent-{}", rng.below(50)))
-                .bind(rng.below(100_000) as i64)
-                .bind(1_700_000_000 + i as i64 * 60)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if i % 20_000 == 19_999 {
+    let mut start = 0u64;
+    while start < rows {
+        let end = (start + BATCH).min(rows);
+        let mut tasks = sqlx::QueryBuilder::new(
+            "INSERT INTO tasks (title, status, assignee, payload, created_at) ",
+        );
+        tasks.push_values(start..end, |mut b, i| {
+            let len = 700 + rng.below(400) as usize;
+            b.push_bind(rng.text(40))
+                .push_bind(["pending", "running", "done", "blocked"][rng.below(4) as usize])
+                .push_bind(format!("agent-{}", rng.below(50)))
+                .push_bind(rng.text(len))
+                .push_bind(1_700_000_000 + i as i64 * 60);
+        });
+        tasks.build().execute(&mut *tx).await?;
+        let mut audit =
+            sqlx::QueryBuilder::new("INSERT INTO audit_log (ts, actor, action, detail) ");
+        audit.push_values(start..end, |mut b, i| {
+            b.push_bind(1_700_000_000 + i as i64 * 60)
+                .push_bind(format!("agent-{}", rng.below(50)))
+                .push_bind(["create", "update", "assign", "close"][rng.below(4) as usize])
+                .push_bind(rng.text(120));
+        });
+        audit.build().execute(&mut *tx).await?;
+        let mut budget =
+            sqlx::QueryBuilder::new("INSERT INTO budget_records (agent_id, amount_cents, ts) ");
+        budget.push_values((start..end).step_by(10), |mut b, i| {
+            b.push_bind(format!("agent-{}", rng.below(50)))
+                .push_bind(rng.below(100_000) as i64)
+                .push_bind(1_700_000_000 + i as i64 * 60);
+        });
+        budget.build().execute(&mut *tx).await?;
+        if end / 20_000 != start / 20_000 {
             tx.commit().await?;
             tx = conn.begin().await?;
         }
+        start = end;
     }
     for a in 0..50 {
         sqlx::query("INSERT INTO agent_state (agent_id, state, updated_at) VALUES (?, ?, ?)")
@@ -314,16 +324,21 @@ async fn create_memory(dir: &Path, size: DemoSize, rng: &mut Rng) -> anyhow::Res
         .execute(&mut conn)
         .await?;
     let mut tx = conn.begin().await?;
-    for i in 0..(size.memory_files * 10) {
-        sqlx::query(
-            "INSERT INTO memories (agent_id, text, vector_ref, created_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(format!("agent-{}", rng.below(50)))
-        .bind(rng.text(200))
-        .bind(format!("segment-{:05}:{}", i / 1000, i % 1000))
-        .bind(1_700_000_000 + i as i64)
-        .execute(&mut *tx)
-        .await?;
+    let notes = size.memory_files * 10;
+    let mut start = 0u64;
+    while start < notes {
+        let end = (start + 200).min(notes);
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO memories (agent_id, text, vector_ref, created_at) ",
+        );
+        q.push_values(start..end, |mut b, i| {
+            b.push_bind(format!("agent-{}", rng.below(50)))
+                .push_bind(rng.text(200))
+                .push_bind(format!("segment-{:05}:{}", i / 1000, i % 1000))
+                .push_bind(1_700_000_000 + i as i64);
+        });
+        q.build().execute(&mut *tx).await?;
+        start = end;
     }
     tx.commit().await?;
     conn.close().await?;

@@ -168,6 +168,9 @@ struct DemoArgs {
     /// Approximate size of the generated data, e.g. 20MB, 600MB, 2GiB.
     #[arg(long, default_value = "20MB", value_parser = synthorg_cli::demo::parse_size)]
     size: u64,
+    /// Only generate the data directory (for benchmarks), then stop.
+    #[arg(long)]
+    generate_only: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -286,7 +289,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Demo(args) => commands::demo(&out, &args.dir, args.size).await,
+        Command::Demo(args) => commands::demo(&out, &args.dir, args.size, args.generate_only).await,
         Command::Recover => commands::recover(&out, &commands::Context::load(cli).await?).await,
         Command::Restore(args) => {
             commands::restore(&out, &commands::Context::load(cli).await?, args).await

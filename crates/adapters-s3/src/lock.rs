@@ -1,0 +1,303 @@
+//! [`S3Lock`]: the cross-process operation lock as a lock object.
+//!
+//! The lock is `<prefix>/.lock`, created with a conditional put
+//! (`If-None-Match: *`), holding owner, host, pid, operation and a lease
+//! expiry. While held, a background task renews the lease with conditional
+//! updates (`If-Match: <etag>`). A live lock makes others fail with `Busy`
+//! naming the holder; an expired one (its holder died) is taken over with a
+//! conditional update, so two takers cannot both win. Release deletes the
+//! object; dropping a guard releases it in the background.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backup_core::ports::{LockGuard, Operation, OperationLock};
+use backup_core::{Error, Result};
+use chrono::{DateTime, Utc};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, UpdateVersion};
+use serde::{Deserialize, Serialize};
+
+use crate::errors::map_err;
+
+/// Lease length; renewed every third of it while held.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+
+static TOKEN: AtomicU64 = AtomicU64::new(0);
+
+/// What the lock object holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    owner: String,
+    operation: String,
+    host: String,
+    pid: u32,
+    acquired_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+}
+
+impl Record {
+    fn holder(&self) -> String {
+        format!(
+            "{} (pid {} on {} since {}, lease until {})",
+            self.operation,
+            self.pid,
+            self.host,
+            self.acquired_at.format("%Y-%m-%dT%H:%M:%SZ"),
+            self.expires_at.format("%H:%M:%SZ")
+        )
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned())
+}
+
+/// A lock object in an S3 bucket.
+#[derive(Debug, Clone)]
+pub struct S3Lock {
+    store: Arc<dyn ObjectStore>,
+    key: Path,
+    location: String,
+    lease: Duration,
+}
+
+impl S3Lock {
+    /// A lock at `key` in `store`.
+    pub fn new(store: Arc<dyn ObjectStore>, key: Path, location: String) -> S3Lock {
+        S3Lock {
+            store,
+            key,
+            location,
+            lease: DEFAULT_LEASE,
+        }
+    }
+
+    /// Uses another lease length (tests of expiry).
+    pub fn with_lease(mut self, lease: Duration) -> S3Lock {
+        self.lease = lease;
+        self
+    }
+
+    fn record(&self, operation: Operation) -> Record {
+        let now = Utc::now();
+        let host = hostname();
+        let pid = std::process::id();
+        Record {
+            owner: format!(
+                "{host}/{pid}/{}/{}",
+                now.timestamp_nanos_opt().unwrap_or_default(),
+                TOKEN.fetch_add(1, Ordering::Relaxed)
+            ),
+            operation: operation.as_str().to_owned(),
+            host,
+            pid,
+            acquired_at: now,
+            expires_at: now
+                + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(60)),
+        }
+    }
+
+    async fn put(
+        &self,
+        record: &Record,
+        mode: PutMode,
+    ) -> std::result::Result<Option<String>, object_store::Error> {
+        let json = serde_json::to_vec(record).map_err(|e| object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(e),
+        })?;
+        let options = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        Ok(self
+            .store
+            .put_opts(&self.key, json.into(), options)
+            .await?
+            .e_tag)
+    }
+
+    /// The current lock record and its etag, if any.
+    async fn current(&self) -> Result<Option<(Record, Option<String>)>> {
+        let result = match self.store.get(&self.key).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(map_err(&self.location, &self.key, e)),
+        };
+        let e_tag = result.meta.e_tag.clone();
+        let bytes = result
+            .bytes()
+            .await
+            .map_err(|e| map_err(&self.location, &self.key, e))?;
+        // An unreadable record counts as expired: it cannot name a live holder.
+        let record = serde_json::from_slice(&bytes).unwrap_or(Record {
+            owner: "unreadable".into(),
+            operation: "unknown".into(),
+            host: "unknown".into(),
+            pid: 0,
+            acquired_at: DateTime::UNIX_EPOCH,
+            expires_at: DateTime::UNIX_EPOCH,
+        });
+        Ok(Some((record, e_tag)))
+    }
+
+    fn busy(operation: Operation, holder: String) -> Error {
+        Error::Busy {
+            operation: operation.as_str().to_owned(),
+            holder: format!("{holder} holds the lock"),
+        }
+    }
+
+    fn guard(&self, record: Record, e_tag: Option<String>) -> S3LockGuard {
+        let shared = Arc::new(tokio::sync::Mutex::new(Held {
+            record,
+            e_tag,
+            released: false,
+        }));
+        let renewer = {
+            let (lock, shared) = (self.clone(), Arc::clone(&shared));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lock.lease / 3).await;
+                    let mut held = shared.lock().await;
+                    if held.released {
+                        return;
+                    }
+                    let mut next = held.record.clone();
+                    next.expires_at = Utc::now()
+                        + chrono::Duration::from_std(lock.lease)
+                            .unwrap_or(chrono::Duration::seconds(60));
+                    let mode = PutMode::Update(UpdateVersion {
+                        e_tag: held.e_tag.clone(),
+                        version: None,
+                    });
+                    match lock.put(&next, mode).await {
+                        Ok(tag) => {
+                            held.record = next;
+                            held.e_tag = tag;
+                        }
+                        Err(e) => {
+                            tracing::error!(key = %lock.key, error = %e, "renewing the lock lease failed; it will expire");
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        S3LockGuard {
+            lock: self.clone(),
+            shared,
+            renewer: Some(renewer),
+        }
+    }
+}
+
+#[async_trait]
+impl OperationLock for S3Lock {
+    async fn try_acquire(&self, operation: Operation) -> Result<Box<dyn LockGuard>> {
+        let record = self.record(operation);
+        match self.put(&record, PutMode::Create).await {
+            Ok(e_tag) => return Ok(Box::new(self.guard(record, e_tag))),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => {}
+            Err(e) => return Err(map_err(&self.location, &self.key, e)),
+        }
+        let Some((current, e_tag)) = self.current().await? else {
+            // Released meanwhile: one more try, then report busy.
+            return match self.put(&record, PutMode::Create).await {
+                Ok(tag) => Ok(Box::new(self.guard(record, tag))),
+                Err(_) => Err(Self::busy(operation, "another operation".into())),
+            };
+        };
+        if current.expires_at > Utc::now() {
+            return Err(Self::busy(operation, current.holder()));
+        }
+        // Expired: its holder died. Take it over, conditionally.
+        let mode = PutMode::Update(UpdateVersion {
+            e_tag,
+            version: None,
+        });
+        match self.put(&record, mode).await {
+            Ok(tag) => {
+                tracing::warn!(key = %self.key, stale = %current.holder(), "took over an expired lock");
+                Ok(Box::new(self.guard(record, tag)))
+            }
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. },
+            ) => Err(Self::busy(
+                operation,
+                "another process that just took over the expired lock".into(),
+            )),
+            Err(e) => Err(map_err(&self.location, &self.key, e)),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Held {
+    record: Record,
+    e_tag: Option<String>,
+    released: bool,
+}
+
+/// A held S3 lock; released by [`release`](LockGuard::release) or, in the
+/// background, on drop.
+#[derive(Debug)]
+pub struct S3LockGuard {
+    lock: S3Lock,
+    shared: Arc<tokio::sync::Mutex<Held>>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn release(lock: S3Lock, shared: Arc<tokio::sync::Mutex<Held>>) -> Result<()> {
+    let mut held = shared.lock().await;
+    if held.released {
+        return Ok(());
+    }
+    held.released = true;
+    // Delete only our own record (a holder that lost its lease must not
+    // remove the next holder's).
+    match lock.current().await? {
+        Some((current, _)) if current.owner == held.record.owner => {
+            match lock.store.delete(&lock.key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(map_err(&lock.location, &lock.key, e)),
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+#[async_trait]
+impl LockGuard for S3LockGuard {
+    async fn release(mut self: Box<Self>) -> Result<()> {
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+        }
+        release(self.lock.clone(), Arc::clone(&self.shared)).await
+    }
+}
+
+impl Drop for S3LockGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let (lock, shared) = (self.lock.clone(), Arc::clone(&self.shared));
+                handle.spawn(async move {
+                    if let Err(e) = release(lock, shared).await {
+                        tracing::warn!(error = %e, "releasing a dropped lock failed; its lease expires");
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! S3Store and S3Lock against a real S3 server over HTTP: an in-process
+//! `s3s` + `s3s-fs` server on 127.0.0.1 with a random port. The same suite
+//! runs against an external endpoint (MinIO, Garage, AWS) when
+//! `SYNTHORG_TEST_S3_ENDPOINT`, `SYNTHORG_TEST_S3_BUCKET`,
+//! `SYNTHORG_TEST_S3_ACCESS_KEY` and `SYNTHORG_TEST_S3_SECRET_KEY` are set.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use adapters_s3::{S3Lock, S3Store};
+use async_trait::async_trait;
+use backup_core::config::{S3Config, Secret};
+use backup_core::conformance::{self, Target};
+use backup_core::ports::{BackupStore, ObjectName, Operation, OperationLock};
+use backup_core::{BackupId, Compression, Error, Trigger};
+use futures::StreamExt;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use synthorg_tests::s3_server::{SECRET, Server};
+
+struct S3Target {
+    store: Arc<S3Store>,
+    lock: Arc<S3Lock>,
+    other: Arc<S3Lock>,
+    raw: Arc<dyn ObjectStore>,
+    prefix: String,
+}
+
+impl S3Target {
+    fn new(config: &S3Config) -> S3Target {
+        let (store, lock) = adapters_s3::connect(config).unwrap();
+        let (_, other) = adapters_s3::connect(config).unwrap();
+        let raw: Arc<dyn ObjectStore> = Arc::new(
+            object_store::aws::AmazonS3Builder::new()
+                .with_bucket_name(&config.bucket)
+                .with_region(&config.region)
+                .with_endpoint(config.endpoint.clone().unwrap())
+                .with_access_key_id(config.access_key_id.clone().unwrap())
+                .with_secret_access_key(config.secret_access_key.as_ref().unwrap().expose())
+                .with_virtual_hosted_style_request(false)
+                .with_allow_http(true)
+                .build()
+                .unwrap(),
+        );
+        S3Target {
+            store: Arc::new(store),
+            lock: Arc::new(lock),
+            other: Arc::new(other),
+            raw,
+            prefix: config.prefix.clone(),
+        }
+    }
+
+    fn raw_key(&self, name: &str) -> object_store::path::Path {
+        object_store::path::Path::from(format!("{}{name}", self.prefix))
+    }
+}
+
+#[async_trait]
+impl Target for S3Target {
+    fn store(&self) -> Arc<dyn BackupStore> {
+        self.store.clone()
+    }
+    fn lock(&self) -> Arc<dyn OperationLock> {
+        self.lock.clone()
+    }
+    fn other_lock(&self) -> Arc<dyn OperationLock> {
+        self.other.clone()
+    }
+    async fn put_raw(&self, name: &str, bytes: &[u8]) {
+        self.raw
+            .put(&self.raw_key(name), bytes.to_vec().into())
+            .await
+            .unwrap();
+    }
+    async fn exists_raw(&self, name: &str) -> bool {
+        self.raw.head(&self.raw_key(name)).await.is_ok()
+    }
+}
+
+fn id(secs: i64) -> BackupId {
+    BackupId::new(
+        chrono::DateTime::from_timestamp(secs, 0).unwrap(),
+        Trigger::Manual,
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_passes_the_conformance_suite_in_process() {
+    let server = Server::start(&["backups"]).await;
+    conformance::run_all(&S3Target::new(&server.config("backups", "prod/"))).await;
+    // Also at the bucket root.
+    let server = Server::start(&["root"]).await;
+    conformance::run_all(&S3Target::new(&server.config("root", ""))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_passes_the_conformance_suite_against_an_external_endpoint() {
+    let (Ok(endpoint), Ok(bucket), Ok(access), Ok(secret)) = (
+        std::env::var("SYNTHORG_TEST_S3_ENDPOINT"),
+        std::env::var("SYNTHORG_TEST_S3_BUCKET"),
+        std::env::var("SYNTHORG_TEST_S3_ACCESS_KEY"),
+        std::env::var("SYNTHORG_TEST_S3_SECRET_KEY"),
+    ) else {
+        eprintln!(
+            "SKIPPED: set SYNTHORG_TEST_S3_ENDPOINT/_BUCKET/_ACCESS_KEY/_SECRET_KEY to run against MinIO or Garage"
+        );
+        return;
+    };
+    let config = S3Config {
+        bucket,
+        prefix: format!("synthorg-conformance-{}/", std::process::id()),
+        endpoint: Some(endpoint),
+        region: std::env::var("SYNTHORG_TEST_S3_REGION").unwrap_or_else(|_| "us-east-1".into()),
+        path_style: None,
+        access_key_id: Some(access),
+        secret_access_key: Some(Secret::new(secret)),
+        part_size_mib: 5,
+    };
+    conformance::run_all(&S3Target::new(&config)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_lock_is_busy_and_an_expired_one_is_taken_over() {
+    let server = Server::start(&["bucket-one"]).await;
+    let target = S3Target::new(&server.config("bucket-one", "x/"));
+    let alive = serde_json::json!({
+        "owner": "other-host/4242/1/0", "operation": "restore", "host": "other-host", "pid": 4242,
+        "acquired_at": chrono::Utc::now(), "expires_at": chrono::Utc::now() + chrono::Duration::minutes(5),
+    });
+    target.put_raw(".lock", alive.to_string().as_bytes()).await;
+    let err = target
+        .lock
+        .try_acquire(Operation::Backup)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Busy { .. }));
+    assert!(
+        err.to_string().contains("restore (pid 4242 on other-host"),
+        "{err}"
+    );
+
+    let dead = serde_json::json!({
+        "owner": "other-host/4242/1/0", "operation": "restore", "host": "other-host", "pid": 4242,
+        "acquired_at": chrono::Utc::now() - chrono::Duration::minutes(10),
+        "expires_at": chrono::Utc::now() - chrono::Duration::minutes(9),
+    });
+    target.put_raw(".lock", dead.to_string().as_bytes()).await;
+    let guard = target.lock.try_acquire(Operation::Backup).await.unwrap();
+    assert!(
+        target.other.try_acquire(Operation::Prune).await.is_err(),
+        "taken over, now held"
+    );
+    guard.release().await.unwrap();
+    assert!(!target.exists_raw(".lock").await, "released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_renewed_while_held() {
+    let server = Server::start(&["bucket-two"]).await;
+    let config = server.config("bucket-two", "");
+    let (store, _) = adapters_s3::connect(&config).unwrap();
+    let raw = S3Target::new(&config).raw;
+    let lock = S3Lock::new(
+        raw.clone(),
+        object_store::path::Path::from(".lock"),
+        store.location(),
+    )
+    .with_lease(Duration::from_millis(900));
+    let other = S3Lock::new(
+        raw,
+        object_store::path::Path::from(".lock"),
+        store.location(),
+    );
+    let guard = lock.try_acquire(Operation::Backup).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await; // well past one lease
+    assert!(
+        other.try_acquire(Operation::Backup).await.is_err(),
+        "still held: the lease was renewed"
+    );
+    guard.release().await.unwrap();
+    assert!(other.try_acquire(Operation::Backup).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_bucket_and_key_never_the_secret() {
+    let server = Server::start(&["exists"]).await;
+    let check = |e: Error, want: &str| {
+        let text = e.to_string();
+        assert!(text.contains(want), "{want:?} not in {text}");
+        assert!(!text.contains(SECRET), "secret leaked: {text}");
+        assert!(
+            !format!("{e:?}").contains(SECRET),
+            "secret leaked in debug: {e:?}"
+        );
+        text
+    };
+    let (missing_bucket, _) = adapters_s3::connect(&server.config("no-such-bucket", "")).unwrap();
+    let text = check(
+        missing_bucket.list().await.unwrap_err(),
+        "s3://no-such-bucket/",
+    );
+    assert!(
+        text.contains("does not exist") || text.contains("NoSuchBucket"),
+        "{text}"
+    );
+
+    let mut bad = server.config("exists", "");
+    bad.secret_access_key = Some(Secret::new("wrong-secret"));
+    let (bad_creds, _) = adapters_s3::connect(&bad).unwrap();
+    check(bad_creds.list().await.unwrap_err(), "authentication failed");
+
+    let mut gone = server.config("exists", "");
+    gone.endpoint = Some("http://127.0.0.1:9".into()); // discard port: nothing listens
+    let (unreachable, _) = adapters_s3::connect(&gone).unwrap();
+    check(unreachable.list().await.unwrap_err(), "unreachable");
+
+    let (store, _) = adapters_s3::connect(&server.config("exists", "p/")).unwrap();
+    let err = store
+        .get(&id(1_800_000_000), &ObjectName::Archive(Compression::Gzip))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::NotFound { .. }));
+    check(err, "2027-01-15T08-00-00_manual");
+    assert!(!format!("{:?}", server.config("exists", "")).contains(SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_upload_is_aborted_and_never_listed() {
+    let server = Server::start(&["cancel-test"]).await;
+    let (store, _) = adapters_s3::connect(&server.config("cancel-test", "")).unwrap();
+    let id = id(1_800_000_000);
+    // A stream that yields 12 MiB, then stalls forever.
+    let chunk = bytes::Bytes::from(vec![3u8; 1 << 20]);
+    let data = futures::stream::iter((0..12).map(move |_| Ok(chunk.clone())))
+        .chain(futures::stream::pending())
+        .boxed();
+    let upload = store.put(&id, &ObjectName::Archive(Compression::Gzip), data);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), upload)
+            .await
+            .is_err(),
+        "stalled upload cancelled"
+    );
+    // The abort runs in the background; the server drops the parts.
+    let mut parts = Vec::new();
+    for _ in 0..50 {
+        parts = server
+            .bucket_files("cancel-test")
+            .into_iter()
+            .chain(
+                std::fs::read_dir(server.root.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().path()),
+            )
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains(".upload_id-"))
+            })
+            .collect();
+        if parts.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(parts.is_empty(), "multipart leftovers: {parts:?}");
+    assert!(store.list().await.unwrap().is_empty());
+    assert!(matches!(
+        store
+            .get(&id, &ObjectName::Archive(Compression::Gzip))
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_handles_more_than_a_thousand_backups() {
+    let server = Server::start(&["many"]).await;
+    let target = S3Target::new(&server.config("many", "p/"));
+    for i in 0..1100 {
+        let id = id(1_800_000_000 + i * 60);
+        let m = conformance::manifest_for(&id, Some(b"a"), b"x");
+        target
+            .put_raw(&format!("{id}.manifest.json"), &m.to_json().unwrap())
+            .await;
+    }
+    let listed = target.store.list().await.unwrap();
+    assert_eq!(listed.len(), 1100);
+    assert!(listed.windows(2).all(|w| w[0].id() > w[1].id()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_list_verify_restore_round_trip_through_s3() {
+    let server = Server::start(&["round-trip"]).await;
+    let fx = synthorg_tests::Fixture::new(7_000_000).await;
+    let extra = format!(
+        "s3:\n  bucket: round-trip\n  prefix: site/a/\n  endpoint: http://{}\n  access_key_id: {}\n  secret_access_key: {}\n  part_size_mib: 5",
+        server.addr,
+        synthorg_tests::s3_server::ACCESS,
+        SECRET
+    );
+    let service = fx.service(&fx.config(&extra));
+    assert_eq!(service.location(), "s3://round-trip/site/a/");
+    let before = synthorg_tests::capture(&fx.layout).await;
+    let m = service.create(Trigger::Manual).await.unwrap();
+    assert!(
+        !fx.layout.backups_dir.exists(),
+        "nothing written to the local path"
+    );
+    let listed = service.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(service.verify(&m.id).await.unwrap().ok);
+
+    std::fs::write(&fx.layout.company_config, b"company: {name: changed}\n").unwrap();
+    let report = service
+        .restore(
+            &m.id,
+            backup_core::RestoreOptions {
+                confirm: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, before);
+    assert_eq!(
+        service.list().await.unwrap().len(),
+        2,
+        "the safety backup went to S3 too"
+    );
+    assert!(report.safety_backup_id.is_some());
+}
