@@ -1,8 +1,19 @@
-//! What the SynthOrg host embeds: the adapter wiring ([`build_service`]).
+//! What the SynthOrg host embeds, and what `synthorg serve` runs:
 //!
-//! The admin REST API (axum) and the host lifecycle (scheduler, startup and
-//! shutdown backups) are not implemented yet (open issue "Admin API").
+//! - [`build_service`]: the one place that picks adapters from the config;
+//! - [`admin_router`] / [`app`]: the admin REST API (axum), mountable under
+//!   `/api/v1/admin`, errors as problem+json, bearer-token auth;
+//! - [`BackupRuntime`]: recover and back up at start-up, on a schedule and
+//!   on shutdown; [`BackupRuntime::before_migration`].
 
+mod http;
+mod openapi;
+mod runtime;
+mod state;
 mod wiring;
 
+pub use http::{MAX_BODY, admin_router, app};
+pub use openapi::document as openapi_document;
+pub use runtime::{BackupRuntime, RuntimeConfig};
+pub use state::{AdminState, Job, Metrics, Started};
 pub use wiring::{build_service, build_service_with};

@@ -114,6 +114,22 @@ impl std::fmt::Debug for CreateOptions {
     }
 }
 
+/// A backup whose id is chosen and whose lock is held; `run` does the work.
+pub struct PendingBackup {
+    /// The id the backup will have.
+    pub id: BackupId,
+    /// Creates the backup, applies retention, releases the lock.
+    pub run: futures::future::BoxFuture<'static, Result<Manifest>>,
+}
+
+impl std::fmt::Debug for PendingBackup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingBackup")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The ports a service runs on.
 #[derive(Debug, Clone)]
 pub struct Ports {
@@ -212,20 +228,48 @@ impl BackupService {
     /// component has no source; `Source`, `Store`, `Timeout` otherwise. On
     /// any error nothing is published and partial objects are removed.
     pub async fn create_with(&self, trigger: Trigger, options: CreateOptions) -> Result<Manifest> {
+        self.begin(trigger, options).await?.run.await
+    }
+
+    /// Takes the lock and picks the id of a new backup, and returns the
+    /// work still to do as a future, so that a caller (the API) can answer
+    /// with the id at once and run the backup in the background. The lock
+    /// is held until the future completes or is dropped.
+    ///
+    /// # Errors
+    /// `Busy` when another operation runs; `Config` for a component without
+    /// a source; `Store` when the store cannot be listed.
+    pub async fn begin(&self, trigger: Trigger, options: CreateOptions) -> Result<PendingBackup> {
         if let Some(list) = &options.components {
             self.check_sources(list)?;
         }
         let guard = self.ports.lock.try_acquire(Operation::Backup).await?;
-        let result = self.create_locked(trigger, &options).await;
-        if result.is_ok()
-            && let Err(e) = self.apply_retention(false).await
-        {
-            tracing::error!(error = %e, "retention after backup failed; the backup itself is fine");
-        }
-        if let Err(e) = guard.release().await {
-            tracing::warn!(error = %e, "releasing the operation lock failed");
-        }
-        result
+        let timestamp = self.ports.clock.now();
+        let id = match self.next_id(trigger, timestamp).await {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = guard.release().await;
+                return Err(e);
+            }
+        };
+        let service = self.clone();
+        let task_id = id.clone();
+        let run = async move {
+            let result = service.create_as(&task_id, timestamp, &options).await;
+            if result.is_ok()
+                && let Err(e) = service.apply_retention(false).await
+            {
+                tracing::error!(error = %e, "retention after backup failed; the backup itself is fine");
+            }
+            if let Err(e) = guard.release().await {
+                tracing::warn!(error = %e, "releasing the operation lock failed");
+            }
+            result
+        };
+        Ok(PendingBackup {
+            id,
+            run: Box::pin(run),
+        })
     }
 
     /// Published backups, newest first; damaged sidecars are listed as such.

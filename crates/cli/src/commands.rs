@@ -317,3 +317,69 @@ async fn change(layout: &DemoLayout) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `synthorg serve`: recover, take the startup backup, then listen; on
+/// SIGTERM/SIGINT stop accepting, take the shutdown backup, exit.
+pub(crate) async fn serve(cli: &Cli, args: &crate::ServeArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use synthorg_api::{AdminState, BackupRuntime, RuntimeConfig};
+
+    let loaded = config_file::load(cli.config.as_deref())?;
+    let token = std::env::var("SYNTHORG_API_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .map(backup_core::config::Secret::new)
+        .or(loaded.api_token);
+    if token.is_none() && !(args.insecure_no_auth && args.listen.ip().is_loopback()) {
+        return Err(Exit {
+            code: exit::USAGE,
+            message: "no API token: set SYNTHORG_API_TOKEN or api.token in the config \
+                      (--insecure-no-auth is allowed only on a loopback address)"
+                .into(),
+        }
+        .into());
+    }
+    let config = loaded.config;
+    let app = running_app(&config).await?;
+    let service = synthorg_api::build_service(&config, app, None)?;
+    let state = AdminState::new(service, token, config.enabled);
+    let mut runtime_config = RuntimeConfig::from(&config);
+    if let Some(secs) = args.schedule_secs {
+        runtime_config.schedule = std::time::Duration::from_secs(secs.max(1));
+    }
+    // Recovery and the startup backup happen before the listener exists.
+    let runtime = BackupRuntime::start(
+        state.clone(),
+        runtime_config,
+        Arc::new(adapters_fs::SystemClock),
+    )
+    .await;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    axum::serve(listener, synthorg_api::app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the API")?;
+    tracing::info!("shutting down: taking the shutdown backup");
+    runtime.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

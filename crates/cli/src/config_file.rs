@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use backup_core::BackupConfig;
+use backup_core::config::Secret;
 
 /// The default config file name looked up in the working directory.
 pub(crate) const DEFAULT_FILE: &str = "synthorg.yaml";
@@ -20,6 +22,8 @@ pub(crate) struct Loaded {
     pub(crate) config: BackupConfig,
     /// `path/to/synthorg.yaml` or `built-in defaults`.
     pub(crate) source: String,
+    /// `api.token` of the file, if any (the API's bearer token).
+    pub(crate) api_token: Option<Secret>,
 }
 
 /// The config file could not be read.
@@ -49,6 +53,7 @@ pub(crate) fn load(explicit: Option<&Path>) -> anyhow::Result<Loaded> {
         return Ok(Loaded {
             config,
             source: "built-in defaults".to_owned(),
+            api_token: None,
         });
     };
     let path = if path.is_relative() {
@@ -63,8 +68,22 @@ pub(crate) fn load(explicit: Option<&Path>) -> anyhow::Result<Loaded> {
     let base = path.parent().unwrap_or(&cwd);
     let config = BackupConfig::load(Some(&text), base)
         .map_err(|e| anyhow::Error::new(e).context(format!("in {}", path.display())))?;
+    let api_token = api_token(&text).with_context(|| format!("in {}", path.display()))?;
     Ok(Loaded {
         config,
         source: path.display().to_string(),
+        api_token,
     })
+}
+
+/// `api.token` of a config file (the admin API's bearer token).
+fn api_token(text: &str) -> anyhow::Result<Option<Secret>> {
+    use figment::providers::{Format, Yaml};
+    let figment = figment::Figment::from(Yaml::string(text));
+    match figment.extract_inner::<String>("api.token") {
+        Ok(token) if token.trim().is_empty() => anyhow::bail!("api.token is empty"),
+        Ok(token) => Ok(Some(Secret::new(token))),
+        Err(e) if e.missing() => Ok(None),
+        Err(e) => anyhow::bail!("api.token: {}", e.kind),
+    }
 }

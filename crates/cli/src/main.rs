@@ -44,6 +44,8 @@ enum Command {
     Restore(RestoreArgs),
     /// Roll back or finish an interrupted restore and remove leftovers of interrupted backups.
     Recover,
+    /// Run the admin REST API with the backup lifecycle (startup, scheduled and shutdown backups).
+    Serve(ServeArgs),
     /// Create a demo data directory and run backup, list, verify, change, restore and compare on it.
     Demo(DemoArgs),
     /// Inspect the configuration.
@@ -158,6 +160,19 @@ impl From<CliComponent> for Component {
             CliComponent::Checkpoints => Component::Checkpoints,
         }
     }
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Serve without a bearer token (only on a loopback address).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Seconds between scheduled backups, overriding backup.schedule_hours (testing).
+    #[arg(long, hide = true)]
+    schedule_secs: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -290,6 +305,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => commands::demo(&out, &args.dir, args.size, args.generate_only).await,
+        Command::Serve(args) => commands::serve(cli, args).await,
         Command::Recover => commands::recover(&out, &commands::Context::load(cli).await?).await,
         Command::Restore(args) => {
             commands::restore(&out, &commands::Context::load(cli).await?, args).await

@@ -199,6 +199,17 @@ impl BackupService {
     ) -> Result<Manifest> {
         let timestamp = self.ports.clock.now();
         let id = self.next_id(trigger, timestamp).await?;
+        self.create_as(&id, timestamp, options).await
+    }
+
+    /// Creates the backup `id` (the caller holds the lock).
+    pub(super) async fn create_as(
+        &self,
+        id: &BackupId,
+        timestamp: chrono::DateTime<chrono::Utc>,
+        options: &CreateOptions,
+    ) -> Result<Manifest> {
+        let id = id.clone();
         let store = self.ports.store.as_ref();
         // A crashed earlier run may have left objects under this id.
         store.discard(&id).await?;

@@ -1,0 +1,187 @@
+//! [`BackupRuntime`]: the host lifecycle: recover and back up at start-up
+//! (before the host serves), back up on a schedule in the background, and
+//! back up synchronously on shutdown. A backup failure is logged at ERROR
+//! and never stops the host.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backup_core::ports::{Clock, Listed};
+use backup_core::{BackupConfig, BackupId, Error, Result, Trigger};
+use tokio::sync::watch;
+
+use crate::state::AdminState;
+
+/// What the runtime does, from `backup:`.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// `backup.enabled`: without it, no automatic backups at all.
+    pub enabled: bool,
+    /// Back up after recovery, before the host serves.
+    pub on_startup: bool,
+    /// Back up synchronously on shutdown.
+    pub on_shutdown: bool,
+    /// Time between scheduled backups.
+    pub schedule: Duration,
+    /// Longest the shutdown backup may take.
+    pub shutdown_timeout: Duration,
+}
+
+impl From<&BackupConfig> for RuntimeConfig {
+    fn from(c: &BackupConfig) -> Self {
+        RuntimeConfig {
+            enabled: c.enabled,
+            on_startup: c.on_startup,
+            on_shutdown: c.on_shutdown,
+            schedule: Duration::from_secs(u64::from(c.schedule_hours) * 3600),
+            shutdown_timeout: Duration::from_secs(u64::from(c.shutdown_timeout_secs)),
+        }
+    }
+}
+
+/// The running lifecycle. Start it once, before the host accepts work.
+#[derive(Debug)]
+pub struct BackupRuntime {
+    state: AdminState,
+    config: RuntimeConfig,
+    stop: watch::Sender<bool>,
+    scheduler: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl BackupRuntime {
+    /// Runs `recover()`, then (with `on_startup`) the startup backup, and
+    /// starts the scheduler. Returns when the startup backup is done or
+    /// failed (logged at ERROR): the host starts either way.
+    pub async fn start(
+        state: AdminState,
+        config: RuntimeConfig,
+        clock: Arc<dyn Clock>,
+    ) -> BackupRuntime {
+        match state.service().recover().await {
+            Ok(done) if !done.is_empty() => {
+                tracing::warn!(actions = ?done, "recovered from an interrupted operation")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "recovery at start-up failed"),
+        }
+        if config.enabled && config.on_startup {
+            log_outcome(
+                Trigger::Startup,
+                state.run_backup(Trigger::Startup, BTreeMap::new()).await,
+            );
+        }
+        let (stop, stopped) = watch::channel(false);
+        let scheduler = config
+            .enabled
+            .then(|| tokio::spawn(schedule(state.clone(), config.schedule, clock, stopped)));
+        BackupRuntime {
+            state,
+            config,
+            stop,
+            scheduler,
+        }
+    }
+
+    /// The shared state (for the router).
+    pub fn state(&self) -> &AdminState {
+        &self.state
+    }
+
+    /// Takes a pinned `pre-migration` backup labelled `migration: from->to`;
+    /// the host calls it before running schema migrations.
+    ///
+    /// # Errors
+    /// As a backup; the host should not migrate without it.
+    pub async fn before_migration(&self, from: i64, to: i64) -> Result<BackupId> {
+        let labels = BTreeMap::from([("migration".to_owned(), format!("{from}->{to}"))]);
+        match self.state.run_backup(Trigger::PreMigration, labels).await {
+            Ok(m) => {
+                tracing::info!(backup_id = %m.id, from, to, "pre-migration backup done");
+                Ok(m.id)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, from, to, "pre-migration backup failed; do not migrate");
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the scheduler and (with `on_shutdown`) takes the shutdown
+    /// backup, bounded by the shutdown timeout. Returns when done.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(s) = self.scheduler.take() {
+            let _ = s.await;
+        }
+        if self.config.enabled && self.config.on_shutdown {
+            let run = self.state.run_backup(Trigger::Shutdown, BTreeMap::new());
+            match tokio::time::timeout(self.config.shutdown_timeout, run).await {
+                Ok(result) => log_outcome(Trigger::Shutdown, result),
+                Err(_) => tracing::error!(
+                    timeout_secs = self.config.shutdown_timeout.as_secs(),
+                    "shutdown backup timed out and was abandoned; nothing partial was published"
+                ),
+            }
+        }
+    }
+}
+
+fn log_outcome(trigger: Trigger, result: Result<backup_core::Manifest>) {
+    match result {
+        Ok(m) => tracing::info!(backup_id = %m.id, trigger = %trigger, "backup done"),
+        Err(Error::Busy { holder, .. }) => {
+            tracing::warn!(trigger = %trigger, holder = %holder, "backup skipped: another operation is running");
+        }
+        Err(e) => {
+            tracing::error!(trigger = %trigger, error = %e, "backup failed; the host keeps running")
+        }
+    }
+}
+
+/// Every `interval`, a scheduled backup; once at start if the newest
+/// backup is older than the interval. Never overlapping: each run is
+/// awaited, and a run that finds the lock taken is skipped.
+async fn schedule(
+    state: AdminState,
+    interval: Duration,
+    clock: Arc<dyn Clock>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let newest = match state.service().list().await {
+        Ok(listed) => listed.iter().find_map(|l| match l {
+            Listed::Complete(m) => Some(m.timestamp),
+            Listed::Damaged { .. } => None,
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "listing backups for the scheduler failed");
+            None
+        }
+    };
+    let age = newest.map(|t| {
+        clock
+            .now()
+            .signed_duration_since(t)
+            .to_std()
+            .unwrap_or_default()
+    });
+    if age.is_none_or(|a| a >= interval) {
+        log_outcome(
+            Trigger::Scheduled,
+            state.run_backup(Trigger::Scheduled, BTreeMap::new()).await,
+        );
+    }
+    loop {
+        tokio::select! {
+            () = clock.sleep(interval) => {}
+            _ = stopped.changed() => return,
+        }
+        if *stopped.borrow() {
+            return;
+        }
+        log_outcome(
+            Trigger::Scheduled,
+            state.run_backup(Trigger::Scheduled, BTreeMap::new()).await,
+        );
+    }
+}

@@ -1,0 +1,446 @@
+//! The admin API through the real router (`oneshot`), and the runtime's
+//! startup, scheduled, pre-migration and shutdown backups.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use backup_core::config::Secret;
+use backup_core::ports::Listed;
+use backup_core::{BackupService, Trigger};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use synthorg_api::{AdminState, BackupRuntime, RuntimeConfig, app};
+use synthorg_tests::Fixture;
+use tower::ServiceExt;
+
+const TOKEN: &str = "test-token-1234";
+
+fn router(service: BackupService, enabled: bool) -> Router {
+    app(AdminState::new(service, Some(Secret::new(TOKEN)), enabled))
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = match body {
+        Some(b) => req
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value, headers)
+}
+
+async fn wait_complete(app: &Router, id: &str) -> Value {
+    for _ in 0..200 {
+        let (status, body, _) = call(
+            app,
+            "GET",
+            &format!("/api/v1/admin/backups/{id}"),
+            None,
+            Some(TOKEN),
+        )
+        .await;
+        if status == StatusCode::OK && body["status"] != "running" {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("backup {id} did not finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_needs_the_token_except_healthz() {
+    let fx = Fixture::new(200_000).await;
+    let app = router(fx.service(&fx.config("")), true);
+    for (method, uri) in [
+        ("POST", "/api/v1/admin/backup"),
+        ("GET", "/api/v1/admin/backups"),
+        ("GET", "/api/v1/admin/backups/2026-03-15T14-30-00_manual"),
+        ("DELETE", "/api/v1/admin/backups/2026-03-15T14-30-00_manual"),
+        ("POST", "/api/v1/admin/restore"),
+        ("GET", "/api/v1/admin/openapi.json"),
+        ("GET", "/metrics"),
+    ] {
+        for token in [None, Some("wrong"), Some("test-token-123")] {
+            let (status, body, headers) = call(&app, method, uri, None, token).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {uri} with {token:?}"
+            );
+            assert_eq!(body["code"], "unauthorized");
+            assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        }
+    }
+    let (status, body, _) = call(&app, "GET", "/healthz", None, None).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_is_accepted_runs_in_the_background_and_is_idempotent() {
+    let fx = Fixture::new(500_000).await;
+    let app = router(fx.service(&fx.config("")), true);
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/admin/backup")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header("Idempotency-Key", "deploy-42")
+        .body(Body::empty())
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let location = res.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    let body: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/api/v1/admin/backups/{id}"));
+    assert_eq!(body["status_url"], location.as_str());
+
+    let again = Request::builder()
+        .method("POST")
+        .uri("/api/v1/admin/backup")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header("Idempotency-Key", "deploy-42")
+        .body(Body::empty())
+        .unwrap();
+    let res = app.clone().oneshot(again).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let body: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["id"], id.as_str(), "same key, same backup");
+    assert_eq!(body["repeated"], true);
+
+    let done = wait_complete(&app, &id).await;
+    assert_eq!(done["status"], "complete");
+    assert_eq!(done["manifest"]["trigger"], "manual");
+
+    let (status, _, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/backup",
+        Some(json!({"trigger": "scheduled"})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/backup",
+        Some(json!({"bogus": 1})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_with_a_cursor_and_show_delete_report_status_codes() {
+    let fx = Fixture::new(200_000).await;
+    let service = fx.service(&fx.config(""));
+    let pinned = service.create(Trigger::PreMigration).await.unwrap();
+    for _ in 0..2 {
+        service.create(Trigger::Manual).await.unwrap();
+    }
+    let app = router(service, true);
+    let (status, page1, _) = call(
+        &app,
+        "GET",
+        "/api/v1/admin/backups?limit=2",
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page1["items"].as_array().unwrap().len(), 2);
+    let cursor = page1["next_cursor"].as_str().unwrap().to_owned();
+    let (_, page2, _) = call(
+        &app,
+        "GET",
+        &format!("/api/v1/admin/backups?limit=2&cursor={cursor}"),
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    let items = page2["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["id"], pinned.id.to_string().as_str());
+    assert!(page2["next_cursor"].is_null());
+    for key in [
+        "id",
+        "trigger",
+        "timestamp",
+        "size_bytes",
+        "components",
+        "status",
+    ] {
+        assert!(items[0].get(key).is_some(), "{key}");
+    }
+
+    let (status, body, _) = call(
+        &app,
+        "GET",
+        "/api/v1/admin/backups/..%2F..%2Fetc",
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["code"], "invalid_id");
+    let (status, _, _) = call(
+        &app,
+        "GET",
+        "/api/v1/admin/backups?cursor=nonsense",
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body, _) = call(
+        &app,
+        "GET",
+        "/api/v1/admin/backups/2020-01-01T00-00-00_manual",
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "not_found");
+
+    let uri = format!("/api/v1/admin/backups/{}", pinned.id);
+    let (status, body, _) = call(&app, "DELETE", &uri, None, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["code"], "pinned");
+    let (status, _, _) = call(
+        &app,
+        "DELETE",
+        &format!("{uri}?force=true"),
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _, _) = call(
+        &app,
+        "DELETE",
+        &format!("{uri}?force=true"),
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_requires_confirmation_and_reports_restart_required() {
+    let fx = Fixture::new(300_000).await;
+    let service = fx.service(&fx.config(""));
+    let m = service.create(Trigger::Manual).await.unwrap();
+    let app = router(service, true);
+    let id = m.id.to_string();
+    let (status, body, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/restore",
+        Some(json!({"backup_id": id})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["code"], "not_confirmed");
+    let (status, body, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/restore",
+        Some(json!({"backup_id": id, "dry_run": true})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["dry_run"], true);
+    let (status, body, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/restore",
+        Some(json!({"backup_id": id, "confirm": true, "components": ["config"]})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["restart_required"], true);
+    assert!(body["safety_backup_id"].as_str().is_some());
+
+    let (status, body, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/restore",
+        Some(json!({"backup_id": "nope"})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_id"))
+    );
+    let (status, _, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/restore",
+        Some(json!({"backup_id": "2020-01-01T00-00-00_manual", "confirm": true})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/restore",
+        Some(json!({"backup_id": id, "confirm": "yes"})),
+        Some(TOKEN),
+    )
+    .await;
+    assert!(
+        status == StatusCode::BAD_REQUEST || status == StatusCode::UNPROCESSABLE_ENTITY,
+        "{status}"
+    );
+    let huge = json!({ "backup_id": "x".repeat(100_000) });
+    let (status, body, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/restore",
+        Some(huge),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+
+    let (status, doc, _) = call(&app, "GET", "/api/v1/admin/openapi.json", None, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::OK);
+    for path in ["/backup", "/backups", "/backups/{id}", "/restore"] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    let (status, metrics, _) = call(&app, "GET", "/metrics", None, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("synthorg_restores_total 1"), "{text}");
+    assert!(text.contains("synthorg_backups "), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_disabled_and_failing_store_answers() {
+    let fx = Fixture::new(200_000).await;
+    let config = fx.config("");
+    let app = router(fx.service(&config), true);
+    let lock = adapters_fs::FileLock::in_dir(&config.path);
+    let held = backup_core::ports::OperationLock::try_acquire(
+        &lock,
+        backup_core::ports::Operation::Restore,
+    )
+    .await
+    .unwrap();
+    let (status, body, _) = call(&app, "POST", "/api/v1/admin/backup", None, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["code"], "busy");
+    drop(held);
+
+    let (status, body, _) = call(
+        &router(fx.service(&config), false),
+        "POST",
+        "/api/v1/admin/backup",
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("backups_disabled"))
+    );
+
+    // The live database becomes unreadable: the backup fails, the server
+    // reports it and keeps serving; no internals leak.
+    std::fs::write(&fx.layout.database, b"garbage, not a database").unwrap();
+    let (status, body, _) = call(&app, "POST", "/api/v1/admin/backup", None, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let done = wait_complete(&app, body["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "failed");
+    let (status, _, _) = call(&app, "GET", "/healthz", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, metrics, _) = call(&app, "GET", "/metrics", None, Some(TOKEN)).await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("synthorg_backup_failures_total 1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_backs_up_at_startup_on_schedule_before_migration_and_at_shutdown() {
+    let fx = Fixture::new(200_000).await;
+    let config = fx.config("retention: {max_count: 100, max_age_days: 30}");
+    let state = AdminState::new(fx.service(&config), None, true);
+    let runtime_config = RuntimeConfig {
+        enabled: true,
+        on_startup: true,
+        on_shutdown: true,
+        schedule: Duration::from_millis(700),
+        shutdown_timeout: Duration::from_secs(60),
+    };
+    let runtime = BackupRuntime::start(
+        state.clone(),
+        runtime_config,
+        Arc::new(adapters_fs::SystemClock),
+    )
+    .await;
+    let triggers =
+        |listed: Vec<Listed>| listed.iter().map(|l| l.id().trigger()).collect::<Vec<_>>();
+    let at_start = triggers(state.service().list().await.unwrap());
+    assert!(
+        at_start.contains(&Trigger::Startup),
+        "startup backup done before start() returns: {at_start:?}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let pm = runtime.before_migration(3, 4).await.unwrap();
+    assert_eq!(
+        state.service().show(&pm).await.unwrap().labels["migration"],
+        "3->4"
+    );
+    runtime.shutdown().await;
+    let all = triggers(state.service().list().await.unwrap());
+    let scheduled = all.iter().filter(|t| **t == Trigger::Scheduled).count();
+    assert!(scheduled >= 2, "scheduled backups every 700 ms: {all:?}");
+    assert_eq!(
+        all[0],
+        Trigger::Shutdown,
+        "the shutdown backup is the newest: {all:?}"
+    );
+    assert!(all.contains(&Trigger::PreMigration));
+}
