@@ -427,7 +427,14 @@ async fn runtime_backs_up_at_startup_on_schedule_before_migration_and_at_shutdow
         "startup backup done before start() returns: {at_start:?}"
     );
 
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // Wait for two scheduled runs (each 700 ms after the previous one ended).
+    for _ in 0..200 {
+        let now = triggers(state.service().list().await.unwrap());
+        if now.iter().filter(|t| **t == Trigger::Scheduled).count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let pm = runtime.before_migration(3, 4).await.unwrap();
     assert_eq!(
         state.service().show(&pm).await.unwrap().labels["migration"],

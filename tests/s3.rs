@@ -169,14 +169,14 @@ async fn the_lease_is_renewed_while_held() {
         object_store::path::Path::from(".lock"),
         store.location(),
     )
-    .with_lease(Duration::from_millis(900));
+    .with_lease(Duration::from_millis(1500));
     let other = S3Lock::new(
         raw,
         object_store::path::Path::from(".lock"),
         store.location(),
     );
     let guard = lock.try_acquire(Operation::Backup).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await; // well past one lease
+    tokio::time::sleep(Duration::from_millis(4000)).await; // well past two leases
     assert!(
         other.try_acquire(Operation::Backup).await.is_err(),
         "still held: the lease was renewed"
