@@ -399,6 +399,24 @@ async fn busy_disabled_and_failing_store_answers() {
             .unwrap()
             .contains("synthorg_backup_failures_total 1")
     );
+
+    // The store itself breaks (the backup directory is replaced by a file):
+    // a clean 500 without internals, and the server keeps serving.
+    std::fs::remove_dir_all(&config.path).unwrap();
+    std::fs::write(&config.path, b"not a directory").unwrap();
+    let (status, body, _) = call(&app, "POST", "/api/v1/admin/backup", None, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(
+        !body["detail"]
+            .as_str()
+            .unwrap()
+            .contains(config.path.to_str().unwrap()),
+        "no internals: {body}"
+    );
+    let (status, _, _) = call(&app, "GET", "/api/v1/admin/backups", None, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let (status, _, _) = call(&app, "GET", "/healthz", None, None).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

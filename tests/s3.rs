@@ -253,7 +253,7 @@ async fn a_cancelled_upload_is_aborted_and_never_listed() {
             .bucket_files("cancel-test")
             .into_iter()
             .chain(
-                std::fs::read_dir(server.root.path())
+                std::fs::read_dir(&server.root)
                     .unwrap()
                     .map(|e| e.unwrap().path()),
             )

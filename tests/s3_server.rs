@@ -15,22 +15,30 @@ pub const ACCESS: &str = "synthorg-test-access";
 /// Its secret; tests check it never shows up in messages.
 pub const SECRET: &str = "synthorg-test-secret-do-not-print";
 
-/// An in-process S3 server rooted in a temp dir.
+/// An in-process S3 server rooted in a (temp) directory.
 pub struct Server {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its storage (one directory per bucket).
-    pub root: tempfile::TempDir,
+    pub root: PathBuf,
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl Server {
     /// Starts a server with `buckets` created.
     pub async fn start(buckets: &[&str]) -> Server {
-        let root = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut server = Server::start_in(temp.path(), buckets, 0).await;
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts a server storing into `root` on `port` (0: any free port).
+    pub async fn start_in(root: &std::path::Path, buckets: &[&str], port: u16) -> Server {
         for b in buckets {
-            std::fs::create_dir(root.path().join(b)).unwrap();
+            std::fs::create_dir_all(root.join(b)).unwrap();
         }
-        let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
+        let fs = s3s_fs::FileSystem::new(root).unwrap();
         let service = {
             let mut b = s3s::service::S3ServiceBuilder::new(fs);
             b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS, SECRET));
@@ -39,7 +47,9 @@ impl Server {
         // s3s-fs checks a conditional put and then writes; S3 does both
         // atomically. Serializing writes makes the emulator as atomic as S3.
         let gate = Arc::new(tokio::sync::Mutex::new(()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let http =
@@ -73,7 +83,11 @@ impl Server {
                 });
             }
         });
-        Server { addr, root }
+        Server {
+            addr,
+            root: root.to_path_buf(),
+            _temp: None,
+        }
     }
 
     /// A `backup.s3` config for `bucket` under `prefix`.
@@ -93,7 +107,7 @@ impl Server {
     /// Files of the bucket on the server's disk, for checking leftovers.
     pub fn bucket_files(&self, bucket: &str) -> Vec<PathBuf> {
         let mut out = Vec::new();
-        let mut stack = vec![self.root.path().join(bucket)];
+        let mut stack = vec![self.root.join(bucket)];
         while let Some(dir) = stack.pop() {
             for e in std::fs::read_dir(&dir).unwrap() {
                 let e = e.unwrap();

@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::id::Component;
 use crate::manifest::{MANIFEST_MAJOR, Manifest};
@@ -24,7 +24,7 @@ pub struct RunningApp {
 }
 
 /// One finding of [`check`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "code", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Finding {
@@ -99,7 +99,7 @@ impl fmt::Display for Finding {
 }
 
 /// All findings of [`check`]: any error refuses the restore.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompatReport {
     /// Findings that refuse the restore.
     pub errors: Vec<Finding>,

@@ -59,14 +59,7 @@ pub(crate) async fn create(out: &Output, ctx: &Context, args: &CreateArgs) -> an
         CliTrigger::Manual => Trigger::Manual,
         CliTrigger::PreMigration => Trigger::PreMigration,
     };
-    let mut labels = BTreeMap::new();
-    for raw in &args.labels {
-        let (k, v) = raw.split_once('=').ok_or_else(|| Exit {
-            code: exit::USAGE,
-            message: format!("label {raw:?} is not KEY=VALUE"),
-        })?;
-        labels.insert(k.trim().to_owned(), v.to_owned());
-    }
+    let labels = parse_labels(&args.labels)?;
     let options = CreateOptions {
         labels,
         progress: out.progress(),
@@ -74,6 +67,19 @@ pub(crate) async fn create(out: &Output, ctx: &Context, args: &CreateArgs) -> an
     };
     let manifest = ctx.service.create_with(trigger, options).await?;
     out.created(&manifest)
+}
+
+/// `KEY=VALUE` labels.
+pub(crate) fn parse_labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    for item in raw {
+        let (k, v) = item.split_once('=').ok_or_else(|| Exit {
+            code: exit::USAGE,
+            message: format!("label {item:?} is not KEY=VALUE"),
+        })?;
+        labels.insert(k.trim().to_owned(), v.to_owned());
+    }
+    Ok(labels)
 }
 
 pub(crate) async fn list(out: &Output, ctx: &Context, limit: Option<usize>) -> anyhow::Result<()> {
@@ -128,7 +134,17 @@ pub(crate) async fn recover(out: &Output, ctx: &Context) -> anyhow::Result<()> {
     out.recovered(&done)
 }
 
-pub(crate) async fn restore(out: &Output, ctx: &Context, args: &RestoreArgs) -> anyhow::Result<()> {
+/// Where a command runs: here, or on a `synthorg serve` (`--server`).
+pub(crate) enum Target {
+    Local(Context),
+    Remote(crate::remote::Remote),
+}
+
+pub(crate) async fn restore(
+    out: &Output,
+    target: &Target,
+    args: &RestoreArgs,
+) -> anyhow::Result<()> {
     let id = parse_id(&args.id)?;
     let components = (!args.only.is_empty()).then(|| {
         args.only
@@ -136,53 +152,61 @@ pub(crate) async fn restore(out: &Output, ctx: &Context, args: &RestoreArgs) -> 
             .map(|c| Component::from(*c))
             .collect::<Vec<_>>()
     });
-    let plan = ctx
-        .service
-        .restore(
-            &id,
-            RestoreOptions {
-                dry_run: true,
-                confirm: false,
-                components: components.clone(),
-            },
-        )
-        .await?;
+    let run = |dry_run: bool| {
+        let components = components.clone();
+        let id = id.clone();
+        async move {
+            match target {
+                Target::Local(ctx) => Ok(ctx
+                    .service
+                    .restore(
+                        &id,
+                        RestoreOptions {
+                            dry_run,
+                            confirm: !dry_run,
+                            components,
+                        },
+                    )
+                    .await?),
+                Target::Remote(remote) => remote.restore(&id, components, dry_run).await,
+            }
+        }
+    };
+    let plan = run(true).await?;
     if args.dry_run {
         return out.restore_report(&plan);
     }
     if !args.yes {
-        if !std::io::stdin().is_terminal() {
-            return Err(backup_core::Error::NotConfirmed {
-                operation: "restore (stdin is not a terminal: pass --yes)".into(),
-                id: id.to_string(),
-            }
-            .into());
-        }
-        out.restore_plan(&plan)?;
-        eprint!("Replace the live data with backup {id}? A safety backup is taken first. [y/N] ");
-        std::io::stderr().flush()?;
-        let mut answer = String::new();
-        std::io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES") {
-            return Err(backup_core::Error::NotConfirmed {
-                operation: "restore".into(),
-                id: id.to_string(),
-            }
-            .into());
-        }
+        confirm(out, &plan)?;
     }
-    let report = ctx
-        .service
-        .restore(
-            &id,
-            RestoreOptions {
-                dry_run: false,
-                confirm: true,
-                components,
-            },
-        )
-        .await?;
+    let report = run(false).await?;
     out.restore_report(&report)
+}
+
+/// Asks on a terminal; without one, `--yes` is required.
+fn confirm(out: &Output, plan: &backup_core::RestoreReport) -> anyhow::Result<()> {
+    let id = &plan.id;
+    if !std::io::stdin().is_terminal() {
+        return Err(backup_core::Error::NotConfirmed {
+            operation: "restore (stdin is not a terminal: pass --yes)".into(),
+            id: id.to_string(),
+        }
+        .into());
+    }
+    out.restore_plan(plan)?;
+    eprint!("Replace the live data with backup {id}? A safety backup is taken first. [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES") {
+        Ok(())
+    } else {
+        Err(backup_core::Error::NotConfirmed {
+            operation: "restore".into(),
+            id: id.to_string(),
+        }
+        .into())
+    }
 }
 
 pub(crate) async fn export(

@@ -8,6 +8,7 @@
 
 mod commands;
 mod config_file;
+mod remote;
 mod render;
 
 use std::path::PathBuf;
@@ -32,6 +33,12 @@ struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Send backup create/list/show/delete/restore to a running `synthorg serve`, e.g. http://127.0.0.1:8080.
+    #[arg(long, global = true, env = "SYNTHORG_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// Bearer token for --server (default: $SYNTHORG_TOKEN, else $SYNTHORG_API_TOKEN).
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -307,8 +314,10 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Demo(args) => commands::demo(&out, &args.dir, args.size, args.generate_only).await,
         Command::Serve(args) => commands::serve(cli, args).await,
         Command::Recover => commands::recover(&out, &commands::Context::load(cli).await?).await,
+        _ if cli.server.is_some() => remote(cli, &out).await,
         Command::Restore(args) => {
-            commands::restore(&out, &commands::Context::load(cli).await?, args).await
+            let target = commands::Target::Local(commands::Context::load(cli).await?);
+            commands::restore(&out, &target, args).await
         }
         Command::Backup(args) => {
             let ctx = commands::Context::load(cli).await?;
@@ -324,11 +333,72 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 Some(BackupCommand::Prune { dry_run }) => {
                     commands::prune(&out, &ctx, *dry_run).await
                 }
-                Some(BackupCommand::Restore(r)) => commands::restore(&out, &ctx, r).await,
+                Some(BackupCommand::Restore(r)) => {
+                    commands::restore(&out, &commands::Target::Local(ctx), r).await
+                }
                 Some(BackupCommand::Export { id, dir }) => {
                     commands::export(&out, &ctx, id, dir).await
                 }
             }
         }
     }
+}
+
+/// Remote mode: the commands that make sense against a server.
+async fn remote(cli: &Cli, out: &render::Output) -> anyhow::Result<()> {
+    let server = cli.server.as_deref().unwrap_or_default();
+    let token = cli
+        .token
+        .clone()
+        .or_else(|| std::env::var("SYNTHORG_TOKEN").ok())
+        .or_else(|| std::env::var("SYNTHORG_API_TOKEN").ok());
+    let remote = remote::Remote::new(server, token)?;
+    let id = |raw: &str| backup_core::BackupId::parse(raw).map_err(backup_core::Error::InvalidId);
+    let create = |args: &CreateArgs| {
+        let trigger = match args.trigger {
+            CliTrigger::Manual => "manual",
+            CliTrigger::PreMigration => "pre-migration",
+        };
+        (trigger, commands::parse_labels(&args.labels))
+    };
+    match &cli.command {
+        Command::Restore(args) => {
+            commands::restore(out, &commands::Target::Remote(remote), args).await
+        }
+        Command::Backup(args) => match &args.command {
+            None | Some(BackupCommand::Create(_)) => {
+                let c = match &args.command {
+                    Some(BackupCommand::Create(c)) => c,
+                    _ => &args.create,
+                };
+                let (trigger, labels) = create(c);
+                remote.create(out, trigger, &labels?).await
+            }
+            Some(BackupCommand::List { limit }) => remote.list(out, *limit).await,
+            Some(BackupCommand::Show { id: raw }) => remote.show(out, &id(raw)?).await,
+            Some(BackupCommand::Delete { id: raw, force }) => {
+                remote.delete(out, &id(raw)?, *force).await
+            }
+            Some(BackupCommand::Restore(r)) => {
+                commands::restore(out, &commands::Target::Remote(remote), r).await
+            }
+            Some(
+                BackupCommand::Verify { .. }
+                | BackupCommand::Prune { .. }
+                | BackupCommand::Export { .. },
+            ) => Err(not_remote()),
+        },
+        _ => Err(not_remote()),
+    }
+}
+
+fn not_remote() -> anyhow::Error {
+    Exit {
+        code: exit::USAGE,
+        message:
+            "with --server only backup create/list/show/delete/restore and restore are available; \
+                  run the others on the server's host"
+                .into(),
+    }
+    .into()
 }

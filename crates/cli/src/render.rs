@@ -77,30 +77,38 @@ fn listed_json(l: &Listed) -> serde_json::Value {
 
 impl Output {
     /// A progress receiver drawing on stderr, only on a terminal and never with `--json`.
+    /// A progress bar on stderr (bytes, rate, ETA per component), only on
+    /// a terminal and never with `--json`.
     pub(crate) fn progress(&self) -> Option<ProgressFn> {
         if self.json || !std::io::stderr().is_terminal() {
             return None;
         }
-        let f: ProgressFn = Arc::new(|p| {
-            let pct = (p.bytes_done * 100)
-                .checked_div(p.bytes_total)
-                .unwrap_or(100);
-            let phase = serde_json::to_value(p.phase)
-                .ok()
-                .and_then(|v| {
-                    v.get("component")
-                        .and_then(|c| c.as_str().map(str::to_owned))
-                })
-                .unwrap_or_else(|| "finishing".to_owned());
-            eprint!(
-                "\r\x1b[2K  {phase:<12} {pct:>3}%  {} / {}  files {}/{}",
-                bytes(p.bytes_done),
-                bytes(p.bytes_total),
-                p.files_done,
-                p.files_total
-            );
-            if pct >= 100 {
-                eprintln!();
+        let bar = indicatif::ProgressBar::new(0);
+        let style = indicatif::ProgressStyle::with_template(
+            "  {msg:<12} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .ok()?
+        .progress_chars("=> ");
+        bar.set_style(style);
+        let phase = Arc::new(std::sync::Mutex::new(None));
+        let f: ProgressFn = Arc::new(move |p| {
+            let Ok(mut current) = phase.lock() else {
+                return;
+            };
+            if *current != Some(p.phase) {
+                *current = Some(p.phase);
+                bar.reset();
+                let name = match p.phase {
+                    backup_core::service::Phase::Backup(c) => c.to_string(),
+                    backup_core::service::Phase::Verify => "verify".into(),
+                    backup_core::service::Phase::Finish => "finishing".into(),
+                };
+                bar.set_message(name);
+            }
+            bar.set_length(p.bytes_total);
+            bar.set_position(p.bytes_done);
+            if p.phase == backup_core::service::Phase::Finish {
+                bar.finish_and_clear();
             }
         });
         Some(f)
@@ -152,12 +160,15 @@ impl Output {
     }
 
     pub(crate) fn list(&self, listed: &[Listed]) -> anyhow::Result<()> {
+        self.list_items(&listed.iter().map(listed_json).collect::<Vec<_>>())
+    }
+
+    /// Renders list items of the documented JSON shape (local or remote).
+    pub(crate) fn list_items(&self, items: &[serde_json::Value]) -> anyhow::Result<()> {
         if self.json {
-            return print_json(&serde_json::Value::Array(
-                listed.iter().map(listed_json).collect(),
-            ));
+            return print_json(&serde_json::Value::Array(items.to_vec()));
         }
-        if listed.is_empty() {
+        if items.is_empty() {
             println!("no backups");
             return Ok(());
         }
@@ -165,34 +176,43 @@ impl Output {
             "{:<34} {:<14} {:>9} {:>10}  {:<38} STATUS",
             "ID", "TRIGGER", "AGE", "SIZE", "COMPONENTS"
         );
-        for l in listed {
-            match l {
-                Listed::Complete(m) => println!(
-                    "{:<34} {:<14} {:>9} {:>10}  {:<38} {}",
-                    m.id.to_string(),
-                    m.trigger.to_string(),
-                    age(m.timestamp),
-                    bytes(m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes)),
-                    m.components
-                        .iter()
-                        .map(ToString::to_string)
+        for item in items {
+            let text = |k: &str| item[k].as_str().unwrap_or("-").to_owned();
+            let when = item["timestamp"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map_or_else(|| "-".to_owned(), |t| age(t.to_utc()));
+            let size = item["stored_bytes"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), bytes);
+            let components = item["components"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c.as_str())
                         .collect::<Vec<_>>()
-                        .join(","),
-                    if m.is_pinned() {
-                        "complete (pinned)"
-                    } else {
-                        "complete"
-                    }
+                        .join(",")
+                })
+                .unwrap_or_else(|| "-".to_owned());
+            let status = match (text("status").as_str(), item["pinned"].as_bool()) {
+                ("complete", Some(true)) => "complete (pinned)".to_owned(),
+                ("damaged", _) => format!(
+                    "damaged: {}",
+                    item["reason"]
+                        .as_str()
+                        .or(item["error"].as_str())
+                        .unwrap_or("")
                 ),
-                Listed::Damaged { id, reason } => println!(
-                    "{:<34} {:<14} {:>9} {:>10}  {:<38} damaged: {reason}",
-                    id.to_string(),
-                    id.trigger().to_string(),
-                    age(id.timestamp()),
-                    "-",
-                    "-"
-                ),
-            }
+                (s, _) => s.to_owned(),
+            };
+            println!(
+                "{:<34} {:<14} {:>9} {:>10}  {:<38} {status}",
+                text("id"),
+                text("trigger"),
+                when,
+                size,
+                components
+            );
         }
         Ok(())
     }

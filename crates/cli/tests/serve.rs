@@ -87,3 +87,101 @@ async fn serve_refuses_to_start_without_a_token_unless_loopback_and_insecure() {
     let out = demo.run(&["serve", "--listen", "0.0.0.0:0", "--insecure-no-auth"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// Starts `synthorg serve` on a random port; returns the child and address.
+fn start_serve(demo: &Demo, token: &str) -> (std::process::Child, String) {
+    let mut child = demo
+        .command(&["serve", "--listen", "127.0.0.1:0"])
+        .env("SYNTHORG_API_TOKEN", token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    (child, addr)
+}
+
+#[tokio::test]
+async fn remote_mode_drives_a_running_server() {
+    let demo = Demo::new(300_000).await;
+    let (mut child, addr) = start_serve(&demo, "remote-token");
+    let server = format!("http://{addr}");
+    let remote = |args: &[&str]| {
+        let mut all = vec!["--server", server.as_str(), "--token", "remote-token"];
+        all.extend_from_slice(args);
+        Command::new(common::bin())
+            .args(&all)
+            .current_dir(demo.dir.path())
+            .env_remove("SYNTHORG_CONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = remote(&["backup", "--json", "--label", "why=remote"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["labels"]["why"], "remote");
+
+    let out = remote(&["backup", "list", "--json"]);
+    let items: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        items
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == id.as_str())
+    );
+    let table = String::from_utf8_lossy(&remote(&["backup", "list"]).stdout).into_owned();
+    assert!(table.contains(&id) && table.contains("startup"), "{table}");
+    let out = remote(&["backup", "show", &id, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    std::fs::write(&demo.layout.company_config, b"company: {name: changed}\n").unwrap();
+    let out = remote(&["restore", &id, "--only", "config"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "no terminal, no --yes: {}",
+        stderr(&out)
+    );
+    let out = remote(&["restore", &id, "--only", "config", "--yes", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["restart_required"], true);
+    assert_ne!(
+        std::fs::read(&demo.layout.company_config).unwrap(),
+        b"company: {name: changed}\n"
+    );
+
+    let out = remote(&["backup", "delete", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = remote(&["backup", "show", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = remote(&["backup", "verify", &id]);
+    assert_eq!(out.status.code(), Some(2), "verify is local only");
+    let out = remote(&["backup", "show", "../x"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = Command::new(common::bin())
+        .args(["--server", &server, "--token", "wrong", "backup", "list"])
+        .env_remove("SYNTHORG_API_TOKEN")
+        .env_remove("SYNTHORG_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("401"), "{}", stderr(&out));
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}

@@ -12,7 +12,7 @@
 //! Any failure before step 5 discards the staging and leaves live data
 //! untouched; a failure inside step 5 is rolled back by the target.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::read::read_backup;
 use super::{BackupService, CreateOptions};
@@ -34,7 +34,7 @@ pub struct RestoreOptions {
 }
 
 /// One component a restore replaces.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Replaced {
     /// The component.
     pub component: Component,
@@ -47,7 +47,7 @@ pub struct Replaced {
 }
 
 /// What a restore did (or, with `dry_run`, would do).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreReport {
     /// The backup restored.
     pub id: BackupId,

@@ -1,0 +1,17 @@
+//! `synthorg-s3-server DIR BUCKET`: the tests' in-process S3 server as a
+//! process, for bench/run. Prints `listening on ADDR`, then serves until
+//! killed. Credentials: see `synthorg_tests::s3_server::{ACCESS, SECRET}`.
+
+use synthorg_tests::s3_server::Server;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (Some(dir), Some(bucket)) = (args.next(), args.next()) else {
+        anyhow::bail!("usage: synthorg-s3-server DIR BUCKET");
+    };
+    let server = Server::start_in(std::path::Path::new(&dir), &[bucket.as_str()], 0).await;
+    println!("listening on {}", server.addr);
+    std::future::pending::<()>().await;
+    Ok(())
+}
