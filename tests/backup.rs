@@ -329,3 +329,54 @@ async fn a_cancelled_backup_publishes_nothing_and_recover_clears_its_leftovers()
     let m = service.create(Trigger::Manual).await.unwrap();
     assert!(service.verify(&m.id).await.unwrap().ok);
 }
+
+#[tokio::test]
+async fn verify_and_restore_report_progress() {
+    let fx = Fixture::new(300_000).await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = std::sync::Arc::clone(&seen);
+    let service = fx
+        .service(&fx.config(""))
+        .with_progress(Some(std::sync::Arc::new(
+            move |p: &backup_core::Progress| {
+                s.lock().unwrap().push(p.clone());
+            },
+        )));
+    let m = service.create(Trigger::Manual).await.unwrap();
+    assert!(service.verify(&m.id).await.unwrap().ok);
+    {
+        let seen = seen.lock().unwrap();
+        let verify: Vec<_> = seen
+            .iter()
+            .filter(|p| p.phase == backup_core::service::Phase::Verify)
+            .collect();
+        assert!(verify.len() > 1);
+        assert!(
+            verify
+                .windows(2)
+                .all(|w| w[0].bytes_done <= w[1].bytes_done),
+            "monotonic"
+        );
+        let last = verify.last().unwrap();
+        assert_eq!(
+            (last.bytes_done, last.files_done),
+            (m.size_bytes, m.files.len() as u64)
+        );
+    }
+    seen.lock().unwrap().clear();
+    service
+        .restore(
+            &m.id,
+            backup_core::RestoreOptions {
+                confirm: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.iter()
+            .any(|p| p.phase == backup_core::service::Phase::Restore && p.files_done > 0)
+    );
+}

@@ -369,11 +369,15 @@ async fn refusals_leave_live_data_byte_for_byte_unchanged() {
         "{err}"
     );
     let listed_now = gz.list().await.unwrap();
-    assert!(
-        listed_now
-            .iter()
-            .any(|l| matches!(l, Listed::Damaged { id, .. } if *id == archived.id))
-    );
+    // Listing reads the small summaries; the damaged sidecar shows on use.
+    assert!(matches!(
+        gz.show(&archived.id).await,
+        Err(Error::Manifest { .. })
+    ));
+    assert!(matches!(
+        gz.verify(&archived.id).await,
+        Err(Error::Manifest { .. })
+    ));
 
     assert_eq!(synthorg_tests::raw_bytes(&fx.layout), raw);
     assert_eq!(listed_now.len(), listed, "no safety backup was taken");

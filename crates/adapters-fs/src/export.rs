@@ -138,7 +138,9 @@ impl EntrySink for ExportDir {
         let Some((file, path)) = self.current.take() else {
             return Err(Error::Cancelled("file end outside a file".into()));
         };
-        fsio::finish_file(file, entry.mode, entry.mtime)
+        // Like `tar x`, an export is not fsynced file by file (it is
+        // renamed into place only once complete); restore staging is.
+        fsio::finish_file(file, entry.mode, entry.mtime, false)
             .await
             .map_err(|e| err(&path, e))
     }

@@ -181,17 +181,21 @@ pub(crate) async fn create_new_file(path: &Path) -> io::Result<tokio::fs::File> 
         .await
 }
 
-/// Flushes and fsyncs restored content, then applies its mode and mtime.
+/// Flushes restored content (and fsyncs it when `durable`), then applies
+/// its mode and mtime.
 pub(crate) async fn finish_file(
     mut file: tokio::fs::File,
     mode: Option<u32>,
     mtime: Option<i64>,
+    durable: bool,
 ) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     file.flush().await?;
     let file = file.into_std().await;
     tokio::task::spawn_blocking(move || {
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         if let Some(secs) = mtime.and_then(|s| u64::try_from(s).ok()) {
             file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))?;
         }

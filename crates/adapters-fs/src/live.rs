@@ -489,7 +489,8 @@ impl EntrySink for FsStaging {
         let Some((file, path, c)) = self.current.take() else {
             return Err(Error::Cancelled("file end outside a file".into()));
         };
-        fsio::finish_file(file, entry.mode, entry.mtime)
+        // Staged files must be durable before the swap makes them live.
+        fsio::finish_file(file, entry.mode, entry.mtime, true)
             .await
             .map_err(|e| source_err(c, &path, e))
     }

@@ -18,11 +18,12 @@ use async_trait::async_trait;
 use backup_core::manifest::MAX_MANIFEST_BYTES;
 use backup_core::path::MANIFEST_FILE;
 use backup_core::ports::{BackupStore, ByteStream, Listed, ObjectName};
-use backup_core::{BackupId, Compression, Error, Manifest, Result};
+use backup_core::{BackupId, Compression, Error, Manifest, Result, Summary};
 
 use crate::fsio::{self, TEMP_MARKER};
 
 const SIDECAR_SUFFIX: &str = ".manifest.json";
+const SUMMARY_SUFFIX: &str = ".summary.json";
 
 /// A [`BackupStore`] on a local directory.
 #[derive(Debug, Clone)]
@@ -51,6 +52,21 @@ impl LocalFsStore {
         &self.root
     }
 
+    fn summary_path(&self, id: &BackupId) -> PathBuf {
+        self.root.join(format!("{id}{SUMMARY_SUFFIX}"))
+    }
+
+    /// The summary of a published backup: the small summary object, or
+    /// (missing or unreadable) the sidecar.
+    async fn read_summary(&self, id: &BackupId) -> Result<Summary> {
+        if let Ok(bytes) = fsio::read_capped(&self.summary_path(id), MAX_MANIFEST_BYTES).await
+            && let Ok(summary) = Summary::from_json(&bytes, id)
+        {
+            return Ok(summary);
+        }
+        self.read_sidecar(id).await.map(|m| Summary::from(&m))
+    }
+
     fn sidecar_path(&self, id: &BackupId) -> PathBuf {
         self.root.join(format!("{id}{SIDECAR_SUFFIX}"))
     }
@@ -68,11 +84,12 @@ impl LocalFsStore {
     }
 
     /// Every data path a backup may occupy (archives and directory form).
-    fn data_paths(&self, id: &BackupId) -> [PathBuf; 3] {
+    fn data_paths(&self, id: &BackupId) -> [PathBuf; 4] {
         [
             self.object_path(id, &ObjectName::Archive(Compression::Gzip)),
             self.object_path(id, &ObjectName::Archive(Compression::Zstd)),
             self.root.join(id.to_string()),
+            self.summary_path(id),
         ]
     }
 
@@ -172,6 +189,7 @@ fn id_of_data_name(name: &str) -> Option<BackupId> {
     let stem = name
         .strip_suffix(".tar.gz")
         .or_else(|| name.strip_suffix(".tar.zst"))
+        .or_else(|| name.strip_suffix(SUMMARY_SUFFIX))
         .unwrap_or(name);
     BackupId::parse(stem).ok()
 }
@@ -191,7 +209,7 @@ impl BackupStore for LocalFsStore {
             let Ok(id) = BackupId::parse(stem) else {
                 continue; // foreign file
             };
-            match self.read_sidecar(&id).await {
+            match self.read_summary(&id).await {
                 Ok(m) => out.push(Listed::Complete(Box::new(m))),
                 Err(Error::NotFound { .. }) => {} // deleted meanwhile
                 Err(e) => {
@@ -240,6 +258,15 @@ impl BackupStore for LocalFsStore {
     }
 
     async fn publish(&self, manifest: &Manifest) -> Result<()> {
+        let summary_path = self.summary_path(&manifest.id);
+        let summary =
+            serde_json::to_vec(&Summary::from(manifest)).map_err(|e| Error::Manifest {
+                id: manifest.id.to_string(),
+                source: e.into(),
+            })?;
+        fsio::write_bytes_atomically(&summary_path, summary)
+            .await
+            .map_err(|e| self.io_err(&summary_path, "write summary", e))?;
         let path = self.sidecar_path(&manifest.id);
         let json = manifest.to_json().map_err(|source| Error::Manifest {
             id: manifest.id.to_string(),

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use backup_core::manifest::MAX_MANIFEST_BYTES;
 use backup_core::path::MANIFEST_FILE;
 use backup_core::ports::{BackupStore, ByteStream, Listed, ObjectName};
-use backup_core::{BackupId, Compression, Error, Manifest, ManifestError, Result};
+use backup_core::{BackupId, Compression, Error, Manifest, ManifestError, Result, Summary};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
@@ -25,6 +25,7 @@ pub const PARTS_IN_FLIGHT: usize = 2;
 /// Sidecars fetched concurrently when listing.
 const LIST_CONCURRENCY: usize = 16;
 const SIDECAR_SUFFIX: &str = ".manifest.json";
+const SUMMARY_SUFFIX: &str = ".summary.json";
 
 /// A [`BackupStore`] on an S3-compatible bucket.
 #[derive(Debug, Clone)]
@@ -69,6 +70,22 @@ impl S3Store {
 
     fn prefix_path(&self) -> Option<Path> {
         (!self.prefix.is_empty()).then(|| Path::from_iter(self.prefix.iter().map(String::as_str)))
+    }
+
+    fn summary_key(&self, id: &BackupId) -> Path {
+        self.key(&format!("{id}{SUMMARY_SUFFIX}"))
+    }
+
+    /// The summary object, or (missing or unreadable) the sidecar's summary.
+    async fn read_summary(&self, id: &BackupId) -> Result<Summary> {
+        if let Ok(bytes) = self
+            .read_capped(&self.summary_key(id), MAX_MANIFEST_BYTES)
+            .await
+            && let Ok(summary) = Summary::from_json(&bytes, id)
+        {
+            return Ok(summary);
+        }
+        self.read_sidecar(id).await.map(|m| Summary::from(&m))
     }
 
     fn sidecar_key(&self, id: &BackupId) -> Path {
@@ -162,7 +179,7 @@ impl S3Store {
     /// returns whether anything existed.
     async fn delete_data(&self, id: &BackupId) -> Result<bool> {
         let mut existed = false;
-        for ext in [".tar.gz", ".tar.zst"] {
+        for ext in [".tar.gz", ".tar.zst", SUMMARY_SUFFIX] {
             let key = self.key(&format!("{id}{ext}"));
             // S3 deletes succeed for missing keys: ask first.
             if !self.exists(&key).await? {
@@ -233,7 +250,7 @@ impl BackupStore for S3Store {
             .collect();
         let mut out: Vec<Listed> = futures::stream::iter(ids)
             .map(|id| async move {
-                match self.read_sidecar(&id).await {
+                match self.read_summary(&id).await {
                     Ok(m) => Ok(Some(Listed::Complete(Box::new(m)))),
                     Err(Error::NotFound { .. }) => Ok(None),
                     Err(e @ Error::Manifest { .. }) => {
@@ -327,6 +344,16 @@ impl BackupStore for S3Store {
     }
 
     async fn publish(&self, manifest: &Manifest) -> Result<()> {
+        let summary_key = self.summary_key(&manifest.id);
+        let summary =
+            serde_json::to_vec(&Summary::from(manifest)).map_err(|e| Error::Manifest {
+                id: manifest.id.to_string(),
+                source: e.into(),
+            })?;
+        self.store
+            .put(&summary_key, summary.into())
+            .await
+            .map_err(|e| map_err(&self.location, &summary_key, e))?;
         let key = self.sidecar_key(&manifest.id);
         let json = manifest.to_json().map_err(|source| Error::Manifest {
             id: manifest.id.to_string(),
@@ -372,6 +399,7 @@ impl BackupStore for S3Store {
             .filter_map(|n| {
                 n.strip_suffix(".tar.gz")
                     .or_else(|| n.strip_suffix(".tar.zst"))
+                    .or_else(|| n.strip_suffix(SUMMARY_SUFFIX))
             })
             .chain(dirs.iter().map(String::as_str));
         let mut seen = std::collections::HashSet::new();

@@ -265,7 +265,7 @@ fn item(l: &Listed) -> Value {
         Listed::Complete(m) => json!({
             "id": m.id, "status": "complete", "trigger": m.trigger, "timestamp": m.timestamp,
             "size_bytes": m.size_bytes,
-            "stored_bytes": m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes),
+            "stored_bytes": m.stored_bytes,
             "components": m.components, "pinned": m.is_pinned(),
         }),
         Listed::Damaged { id, reason } => json!({

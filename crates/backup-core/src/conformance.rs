@@ -133,7 +133,7 @@ pub async fn put_get_publish_list_delete(target: &dyn Target) {
     store.publish(&manifest).await.unwrap();
     let listed = store.list().await.unwrap();
     assert!(
-        matches!(&listed[..], [Listed::Complete(m)] if **m == manifest),
+        matches!(&listed[..], [Listed::Complete(m)] if **m == crate::manifest::Summary::from(&manifest)),
         "{listed:?}"
     );
     assert_eq!(store.manifest(&id).await.unwrap(), manifest);

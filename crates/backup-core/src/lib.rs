@@ -31,7 +31,7 @@ pub use config::{BackupConfig, Compression, ConfigError};
 pub use digest::{Checksum, Sha256Digest, Sha256Hasher};
 pub use error::{Error, ErrorKind, Result};
 pub use id::{BackupId, Component, IdError, Trigger};
-pub use manifest::{Manifest, ManifestError};
+pub use manifest::{Manifest, ManifestError, Summary};
 pub use path::ArchivePath;
 pub use service::{
     BackupService, CreateOptions, Ports, Progress, RestoreOptions, RestoreReport, Settings,

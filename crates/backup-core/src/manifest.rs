@@ -409,6 +409,94 @@ impl Manifest {
     }
 }
 
+/// What a listing shows of a backup: its manifest without the file list.
+/// Stores publish it as `<id>.summary.json` next to the sidecar, so that
+/// listing reads a few hundred bytes per backup instead of every file
+/// entry. It is derived data: the sidecar manifest stays authoritative.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Format version of the manifest it summarizes.
+    pub version: ManifestVersion,
+    /// The backup's id.
+    pub id: BackupId,
+    /// Version of the SynthOrg app whose data this is.
+    pub synthorg_version: semver::Version,
+    /// When the backup was started (UTC).
+    pub timestamp: DateTime<Utc>,
+    /// Why it was taken.
+    pub trigger: Trigger,
+    /// Components held.
+    pub components: Vec<Component>,
+    /// `PRAGMA user_version` of `synthorg.db`, when included.
+    pub db_schema_version: Option<i64>,
+    /// Total size of all files, uncompressed.
+    pub size_bytes: u64,
+    /// Bytes as stored (the archive, or the files of the directory form).
+    pub stored_bytes: u64,
+    /// Number of files.
+    pub file_count: u64,
+    /// The tree checksum.
+    pub checksum: Checksum,
+    /// How it is stored.
+    pub compression: Compression,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Summary {
+    /// Whether retention must leave this backup alone.
+    pub fn is_pinned(&self) -> bool {
+        self.trigger.is_pinned()
+    }
+
+    /// Parses a summary with the manifest's size cap and version rule; it
+    /// must name `id`.
+    ///
+    /// # Errors
+    /// As [`Manifest::from_json`]; `Inconsistent` for another id.
+    pub fn from_json(bytes: &[u8], id: &BackupId) -> Result<Summary, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge {
+                size: bytes.len() as u64,
+            });
+        }
+        let summary: Summary = serde_json::from_slice(bytes)?;
+        if summary.version.major != MANIFEST_MAJOR {
+            return Err(ManifestError::UnsupportedVersion {
+                found: summary.version.to_string(),
+            });
+        }
+        if &summary.id != id || summary.trigger != id.trigger() {
+            return Err(ManifestError::Inconsistent(format!(
+                "summary of {id} names {}",
+                summary.id
+            )));
+        }
+        Ok(summary)
+    }
+}
+
+impl From<&Manifest> for Summary {
+    fn from(m: &Manifest) -> Summary {
+        Summary {
+            version: m.version,
+            id: m.id.clone(),
+            synthorg_version: m.synthorg_version.clone(),
+            timestamp: m.timestamp,
+            trigger: m.trigger,
+            components: m.components.clone(),
+            db_schema_version: m.db_schema_version,
+            size_bytes: m.size_bytes,
+            stored_bytes: m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes),
+            file_count: m.files.len() as u64,
+            checksum: m.checksum,
+            compression: m.compression,
+            labels: m.labels.clone(),
+        }
+    }
+}
+
 /// The manifest checksum: SHA-256 over every entry sorted by path (byte
 /// order), each encoded as one line:
 ///

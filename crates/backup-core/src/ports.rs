@@ -17,7 +17,7 @@ use futures::stream::BoxStream;
 use crate::config::Compression;
 use crate::error::Result;
 use crate::id::{BackupId, Component};
-use crate::manifest::{DirEntry, FileEntry, Manifest, SymlinkEntry};
+use crate::manifest::{DirEntry, FileEntry, Manifest, Summary, SymlinkEntry};
 use crate::path::ArchivePath;
 
 /// Name prefix of the scratch directories that sources create next to the
@@ -41,8 +41,8 @@ pub enum ObjectName {
 /// One entry of [`BackupStore::list`].
 #[derive(Debug, Clone)]
 pub enum Listed {
-    /// A published backup with a valid sidecar.
-    Complete(Box<Manifest>),
+    /// A published backup, as its summary.
+    Complete(Box<Summary>),
     /// A sidecar that exists but cannot be read or validated.
     Damaged {
         /// The id from the sidecar's name.
@@ -82,10 +82,11 @@ pub trait BackupStore: Debug + Send + Sync + 'static {
     /// `s3://bucket/prefix`. Never contains secrets.
     fn location(&self) -> String;
 
-    /// All published backups, from their sidecars only, newest first.
-    /// A sidecar that cannot be parsed is returned as [`Listed::Damaged`]
-    /// instead of failing the listing; foreign and incomplete entries are
-    /// skipped.
+    /// All published backups, newest first: every backup with a sidecar,
+    /// described by its small summary object (or, when that is missing,
+    /// by the sidecar itself). One that cannot be read is returned as
+    /// [`Listed::Damaged`] instead of failing the listing; foreign and
+    /// incomplete entries are skipped.
     ///
     /// # Errors
     /// Only when the location itself cannot be listed (missing bucket,
@@ -113,7 +114,8 @@ pub trait BackupStore: Debug + Send + Sync + 'static {
     /// `NotFound` when the object does not exist; `Store` otherwise.
     async fn get(&self, id: &BackupId, object: &ObjectName) -> Result<ByteStream>;
 
-    /// Publishes the sidecar manifest: the commit point of a backup. Atomic.
+    /// Publishes the backup: writes its summary (`<id>.summary.json`), then
+    /// the sidecar manifest, the commit point. Each write is atomic.
     ///
     /// # Errors
     /// `Store` naming the key; the backup then stays unpublished.

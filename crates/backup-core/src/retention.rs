@@ -61,6 +61,16 @@ pub struct Candidate {
     pub trigger: Trigger,
 }
 
+impl From<&crate::manifest::Summary> for Candidate {
+    fn from(m: &crate::manifest::Summary) -> Self {
+        Candidate {
+            id: m.id.clone(),
+            timestamp: m.timestamp,
+            trigger: m.trigger,
+        }
+    }
+}
+
 impl From<&Manifest> for Candidate {
     fn from(m: &Manifest) -> Self {
         Candidate {

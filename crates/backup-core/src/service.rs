@@ -84,8 +84,10 @@ pub struct Progress {
 pub enum Phase {
     /// Snapshotting and archiving one component.
     Backup(Component),
-    /// Re-reading a backup to verify it.
+    /// Re-reading a backup to verify or export it.
     Verify,
+    /// Reading a backup into staging for a restore.
+    Restore,
     /// Publishing the manifest and applying retention.
     Finish,
 }
@@ -148,11 +150,23 @@ pub struct Ports {
 }
 
 /// Create, list, show, verify, delete and prune backups.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BackupService {
     settings: Settings,
     ports: Ports,
     app: RunningApp,
+    /// Receives progress of verify, export and restore.
+    progress: Option<ProgressFn>,
+}
+
+impl std::fmt::Debug for BackupService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupService")
+            .field("settings", &self.settings)
+            .field("ports", &self.ports)
+            .field("app", &self.app)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BackupService {
@@ -165,6 +179,7 @@ impl BackupService {
             settings,
             ports,
             app,
+            progress: None,
         };
         service.check_sources(&service.settings.include)?;
         for s in &service.ports.sources {
@@ -194,6 +209,15 @@ impl BackupService {
                 reason: format!("component {c} has no source configured"),
             })),
             None => Ok(()),
+        }
+    }
+
+    /// The same service, reporting the progress of verify, export and
+    /// restore to `progress` (backups take theirs in [`CreateOptions`]).
+    pub fn with_progress(&self, progress: Option<ProgressFn>) -> BackupService {
+        BackupService {
+            progress,
+            ..self.clone()
         }
     }
 

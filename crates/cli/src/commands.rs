@@ -96,7 +96,11 @@ pub(crate) async fn show(out: &Output, ctx: &Context, id: &str) -> anyhow::Resul
 }
 
 pub(crate) async fn verify(out: &Output, ctx: &Context, id: &str) -> anyhow::Result<()> {
-    let report = ctx.service.verify(&parse_id(id)?).await?;
+    let report = ctx
+        .service
+        .with_progress(out.progress())
+        .verify(&parse_id(id)?)
+        .await?;
     out.verified(&report)?;
     if report.ok {
         Ok(())
@@ -159,6 +163,7 @@ pub(crate) async fn restore(
             match target {
                 Target::Local(ctx) => Ok(ctx
                     .service
+                    .with_progress(out.progress())
                     .restore(
                         &id,
                         RestoreOptions {
@@ -217,7 +222,12 @@ pub(crate) async fn export(
 ) -> anyhow::Result<()> {
     let id = parse_id(id)?;
     let mut sink = ExportDir::create(dir)?;
-    match ctx.service.export(&id, &mut sink).await {
+    match ctx
+        .service
+        .with_progress(out.progress())
+        .export(&id, &mut sink)
+        .await
+    {
         Ok((manifest, report)) => {
             let path = sink.finish(&manifest).await?;
             out.exported(&report, &path)

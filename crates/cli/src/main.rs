@@ -229,8 +229,11 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose, cli.quiet);
+    // Few blocking threads: each would get its own malloc arena, and file
+    // I/O and compression need no more than a handful.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(8)
         .build()
     {
         Ok(rt) => rt,

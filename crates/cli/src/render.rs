@@ -60,7 +60,7 @@ fn listed_json(l: &Listed) -> serde_json::Value {
             "trigger": m.trigger,
             "timestamp": m.timestamp,
             "size_bytes": m.size_bytes,
-            "stored_bytes": m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes),
+            "stored_bytes": m.stored_bytes,
             "components": m.components,
             "compression": m.compression,
             "pinned": m.is_pinned(),
@@ -101,6 +101,7 @@ impl Output {
                 let name = match p.phase {
                     backup_core::service::Phase::Backup(c) => c.to_string(),
                     backup_core::service::Phase::Verify => "verify".into(),
+                    backup_core::service::Phase::Restore => "restore".into(),
                     backup_core::service::Phase::Finish => "finishing".into(),
                 };
                 bar.set_message(name);

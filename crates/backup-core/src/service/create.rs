@@ -28,7 +28,7 @@ use crate::ports::{
 };
 
 /// Chunks of tar stream in flight between the producer and compression.
-const CHANNEL_DEPTH: usize = 8;
+const CHANNEL_DEPTH: usize = 4;
 
 /// Everything the producer learned, to build the manifest.
 #[derive(Debug, Default)]

@@ -169,13 +169,20 @@ impl BackupService {
         let target = self.ports.restore_target.as_ref();
         let mut staging = target.stage(manifest, components).await?;
         let staged = async {
+            let mut sink = super::verify::Reporting::new(
+                staging.as_mut(),
+                self.progress.clone(),
+                manifest,
+                super::Phase::Restore,
+            );
             read_backup(
                 self.ports.store.as_ref(),
                 manifest,
                 Some(components),
-                staging.as_mut(),
+                &mut sink,
             )
             .await?;
+            sink.done();
             staging.verify().await
         }
         .await;

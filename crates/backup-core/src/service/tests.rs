@@ -14,7 +14,7 @@ use crate::compat::RunningApp;
 use crate::config::Compression;
 use crate::error::{Error, Result};
 use crate::id::{BackupId, Component, Trigger};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, Summary};
 use crate::path::ArchivePath;
 use crate::ports::{
     BackupStore, ByteStream, Clock, EntryKind, Listed, MockComponentSource, MockLockGuard,
@@ -193,7 +193,7 @@ impl BackupStore for FakeStore {
         self.listed
             .lock()
             .unwrap()
-            .push(Listed::Complete(Box::new(m.clone())));
+            .push(Listed::Complete(Box::new(m.into())));
         Ok(())
     }
 
@@ -291,11 +291,11 @@ fn service(log: &Log, faults: Faults, listed: Vec<Listed>, max_count: u32) -> Ba
 }
 
 fn published(id: &BackupId) -> Listed {
-    Listed::Complete(Box::new(crate::conformance::manifest_for(
+    Listed::Complete(Box::new(Summary::from(&crate::conformance::manifest_for(
         id,
         Some(b"a"),
         b"x",
-    )))
+    ))))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

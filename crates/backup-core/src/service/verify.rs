@@ -35,7 +35,18 @@ impl BackupService {
     /// the store cannot be read.
     pub async fn verify(&self, id: &BackupId) -> Result<VerifyReport> {
         let manifest = self.ports.store.manifest(id).await?;
-        match read_backup(self.ports.store.as_ref(), &manifest, None, &mut DiscardSink).await {
+        let mut discard = DiscardSink;
+        let mut sink = Reporting::new(
+            &mut discard,
+            self.progress.clone(),
+            &manifest,
+            super::Phase::Verify,
+        );
+        let read = read_backup(self.ports.store.as_ref(), &manifest, None, &mut sink).await;
+        if read.is_ok() {
+            sink.done();
+        }
+        match read {
             Ok(stats) => Ok(VerifyReport {
                 id: id.clone(),
                 ok: true,
@@ -71,7 +82,9 @@ impl BackupService {
         sink: &mut dyn EntrySink,
     ) -> Result<(Manifest, VerifyReport)> {
         let manifest = self.ports.store.manifest(id).await?;
-        let stats = read_backup(self.ports.store.as_ref(), &manifest, None, sink).await?;
+        let mut sink = Reporting::new(sink, self.progress.clone(), &manifest, super::Phase::Verify);
+        let stats = read_backup(self.ports.store.as_ref(), &manifest, None, &mut sink).await?;
+        sink.done();
         let report = VerifyReport {
             id: id.clone(),
             ok: true,
@@ -80,5 +93,76 @@ impl BackupService {
             problem: None,
         };
         Ok((manifest, report))
+    }
+}
+
+/// Passes entries on to `inner` and reports progress after each file.
+pub(crate) struct Reporting<'a> {
+    inner: &'a mut dyn EntrySink,
+    report: Option<super::ProgressFn>,
+    progress: super::Progress,
+}
+
+impl<'a> Reporting<'a> {
+    pub(crate) fn new(
+        inner: &'a mut dyn EntrySink,
+        report: Option<super::ProgressFn>,
+        manifest: &Manifest,
+        phase: super::Phase,
+    ) -> Reporting<'a> {
+        Reporting {
+            inner,
+            report,
+            progress: super::Progress {
+                id: manifest.id.clone(),
+                phase,
+                bytes_done: 0,
+                bytes_total: manifest.size_bytes,
+                files_done: 0,
+                files_total: manifest.files.len() as u64,
+            },
+        }
+    }
+
+    /// Reports the end of the phase (a full bar).
+    pub(crate) fn done(&mut self) {
+        self.progress.bytes_done = self.progress.bytes_total;
+        self.progress.files_done = self.progress.files_total;
+        if let Some(r) = &self.report {
+            r(&self.progress);
+            r(&super::Progress {
+                phase: super::Phase::Finish,
+                ..self.progress.clone()
+            });
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl EntrySink for Reporting<'_> {
+    async fn dir(&mut self, entry: &crate::manifest::DirEntry) -> Result<()> {
+        self.inner.dir(entry).await
+    }
+
+    async fn symlink(&mut self, entry: &crate::manifest::SymlinkEntry) -> Result<()> {
+        self.inner.symlink(entry).await
+    }
+
+    async fn file_start(&mut self, entry: &crate::manifest::FileEntry) -> Result<()> {
+        self.inner.file_start(entry).await
+    }
+
+    async fn file_data(&mut self, data: &[u8]) -> Result<()> {
+        self.inner.file_data(data).await
+    }
+
+    async fn file_end(&mut self, entry: &crate::manifest::FileEntry) -> Result<()> {
+        self.inner.file_end(entry).await?;
+        self.progress.files_done += 1;
+        self.progress.bytes_done += entry.size;
+        if let Some(r) = &self.report {
+            r(&self.progress);
+        }
+        Ok(())
     }
 }
