@@ -205,3 +205,36 @@ fn completions_are_printed() {
     assert!(out.status.success());
     assert!(stdout(&out).contains("synthorg"));
 }
+
+#[test]
+fn demo_runs_backup_list_verify_change_restore_and_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["demo", "--dir"])
+        .arg(dir.path().join("demo"))
+        .args(["--size", "2MB"])
+        .current_dir(dir.path())
+        .env_remove("SYNTHORG_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for step in [
+        "== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== 7.",
+    ] {
+        assert!(text.contains(step), "{step} missing: {text}");
+    }
+    assert!(text.contains("restored data equals the backup"), "{text}");
+    // A second run into the same directory is refused, nothing overwritten.
+    let again = std::process::Command::new(common::bin())
+        .args(["demo", "--dir"])
+        .arg(dir.path().join("demo"))
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+}
