@@ -140,20 +140,7 @@ impl LocalFsStore {
             }
             Err(e) => return Err(self.io_err(&path, "read sidecar", e)),
         };
-        let manifest = Manifest::from_json(&bytes).map_err(|source| Error::Manifest {
-            id: id.to_string(),
-            source,
-        })?;
-        if &manifest.id != id {
-            return Err(Error::Manifest {
-                id: id.to_string(),
-                source: backup_core::ManifestError::Inconsistent(format!(
-                    "sidecar of {id} holds the manifest of {}",
-                    manifest.id
-                )),
-            });
-        }
-        Ok(manifest)
+        Manifest::from_sidecar(&bytes, id)
     }
 
     /// Names in the root directory (blocking listing off the async threads).

@@ -141,20 +141,7 @@ impl S3Store {
             }
             Err(e) => return Err(map_err(&self.location, &key, e)),
         };
-        let manifest = Manifest::from_json(&bytes).map_err(|source| Error::Manifest {
-            id: id.to_string(),
-            source,
-        })?;
-        if &manifest.id != id {
-            return Err(Error::Manifest {
-                id: id.to_string(),
-                source: ManifestError::Inconsistent(format!(
-                    "sidecar of {id} holds the manifest of {}",
-                    manifest.id
-                )),
-            });
-        }
-        Ok(manifest)
+        Manifest::from_sidecar(&bytes, id)
     }
 
     /// Names directly under the prefix: objects and "directories".

@@ -264,6 +264,27 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Parses the sidecar of backup `id`: [`Manifest::from_json`], and it
+    /// must be `id`'s manifest. Errors come as `Error::Manifest` naming `id`.
+    ///
+    /// # Errors
+    /// `Error::Manifest` for every problem of [`Manifest::from_json`] and
+    /// for a sidecar holding another backup's manifest.
+    pub fn from_sidecar(bytes: &[u8], id: &BackupId) -> crate::Result<Manifest> {
+        let wrap = |source| crate::Error::Manifest {
+            id: id.to_string(),
+            source,
+        };
+        let manifest = Manifest::from_json(bytes).map_err(wrap)?;
+        if &manifest.id != id {
+            return Err(wrap(ManifestError::Inconsistent(format!(
+                "sidecar of {id} holds the manifest of {}",
+                manifest.id
+            ))));
+        }
+        Ok(manifest)
+    }
+
     /// Pretty JSON, as written to `manifest.json` and the sidecar.
     ///
     /// # Errors

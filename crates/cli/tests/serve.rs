@@ -30,22 +30,7 @@ fn http_get(addr: &str, path: &str, token: Option<&str>) -> String {
 #[tokio::test]
 async fn serve_backs_up_at_startup_answers_and_backs_up_on_sigterm() {
     let demo = Demo::new(300_000).await;
-    let mut child = demo
-        .command(&["serve", "--listen", "127.0.0.1:0"])
-        .env("SYNTHORG_API_TOKEN", "serve-token")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .to_owned();
+    let (child, addr) = start_serve(&demo, "serve-token");
 
     // Listening now: the startup backup already exists.
     let listed = demo.json(&["backup", "list"]);
@@ -72,8 +57,9 @@ async fn serve_backs_up_at_startup_answers_and_backs_up_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let mut child = child;
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
     let listed = demo.json(&["backup", "list"]);
     assert_eq!(listed[0]["trigger"], "shutdown", "{listed}");
 }
