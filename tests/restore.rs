@@ -425,3 +425,106 @@ async fn restore_into_an_empty_data_directory() {
     assert_eq!(safety.components, vec![Component::Config]);
     assert_eq!(synthorg_tests::capture(&fx.layout).await, before);
 }
+
+/// A gzip'd tar of `entries` (path, kind, data) written as backup `id`'s
+/// archive, with the sidecar's archive hash and size updated to match, so
+/// that only the content checks can refuse it.
+fn plant_archive(
+    fx: &Fixture,
+    id: &backup_core::BackupId,
+    entries: &[(&str, backup_core::archive::TarKind, Vec<u8>, u64)],
+) {
+    use backup_core::archive::{END_OF_ARCHIVE, entry_header, padding};
+    let mut tar = Vec::new();
+    for (path, kind, data, declared) in entries {
+        tar.extend(entry_header(path, kind, *declared, 0o600, 0).unwrap());
+        tar.extend_from_slice(data);
+        tar.extend_from_slice(padding(data.len() as u64));
+    }
+    tar.extend_from_slice(&END_OF_ARCHIVE);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let bytes = gz.finish().unwrap();
+    std::fs::write(fx.layout.backups_dir.join(format!("{id}.tar.gz")), &bytes).unwrap();
+    let sidecar = fx.layout.backups_dir.join(format!("{id}.manifest.json"));
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&sidecar).unwrap()).unwrap();
+    m["archive"]["sha256"] = backup_core::Sha256Digest::of(&bytes).to_string().into();
+    m["archive"]["size_bytes"] = (bytes.len() as u64).into();
+    std::fs::write(&sidecar, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn hostile_archives_are_refused_before_live_data_is_touched() {
+    use backup_core::archive::TarKind;
+    let fx = Fixture::new(300_000).await;
+    let service = fx.service(&fx.config(""));
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    let yaml = std::fs::read(&fx.layout.company_config).unwrap();
+    let config_entry = (
+        "config/company.yaml",
+        TarKind::File,
+        yaml.clone(),
+        yaml.len() as u64,
+    );
+    mutate(&fx).await;
+    let raw = synthorg_tests::raw_bytes(&fx.layout);
+    type Entry<'a> = (&'a str, TarKind, Vec<u8>, u64);
+    let cases: Vec<(&str, Vec<Entry>, &str)> = vec![
+        (
+            "parent escape",
+            vec![(
+                "../../etc/passwd",
+                TarKind::File,
+                b"root:x:0:0".to_vec(),
+                10,
+            )],
+            "refused entry",
+        ),
+        (
+            "absolute path",
+            vec![("/etc/passwd", TarKind::File, b"root:x:0:0".to_vec(), 10)],
+            "refused entry",
+        ),
+        (
+            "not in the manifest",
+            vec![("memory/evil.bin", TarKind::File, b"evil".to_vec(), 4)],
+            "not in the manifest",
+        ),
+        (
+            "symlink to /",
+            vec![("memory/root", TarKind::Symlink("/".into()), vec![], 0)],
+            "not in the manifest",
+        ),
+        (
+            "duplicate entry",
+            vec![config_entry.clone(), config_entry.clone()],
+            "duplicate entry",
+        ),
+        // Claims 1 GiB where the manifest says a few hundred bytes: refused
+        // at the header, nothing expanded.
+        (
+            "tar bomb",
+            vec![("config/company.yaml", TarKind::File, yaml.clone(), 1 << 30)],
+            "size 1073741824 in the archive",
+        ),
+    ];
+    for (what, entries, reason) in cases {
+        plant_archive(&fx, &backup.id, &entries);
+        let err = service.restore(&backup.id, confirmed()).await.unwrap_err();
+        assert!(matches!(err, Error::Integrity { .. }), "{what}: {err}");
+        assert!(err.to_string().contains(reason), "{what}: {err}");
+        assert_eq!(
+            synthorg_tests::raw_bytes(&fx.layout),
+            raw,
+            "{what}: live data touched"
+        );
+        let hidden: Vec<_> = std::fs::read_dir(&fx.layout.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(hidden.is_empty(), "{what}: staging left behind: {hidden:?}");
+        assert!(!std::path::Path::new("/etc/passwd-synthorg-test").exists());
+    }
+}
