@@ -296,7 +296,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
-    let out = render::Output { json: cli.json };
+    let out = render::Output {
+        json: cli.json,
+        quiet: cli.quiet,
+    };
     match &cli.command {
         Command::Config(cmd) => {
             let loaded = config_file::load(cli.config.as_deref())?;

@@ -15,6 +15,8 @@ use serde_json::json;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Output {
     pub(crate) json: bool,
+    /// `-q`: no informational lines on stderr.
+    pub(crate) quiet: bool,
 }
 
 /// `1.5 MiB`.
@@ -150,6 +152,9 @@ impl Output {
             return print_json(&serde_json::to_value(m)?);
         }
         println!("{}", m.id);
+        if self.quiet {
+            return Ok(());
+        }
         eprintln!(
             "  {} of data in {} files, stored as {} ({})",
             bytes(m.size_bytes),

@@ -18,6 +18,20 @@ async fn create_list_show_verify_delete_with_json_and_exit_codes() {
     assert!(created["checksum"].as_str().unwrap().starts_with("sha256:"));
     assert!(created["files"].as_array().unwrap().len() > 10);
 
+    // -q: the id alone on stdout, nothing on stderr.
+    let quiet = demo.run(&["-q", "backup"]);
+    assert!(
+        quiet.status.success() && quiet.stderr.is_empty(),
+        "{}",
+        stderr(&quiet)
+    );
+    let quiet_id = stdout(&quiet).trim().to_owned();
+    assert!(quiet_id.contains("_manual"), "{quiet_id}");
+    assert!(
+        demo.run(&["-q", "backup", "delete", &quiet_id])
+            .status
+            .success()
+    );
     // Plain output is the id alone on stdout.
     let out = demo.run(&[
         "backup",
