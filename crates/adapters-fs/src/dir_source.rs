@@ -32,7 +32,7 @@ use crate::fsio::CHUNK;
 
 /// Files up to this size are buffered, which allows one re-read when they
 /// change while being read.
-const BUFFERED_MAX: u64 = 4 * 1024 * 1024;
+const BUFFERED_MAX: u64 = 1024 * 1024;
 
 /// What the source reads: a directory tree or a single file.
 #[derive(Debug, Clone)]

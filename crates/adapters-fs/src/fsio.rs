@@ -17,7 +17,7 @@ pub(crate) const FILE_MODE: u32 = 0o600;
 /// Permission bits of directories we create.
 pub(crate) const DIR_MODE: u32 = 0o700;
 /// Read buffer size for streaming files.
-pub(crate) const CHUNK: usize = 1024 * 1024;
+pub(crate) const CHUNK: usize = 256 * 1024;
 /// Marker in temp file names; anything containing it is a leftover.
 pub(crate) const TEMP_MARKER: &str = ".tmp-";
 

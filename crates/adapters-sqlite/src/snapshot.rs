@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// Read size when streaming a snapshot file.
-const CHUNK: usize = 1024 * 1024;
+const CHUNK: usize = 256 * 1024;
 
 /// Copies the live database at `source` to `dest` with `VACUUM INTO` on a
 /// connection of its own, and returns how long that took.
