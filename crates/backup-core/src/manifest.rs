@@ -416,6 +416,13 @@ impl Manifest {
         })
     }
 
+    /// Bytes as stored: the archive, or the files of the directory form.
+    pub fn stored_bytes(&self) -> u64 {
+        self.archive
+            .as_ref()
+            .map_or(self.size_bytes, |a| a.size_bytes)
+    }
+
     /// The file entry for `path`, if listed.
     pub fn file(&self, path: &str) -> Option<&FileEntry> {
         self.files
@@ -509,7 +516,7 @@ impl From<&Manifest> for Summary {
             components: m.components.clone(),
             db_schema_version: m.db_schema_version,
             size_bytes: m.size_bytes,
-            stored_bytes: m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes),
+            stored_bytes: m.stored_bytes(),
             file_count: m.files.len() as u64,
             checksum: m.checksum,
             compression: m.compression,

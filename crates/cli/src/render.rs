@@ -159,7 +159,7 @@ impl Output {
             "  {} of data in {} files, stored as {} ({})",
             bytes(m.size_bytes),
             m.files.len(),
-            bytes(m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes)),
+            bytes(m.stored_bytes()),
             m.compression
         );
         Ok(())

@@ -217,7 +217,7 @@ impl BackupService {
         let result = self.build_and_publish(&id, timestamp, options).await;
         match &result {
             Ok(m) => tracing::info!(backup_id = %id, size_bytes = m.size_bytes,
-                archive_bytes = m.archive.as_ref().map_or(m.size_bytes, |a| a.size_bytes), "backup published"),
+                archive_bytes = m.stored_bytes(), "backup published"),
             Err(e) => {
                 tracing::error!(backup_id = %id, error = %e, "backup failed");
                 if let Err(d) = store.discard(&id).await {
