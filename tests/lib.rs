@@ -40,19 +40,24 @@ impl Fixture {
     /// The config of the data directory, with `extra` YAML lines appended
     /// to its `backup:` block.
     pub fn config(&self, extra: &str) -> BackupConfig {
-        let mut yaml = demo::config_yaml();
-        for line in extra.lines() {
-            yaml.push_str("  ");
-            yaml.push_str(line);
-            yaml.push('\n');
-        }
-        BackupConfig::load(Some(&yaml), &self.layout.root).expect("valid config")
+        BackupConfig::load(Some(&config_yaml(extra)), &self.layout.root).expect("valid config")
     }
 
     /// A service with the real adapters for `config`.
     pub fn service(&self, config: &BackupConfig) -> BackupService {
         synthorg_api::build_service(config, running_app(), None).expect("service")
     }
+}
+
+/// The demo config YAML with `extra` lines appended to its `backup:` block.
+pub fn config_yaml(extra: &str) -> String {
+    let mut yaml = demo::config_yaml();
+    for line in extra.lines() {
+        yaml.push_str("  ");
+        yaml.push_str(line);
+        yaml.push('\n');
+    }
+    yaml
 }
 
 /// The running app of the fixtures.

@@ -62,7 +62,10 @@ impl Server {
                 let svc =
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let (service, gate) = (service.clone(), Arc::clone(&gate));
-                        async move {
+                        // S3 finishes a request it received even if the
+                        // client goes away (s3s-fs would leave a multipart
+                        // completion half done): run it in its own task.
+                        let handler = tokio::spawn(async move {
                             let write = matches!(
                                 *req.method(),
                                 http::Method::PUT | http::Method::DELETE | http::Method::POST
@@ -73,7 +76,8 @@ impl Server {
                                 None
                             };
                             hyper::service::Service::call(&service, req).await
-                        }
+                        });
+                        async move { handler.await.unwrap() }
                     });
                 let conn = http
                     .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)

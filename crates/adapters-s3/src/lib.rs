@@ -47,9 +47,9 @@ pub fn connect(config: &S3Config) -> Result<(S3Store, S3Lock)> {
         reason: format!("cannot configure the S3 client: {e}"),
         source: None,
     })?;
-    let s3: Arc<dyn ObjectStore> = Arc::new(s3);
+    let s3 = Arc::new(s3);
     let part_size = config.part_size_mib as usize * 1024 * 1024;
     let store = S3Store::new(Arc::clone(&s3), location.clone(), &config.prefix, part_size);
-    let lock = S3Lock::new(s3, store.key(".lock"), location);
+    let lock = S3Lock::new(s3 as Arc<dyn ObjectStore>, store.key(".lock"), location);
     Ok((store, lock))
 }

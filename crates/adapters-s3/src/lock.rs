@@ -4,8 +4,11 @@
 //! (`If-None-Match: *`), holding owner, host, pid, operation and a lease
 //! expiry. While held, a background task renews the lease with conditional
 //! updates (`If-Match: <etag>`). A live lock makes others fail with `Busy`
-//! naming the holder; an expired one (its holder died) is taken over with a
-//! conditional update, so two takers cannot both win. Release deletes the
+//! naming the holder; an expired one is taken over with a conditional
+//! update, so two takers cannot both win. A lock whose holder is known to
+//! be dead (same host and pid namespace, and that pid no longer runs the
+//! process that took it, judged by its start time in `/proc`) counts as
+//! expired at once, so a restart after a crash need not wait out the lease. Release deletes the
 //! object; dropping a guard releases it in the background.
 
 use std::sync::Arc;
@@ -36,6 +39,12 @@ struct Record {
     pid: u32,
     acquired_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
+    /// The holder's pid namespace (`/proc/self/ns/pid`), if known.
+    #[serde(default)]
+    pid_ns: Option<String>,
+    /// The holder's start time in clock ticks since boot, if known.
+    #[serde(default)]
+    start_ticks: Option<u64>,
 }
 
 impl Record {
@@ -49,6 +58,37 @@ impl Record {
             self.expires_at.format("%H:%M:%SZ")
         )
     }
+}
+
+impl Record {
+    /// Whether the holder is certainly gone: it ran on this host, in this
+    /// pid namespace, and its pid is free or taken by a later process.
+    fn holder_is_dead(&self) -> bool {
+        let Some(ns) = &self.pid_ns else {
+            return false;
+        };
+        if self.host != hostname() || pid_namespace().as_ref() != Some(ns) {
+            return false;
+        }
+        match start_ticks(self.pid) {
+            None => std::path::Path::new("/proc/self/stat").exists(),
+            Some(ticks) => self.start_ticks.is_some_and(|t| t != ticks),
+        }
+    }
+}
+
+fn pid_namespace() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Field 22 of `/proc/<pid>/stat`: when the process started.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; it ends at the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 fn hostname() -> String {
@@ -99,6 +139,8 @@ impl S3Lock {
             acquired_at: now,
             expires_at: now
                 + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(60)),
+            pid_ns: pid_namespace(),
+            start_ticks: start_ticks(pid),
         }
     }
 
@@ -142,6 +184,8 @@ impl S3Lock {
             pid: 0,
             acquired_at: DateTime::UNIX_EPOCH,
             expires_at: DateTime::UNIX_EPOCH,
+            pid_ns: None,
+            start_ticks: None,
         });
         Ok(Some((record, e_tag)))
     }
@@ -216,10 +260,10 @@ impl OperationLock for S3Lock {
                 Err(_) => Err(Self::busy(operation, "another operation".into())),
             };
         };
-        if current.expires_at > Utc::now() {
+        if current.expires_at > Utc::now() && !current.holder_is_dead() {
             return Err(Self::busy(operation, current.holder()));
         }
-        // Expired: its holder died. Take it over, conditionally.
+        // Expired, or its holder died. Take it over, conditionally.
         let mode = PutMode::Update(UpdateVersion {
             e_tag,
             version: None,
@@ -299,5 +343,64 @@ impl Drop for S3LockGuard {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own_record() -> Record {
+        S3Lock::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            Path::from("lock"),
+            "mem".into(),
+        )
+        .record(Operation::Backup)
+    }
+
+    #[test]
+    fn a_live_holder_is_not_dead() {
+        let record = own_record();
+        assert!(record.pid_ns.is_some() && record.start_ticks.is_some());
+        assert!(!record.holder_is_dead());
+    }
+
+    #[test]
+    fn an_exited_holder_is_dead() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let record = Record {
+            pid,
+            ..own_record()
+        };
+        assert!(record.holder_is_dead());
+    }
+
+    #[test]
+    fn a_reused_pid_is_dead_but_other_hosts_and_old_records_are_not_judged() {
+        let own = own_record();
+        let reused = Record {
+            start_ticks: own.start_ticks.map(|t| t + 1),
+            ..own.clone()
+        };
+        assert!(reused.holder_is_dead());
+        let elsewhere = Record {
+            host: "another-host".into(),
+            ..reused.clone()
+        };
+        assert!(!elsewhere.holder_is_dead());
+        let other_ns = Record {
+            pid_ns: Some("pid:[1]".into()),
+            ..reused.clone()
+        };
+        assert!(!other_ns.holder_is_dead());
+        let old_format = Record {
+            pid_ns: None,
+            start_ticks: None,
+            ..reused
+        };
+        assert!(!old_format.holder_is_dead());
     }
 }

@@ -1,11 +1,19 @@
 //! [`S3Store`]: backups in an S3-compatible bucket.
 //!
-//! Same layout as the local store under the configured prefix. Objects are
-//! uploaded with multipart uploads of `part_size` bytes, at most
-//! [`PARTS_IN_FLIGHT`] at a time, so memory stays bounded; a failed or
-//! cancelled upload is aborted so that no parts stay behind. S3 makes a
+//! Same layout as the local store under the configured prefix. An object
+//! smaller than `part_size` is one PUT; a larger one is a multipart upload
+//! of `part_size` parts (all equal but the last), at most
+//! [`PARTS_IN_FLIGHT`] in flight, so memory stays bounded. S3 makes a
 //! completed object visible atomically, so no temp names are needed; the
 //! sidecar manifest is put last and is the commit point.
+//!
+//! No multipart upload stays billed: a failed or cancelled upload is
+//! aborted, and every upload is recorded in an upload marker
+//! (`_uploads/<id>/<sha256 of the key>.json`: key and upload id) right after
+//! it is created and until it is completed or aborted, so that after a
+//! SIGKILL [`cleanup_incomplete`](BackupStore::cleanup_incomplete) aborts
+//! it. (The S3 API call ListMultipartUploads would find them too, but
+//! object_store does not offer it.)
 
 use std::sync::Arc;
 
@@ -15,8 +23,10 @@ use backup_core::path::MANIFEST_FILE;
 use backup_core::ports::{BackupStore, ByteStream, Listed, ObjectName};
 use backup_core::{BackupId, Compression, Error, Manifest, ManifestError, Result, Summary};
 use futures::{StreamExt, TryStreamExt};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{MultipartId, ObjectStore, ObjectStoreExt, PutPayload, PutPayloadMut};
+use serde::{Deserialize, Serialize};
 
 use crate::errors::{map_err, store_err};
 
@@ -26,28 +36,41 @@ pub const PARTS_IN_FLIGHT: usize = 2;
 const LIST_CONCURRENCY: usize = 16;
 const SIDECAR_SUFFIX: &str = ".manifest.json";
 const SUMMARY_SUFFIX: &str = ".summary.json";
+/// Where upload markers live, under the prefix.
+const UPLOADS_DIR: &str = "_uploads";
 
 /// A [`BackupStore`] on an S3-compatible bucket.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Store {
     pub(crate) store: Arc<dyn ObjectStore>,
+    multipart: Arc<dyn MultipartStore>,
     pub(crate) location: String,
     prefix: Vec<String>,
     part_size: usize,
+}
+
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store")
+            .field("location", &self.location)
+            .field("part_size", &self.part_size)
+            .finish_non_exhaustive()
+    }
 }
 
 impl S3Store {
     /// A store over `store` (already configured for the bucket), under
     /// `prefix` (e.g. `prod/`), uploading parts of `part_size` bytes.
     /// `location` names it in messages, e.g. `s3://bucket/prod/`.
-    pub fn new(
-        store: Arc<dyn ObjectStore>,
+    pub fn new<S: ObjectStore + MultipartStore>(
+        store: Arc<S>,
         location: String,
         prefix: &str,
         part_size: usize,
     ) -> S3Store {
         S3Store {
-            store,
+            store: Arc::clone(&store) as Arc<dyn ObjectStore>,
+            multipart: store,
             location,
             prefix: prefix
                 .split('/')
@@ -204,21 +227,241 @@ impl S3Store {
     }
 }
 
-/// Aborts a multipart upload that was neither finished nor aborted, so
-/// that a cancelled upload leaves no billed parts behind.
-struct AbortOnDrop(Option<WriteMultipart>);
+/// What an upload marker records.
+#[derive(Debug, Serialize, Deserialize)]
+struct UploadMarker {
+    key: String,
+    upload_id: String,
+}
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(upload) = self.0.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            handle.spawn(async move {
-                if let Err(e) = upload.abort().await {
-                    tracing::warn!(error = %e, "aborting a cancelled multipart upload failed");
-                }
-            });
+/// A multipart upload in progress. Dropped before [`finish`](Upload::finish)
+/// or [`abort`](Upload::abort) (the put was cancelled), it aborts the upload
+/// and removes its marker in the background.
+struct Upload {
+    store: Arc<dyn ObjectStore>,
+    multipart: Arc<dyn MultipartStore>,
+    key: Path,
+    id: MultipartId,
+    marker: Path,
+    done: bool,
+}
+
+impl Upload {
+    async fn finish(mut self, parts: Vec<PartId>) -> std::result::Result<(), object_store::Error> {
+        self.done = true;
+        self.multipart
+            .complete_multipart(&self.key, &self.id, parts)
+            .await?;
+        self.remove_marker().await;
+        Ok(())
+    }
+
+    async fn abort(mut self) {
+        self.done = true;
+        Upload::abort_and_unmark(
+            Arc::clone(&self.store),
+            Arc::clone(&self.multipart),
+            self.key.clone(),
+            self.id.clone(),
+            self.marker.clone(),
+        )
+        .await;
+    }
+
+    async fn remove_marker(&self) {
+        if let Err(e) = self.store.delete(&self.marker).await {
+            // Harmless: the next cleanup finds nothing to abort and removes it.
+            tracing::warn!(key = %self.marker, error = %e, "removing an upload marker failed");
         }
+    }
+
+    async fn abort_and_unmark(
+        store: Arc<dyn ObjectStore>,
+        multipart: Arc<dyn MultipartStore>,
+        key: Path,
+        id: MultipartId,
+        marker: Path,
+    ) {
+        match multipart.abort_multipart(&key, &id).await {
+            Ok(()) => {
+                if let Err(e) = store.delete(&marker).await {
+                    tracing::warn!(key = %marker, error = %e, "removing an upload marker failed");
+                }
+            }
+            // The marker stays, so the next cleanup tries again.
+            Err(e) => tracing::warn!(key = %key, error = %e, "aborting a multipart upload failed"),
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(Upload::abort_and_unmark(
+                Arc::clone(&self.store),
+                Arc::clone(&self.multipart),
+                self.key.clone(),
+                self.id.clone(),
+                self.marker.clone(),
+            ));
+        }
+    }
+}
+
+impl S3Store {
+    /// The marker of an upload to `key` for backup `id`.
+    fn marker_key(&self, id: &BackupId, key: &Path) -> Path {
+        let digest = backup_core::Sha256Digest::of(key.as_ref().as_bytes());
+        self.key(&format!("{UPLOADS_DIR}/{id}/{digest}.json"))
+    }
+
+    /// Reads up to `part_size` bytes of `data` into one payload; `true`
+    /// when the stream ended.
+    async fn next_part(
+        &self,
+        data: &mut ByteStream,
+        carry: &mut Option<bytes::Bytes>,
+        key: &Path,
+    ) -> Result<(PutPayload, bool)> {
+        let mut part = PutPayloadMut::new();
+        loop {
+            let chunk = match carry.take() {
+                Some(c) => c,
+                None => match data.next().await {
+                    Some(chunk) => chunk.map_err(|e| {
+                        store_err(&self.location, key, format!("source stream failed: {e}"))
+                    })?,
+                    None => return Ok((part.freeze(), true)),
+                },
+            };
+            let room = self.part_size - part.content_length();
+            if chunk.len() >= room {
+                let mut chunk = chunk;
+                let rest = chunk.split_off(room);
+                part.push(chunk);
+                *carry = (!rest.is_empty()).then_some(rest);
+                return Ok((part.freeze(), false));
+            }
+            part.push(chunk);
+        }
+    }
+
+    /// Starts a multipart upload of `key` and records it in its marker.
+    async fn start_upload(&self, id: &BackupId, key: &Path) -> Result<Upload> {
+        let upload_id = self
+            .multipart
+            .create_multipart(key)
+            .await
+            .map_err(|e| map_err(&self.location, key, e))?;
+        let upload = Upload {
+            store: Arc::clone(&self.store),
+            multipart: Arc::clone(&self.multipart),
+            key: key.clone(),
+            id: upload_id.clone(),
+            marker: self.marker_key(id, key),
+            done: false,
+        };
+        let marker = serde_json::to_vec(&UploadMarker {
+            key: key.to_string(),
+            upload_id,
+        })
+        .map_err(|e| store_err(&self.location, key, format!("upload marker: {e}")))?;
+        if let Err(e) = self.store.put(&upload.marker, marker.into()).await {
+            let err = map_err(&self.location, &upload.marker, e);
+            upload.abort().await;
+            return Err(err);
+        }
+        Ok(upload)
+    }
+
+    /// Uploads `first` and the rest of `data` as parts of `upload`.
+    async fn upload_parts(
+        &self,
+        upload: &Upload,
+        first: PutPayload,
+        data: &mut ByteStream,
+        carry: &mut Option<bytes::Bytes>,
+    ) -> Result<(Vec<PartId>, u64)> {
+        let put = |index: usize, payload: PutPayload| {
+            self.multipart
+                .put_part(&upload.key, &upload.id, index, payload)
+        };
+        let mut in_flight: futures::stream::FuturesOrdered<
+            futures::future::BoxFuture<'_, object_store::Result<PartId>>,
+        > = futures::stream::FuturesOrdered::new();
+        let mut parts = Vec::new();
+        let mut written = first.content_length() as u64;
+        let mut next = Some(first);
+        let mut index = 0;
+        while let Some(payload) = next.take() {
+            if in_flight.len() >= PARTS_IN_FLIGHT
+                && let Some(part) = in_flight.next().await
+            {
+                parts.push(part.map_err(|e| map_err(&self.location, &upload.key, e))?);
+            }
+            in_flight.push_back(put(index, payload));
+            index += 1;
+            let (payload, ended) = self.next_part(data, carry, &upload.key).await?;
+            written += payload.content_length() as u64;
+            if payload.content_length() > 0 {
+                next = Some(payload);
+            }
+            if ended {
+                break;
+            }
+        }
+        if let Some(payload) = next {
+            in_flight.push_back(put(index, payload));
+        }
+        while let Some(part) = in_flight.next().await {
+            parts.push(part.map_err(|e| map_err(&self.location, &upload.key, e))?);
+        }
+        Ok((parts, written))
+    }
+
+    /// Aborts the multipart uploads recorded in markers (none is running:
+    /// the caller holds the lock); returns the keys whose upload was aborted.
+    async fn abort_recorded_uploads(&self) -> Result<Vec<String>> {
+        let dir = self.key(UPLOADS_DIR);
+        let markers: Vec<Path> = self
+            .store
+            .list(Some(&dir))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| map_err(&self.location, &dir, e))?;
+        let mut aborted = Vec::new();
+        for marker in markers {
+            let recorded = self
+                .read_capped(&marker, 64 * 1024)
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice::<UploadMarker>(&b).ok());
+            if let Some(m) = recorded {
+                let key = Path::from(m.key.as_str());
+                match self.multipart.abort_multipart(&key, &m.upload_id).await {
+                    Ok(()) => {
+                        tracing::warn!(store = %self.location, key = %key, "aborted an interrupted multipart upload");
+                        aborted.push(format!("aborted the interrupted upload of {key}"));
+                    }
+                    // Gone already (completed, aborted or expired), or not
+                    // ours to abort: nothing left to do but forget it.
+                    Err(
+                        object_store::Error::NotFound { .. }
+                        | object_store::Error::PermissionDenied { .. },
+                    ) => {}
+                    Err(e) => return Err(map_err(&self.location, &key, e)),
+                }
+            }
+            match self.store.delete(&marker).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(map_err(&self.location, &marker, e)),
+            }
+        }
+        Ok(aborted)
     }
 }
 
@@ -264,49 +507,31 @@ impl BackupStore for S3Store {
 
     async fn put(&self, id: &BackupId, object: &ObjectName, data: ByteStream) -> Result<u64> {
         let key = self.object_key(id, object);
-        let upload = self
-            .store
-            .put_multipart(&key)
-            .await
-            .map_err(|e| map_err(&self.location, &key, e))?;
-        let mut guard = AbortOnDrop(Some(WriteMultipart::new_with_chunk_size(
-            upload,
-            self.part_size,
-        )));
         let mut data = data;
-        let mut written = 0u64;
-        let result: Result<()> = async {
-            while let Some(chunk) = data.next().await {
-                let chunk = chunk.map_err(|e| {
-                    store_err(&self.location, &key, format!("source stream failed: {e}"))
-                })?;
-                let Some(writer) = guard.0.as_mut() else {
-                    break;
-                };
-                writer
-                    .wait_for_capacity(PARTS_IN_FLIGHT)
+        let mut carry = None;
+        let (first, ended) = self.next_part(&mut data, &mut carry, &key).await?;
+        if ended {
+            let size = first.content_length() as u64;
+            self.store
+                .put(&key, first)
+                .await
+                .map_err(|e| map_err(&self.location, &key, e))?;
+            return Ok(size);
+        }
+        let upload = self.start_upload(id, &key).await?;
+        match self
+            .upload_parts(&upload, first, &mut data, &mut carry)
+            .await
+        {
+            Ok((parts, written)) => {
+                upload
+                    .finish(parts)
                     .await
                     .map_err(|e| map_err(&self.location, &key, e))?;
-                written += chunk.len() as u64;
-                writer.put(chunk);
-            }
-            Ok(())
-        }
-        .await;
-        let Some(writer) = guard.0.take() else {
-            return Err(store_err(&self.location, &key, "upload state lost".into()));
-        };
-        match result {
-            Ok(()) => {
-                if let Err(e) = writer.finish().await {
-                    return Err(map_err(&self.location, &key, e));
-                }
                 Ok(written)
             }
             Err(e) => {
-                if let Err(abort) = writer.abort().await {
-                    tracing::warn!(key = %key, error = %abort, "aborting the failed multipart upload failed");
-                }
+                upload.abort().await;
                 Err(e)
             }
         }
@@ -375,6 +600,7 @@ impl BackupStore for S3Store {
     }
 
     async fn cleanup_incomplete(&self) -> Result<Vec<String>> {
+        let aborted = self.abort_recorded_uploads().await?;
         let (objects, dirs) = self.top_level().await?;
         let published: std::collections::HashSet<&str> = objects
             .iter()
@@ -401,6 +627,7 @@ impl BackupStore for S3Store {
             tracing::warn!(store = %self.location, backup_id = %id, "removed incomplete backup leftover");
             removed.push(id.to_string());
         }
+        removed.extend(aborted);
         Ok(removed)
     }
 }

@@ -1,0 +1,308 @@
+//! Crash safety: a helper process (`synthorg-crash-helper`) runs a backup,
+//! a delete or a prune against a generated data directory, locally or on
+//! S3, and is killed with SIGKILL after a random delay. After each kill,
+//! `recover()` runs and then the invariants are checked: the live data is
+//! exactly what it was, every listed backup is complete and verifies,
+//! nothing else is left in the store (no temp files, no unlisted objects,
+//! no multipart upload on the S3 server) and the interrupted backup is
+//! either fully there or not at all.
+//! (Restores killed at random: `crates/cli/tests/crash.rs`.)
+//!
+//! Iterations per operation: `SYNTHORG_CRASH_ITERATIONS`, else 50 when
+//! `SYNTHORG_LONG_TESTS=1`, else 10.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backup_core::ports::Listed;
+use backup_core::{BackupId, BackupService, Trigger};
+use synthorg_cli::demo::Rng;
+use synthorg_tests::s3_server::{ACCESS, SECRET, Server};
+use synthorg_tests::{Fixture, LiveState, capture, config_yaml};
+
+fn iterations() -> u64 {
+    let long = std::env::var("SYNTHORG_LONG_TESTS").is_ok_and(|v| v == "1");
+    std::env::var("SYNTHORG_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if long { 50 } else { 10 })
+}
+
+/// The fixture, the helper's config file and a service for checking.
+struct Scene {
+    fx: Fixture,
+    config_file: PathBuf,
+    service: BackupService,
+    before: LiveState,
+    rng: Rng,
+}
+
+impl Scene {
+    /// `helper_extra` goes into the helper's config, `extra` into both.
+    async fn new(extra: &str, helper_extra: &str, seed: u64) -> Scene {
+        let fx = Fixture::new(3_000_000).await;
+        let config_file = fx.dir.path().join("helper.yaml");
+        std::fs::write(
+            &config_file,
+            config_yaml(&format!("{extra}\n{helper_extra}")),
+        )
+        .unwrap();
+        let service = fx.service(&fx.config(extra));
+        let before = capture(&fx.layout).await;
+        Scene {
+            fx,
+            config_file,
+            service,
+            before,
+            rng: Rng::new(seed),
+        }
+    }
+
+    fn helper(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_synthorg-crash-helper"));
+        cmd.arg(&self.config_file)
+            .arg(&self.fx.layout.root)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    }
+
+    /// How long the operation takes when not interrupted.
+    fn time(&self, args: &[&str]) -> Duration {
+        let started = Instant::now();
+        let status = self.helper(args).status().unwrap();
+        assert!(status.success(), "{args:?} failed uninterrupted");
+        started.elapsed()
+    }
+
+    /// Runs the operation and kills it after a random delay within
+    /// 110 % of `full`.
+    fn run_and_kill(&mut self, args: &[&str], full: Duration) -> Duration {
+        let delay = Duration::from_micros(self.rng.below(full.as_micros() as u64 * 11 / 10 + 1));
+        let mut child = self.helper(args).spawn().unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        delay
+    }
+
+    /// recover(), then the invariants; returns the listed ids.
+    async fn check(&self, what: &str) -> Vec<BackupId> {
+        self.service
+            .recover()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: recover failed: {e}"));
+        assert_eq!(
+            capture(&self.fx.layout).await,
+            self.before,
+            "{what}: live data changed"
+        );
+        let mut ids = Vec::new();
+        for listed in self.service.list().await.unwrap() {
+            let Listed::Complete(summary) = listed else {
+                panic!("{what}: damaged backup listed: {listed:?}");
+            };
+            let report = self.service.verify(&summary.id).await.unwrap();
+            assert!(report.ok, "{what}: {} does not verify", summary.id);
+            ids.push(summary.id.clone());
+        }
+        ids
+    }
+}
+
+/// Names in the local backup directory that belong to no listed backup.
+fn strays(dir: &Path, ids: &[BackupId]) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name != ".lock")
+        .filter(|name| {
+            !ids.iter().any(|id| {
+                let id = id.to_string();
+                name == &id || name.strip_prefix(&id).is_some_and(|r| r.starts_with('.'))
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_killed_at_any_moment_leaves_no_partial_backup() {
+    let mut scene = Scene::new("retention: { max_count: 4 }", "", 1).await;
+    let full = scene.time(&["backup"]);
+    let (mut published, mut vanished) = (0, 0);
+    for i in 0..iterations() {
+        let before: Vec<BackupId> = scene
+            .service
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| l.id().clone())
+            .collect();
+        let delay = scene.run_and_kill(&["backup"], full);
+        let what = format!("iteration {i} (kill after {delay:?})");
+        let ids = scene.check(&what).await;
+        assert_eq!(
+            strays(&scene.fx.layout.backups_dir, &ids),
+            Vec::<String>::new(),
+            "{what}"
+        );
+        assert!(
+            ids.len() <= 4,
+            "{what}: retention ran or did not: {}",
+            ids.len()
+        );
+        if ids.iter().any(|id| !before.contains(id)) {
+            published += 1;
+        } else {
+            vanished += 1;
+        }
+    }
+    eprintln!(
+        "backup kills: {published} finished first, {vanished} left nothing (full run {full:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_killed_at_any_moment_leaves_the_backup_whole_or_gone() {
+    let mut scene = Scene::new("compression: none", "", 2).await;
+    let victim = scene.service.create(Trigger::Manual).await.unwrap().id;
+    let full = scene.time(&["delete", &victim.to_string()]);
+    let (mut whole, mut gone) = (0, 0);
+    for i in 0..iterations() {
+        // Directory form: a delete removes many files, one at a time.
+        let victim = scene.service.create(Trigger::Manual).await.unwrap().id;
+        let delay = scene.run_and_kill(&["delete", &victim.to_string()], full);
+        let what = format!("iteration {i} (kill after {delay:?})");
+        let ids = scene.check(&what).await;
+        assert_eq!(
+            strays(&scene.fx.layout.backups_dir, &ids),
+            Vec::<String>::new(),
+            "{what}"
+        );
+        if ids.contains(&victim) {
+            whole += 1;
+            scene.service.delete(&victim, false).await.unwrap();
+        } else {
+            gone += 1;
+        }
+    }
+    eprintln!("delete kills: {whole} left the backup whole, {gone} removed it (full run {full:?})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_killed_at_any_moment_removes_whole_backups_only() {
+    // The checking service keeps everything; the helper keeps 2.
+    let mut scene = Scene::new(
+        "compression: none\nretention: { max_count: 100 }",
+        "retention: { max_count: 2 }",
+        3,
+    )
+    .await;
+    for _ in 0..5 {
+        scene.service.create(Trigger::Manual).await.unwrap();
+    }
+    let full = scene.time(&["prune"]);
+    let mut removed = 0;
+    for i in 0..iterations() {
+        while scene.service.list().await.unwrap().len() < 5 {
+            scene.service.create(Trigger::Manual).await.unwrap();
+        }
+        let newest = scene.service.list().await.unwrap()[0].id().clone();
+        let delay = scene.run_and_kill(&["prune"], full);
+        let what = format!("iteration {i} (kill after {delay:?})");
+        let ids = scene.check(&what).await;
+        assert_eq!(
+            strays(&scene.fx.layout.backups_dir, &ids),
+            Vec::<String>::new(),
+            "{what}"
+        );
+        assert!(
+            ids.contains(&newest),
+            "{what}: the newest backup was pruned"
+        );
+        assert!((2..=5).contains(&ids.len()), "{what}: {} left", ids.len());
+        removed += 5 - ids.len();
+    }
+    eprintln!("prune kills: {removed} backups removed in all (full run {full:?})");
+}
+
+/// Files of the S3 server that belong to multipart uploads.
+fn multipart_leftovers(server: &Server) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(&server.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload"))
+        .collect();
+    out.extend(
+        server
+            .bucket_files("crash")
+            .into_iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|p| p.contains("_uploads")),
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_backup_killed_mid_upload_leaves_no_listed_backup_and_no_multipart_upload() {
+    let server = Server::start(&["crash"]).await;
+    let s3 = format!(
+        "retention: {{ max_count: 2 }}\ns3:\n  bucket: crash\n  prefix: site/\n  endpoint: http://{}\n  access_key_id: {ACCESS}\n  secret_access_key: {SECRET}\n  part_size_mib: 5",
+        server.addr
+    );
+    let mut scene = Scene::new(&s3, "", 4).await;
+    // 12 MiB that gzip cannot shrink: the archive is a 3-part upload.
+    let mut rng = Rng::new(5);
+    let noise: Vec<u8> = (0..(12 << 20) / 8)
+        .flat_map(|_| rng.next_u64().to_le_bytes())
+        .collect();
+    std::fs::write(scene.fx.layout.memory_dir.join("vectors.bin"), &noise).unwrap();
+    scene.before = capture(&scene.fx.layout).await;
+    let full = scene.time(&["backup"]);
+
+    // Once deterministically while parts are on the server, then at random.
+    let mut child = scene.helper(&["backup"]).spawn().unwrap();
+    let started = Instant::now();
+    while !std::fs::read_dir(&server.root).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".upload_id-")
+    }) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no part was uploaded"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        !multipart_leftovers(&server).is_empty(),
+        "the kill left parts behind"
+    );
+    let listed = scene.check("kill mid-upload").await;
+    assert_eq!(listed.len(), 1, "only the timing run's backup");
+    assert_eq!(multipart_leftovers(&server), Vec::<String>::new());
+
+    let mut interrupted = 0;
+    for i in 0..iterations() {
+        let delay = scene.run_and_kill(&["backup"], full);
+        let what = format!("iteration {i} (kill after {delay:?})");
+        interrupted += usize::from(!multipart_leftovers(&server).is_empty());
+        scene.check(&what).await;
+        assert_eq!(multipart_leftovers(&server), Vec::<String>::new(), "{what}");
+    }
+    eprintln!(
+        "S3 backup kills: {interrupted} of {} left a multipart upload, all aborted (full run {full:?})",
+        iterations()
+    );
+}

@@ -1,0 +1,43 @@
+//! `synthorg-crash-helper CONFIG DATA_DIR OP [ID]`: runs one operation of
+//! the library (`backup`, `restore ID`, `delete ID`, `prune`) with the real
+//! adapters, for the crash suite to SIGKILL at a random moment. CONFIG is
+//! a YAML file with a `backup:` block; relative paths are under DATA_DIR.
+//! Prints `done` when the operation finished.
+
+use backup_core::{BackupConfig, BackupId, RestoreOptions, Trigger};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [config, dir, op, rest @ ..] = args.as_slice() else {
+        anyhow::bail!("usage: synthorg-crash-helper CONFIG DATA_DIR OP [ID]");
+    };
+    let yaml = std::fs::read_to_string(config)?;
+    let config = BackupConfig::load(Some(&yaml), std::path::Path::new(dir))?;
+    let service = synthorg_api::build_service(&config, synthorg_tests::running_app(), None)?;
+    let id = || -> anyhow::Result<BackupId> {
+        let id = rest
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("{op} needs an id"))?;
+        Ok(BackupId::parse(id)?)
+    };
+    match op.as_str() {
+        "backup" => {
+            service.create(Trigger::Manual).await?;
+        }
+        "restore" => {
+            let options = RestoreOptions {
+                confirm: true,
+                ..RestoreOptions::default()
+            };
+            service.restore(&id()?, options).await?;
+        }
+        "delete" => service.delete(&id()?, false).await?,
+        "prune" => {
+            service.prune(false).await?;
+        }
+        other => anyhow::bail!("unknown operation {other}"),
+    }
+    println!("done");
+    Ok(())
+}
