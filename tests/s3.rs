@@ -119,6 +119,8 @@ async fn s3_store_passes_the_conformance_suite_against_an_external_endpoint() {
         access_key_id: Some(access),
         secret_access_key: Some(Secret::new(secret)),
         part_size_mib: 5,
+        max_retries: 3,
+        retry_timeout_secs: 30,
     };
     conformance::run_all(&S3Target::new(&config)).await;
 }
@@ -333,4 +335,157 @@ async fn backup_list_verify_restore_round_trip_through_s3() {
         "the safety backup went to S3 too"
     );
     assert!(report.safety_backup_id.is_some());
+}
+
+/// The S3 server as a child process, so that it can be stopped.
+struct ServerProcess {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl ServerProcess {
+    fn start(root: &std::path::Path, port: u16) -> ServerProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_synthorg-s3-server"))
+            .arg(root)
+            .arg("faults")
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        ServerProcess { child, addr }
+    }
+
+    fn stop(self) {}
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until an entry whose name satisfies `found` shows up in `dir`.
+async fn wait_for_entry(dir: &std::path::Path, found: impl Fn(&str) -> bool) {
+    let started = std::time::Instant::now();
+    while !std::fs::read_dir(dir)
+        .unwrap()
+        .any(|e| found(&e.unwrap().file_name().to_string_lossy()))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing in {dir:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_server_stopped_mid_upload_and_mid_download() {
+    let root = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(root.path(), 0);
+    let fx = synthorg_tests::Fixture::new(2_000_000).await;
+    // 12 MiB gzip cannot shrink: the archive is a 3-part upload.
+    let mut rng = synthorg_cli::demo::Rng::new(8);
+    let noise: Vec<u8> = (0..(12 << 20) / 8)
+        .flat_map(|_| rng.next_u64().to_le_bytes())
+        .collect();
+    std::fs::write(fx.layout.memory_dir.join("vectors.bin"), &noise).unwrap();
+    let config = fx.config(&format!(
+        "s3:\n  bucket: faults\n  endpoint: http://{}\n  access_key_id: {}\n  secret_access_key: {SECRET}\n  part_size_mib: 5\n  max_retries: 1\n  retry_timeout_secs: 2",
+        server.addr,
+        synthorg_tests::s3_server::ACCESS,
+    ));
+    let service = fx.service(&config);
+    let good = service.create(Trigger::Manual).await.unwrap();
+    let before = synthorg_tests::capture(&fx.layout).await;
+
+    // Mid-upload: the backup fails with an error naming the endpoint problem.
+    let upload = tokio::spawn({
+        let service = service.clone();
+        async move { service.create(Trigger::Manual).await }
+    });
+    wait_for_entry(root.path(), |n| n.starts_with(".upload_id-")).await;
+    let port = server.addr.port();
+    server.stop();
+    let err = tokio::time::timeout(Duration::from_secs(60), upload)
+        .await
+        .expect("the backup gave up")
+        .unwrap()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Store { .. }), "{text}");
+    assert!(
+        text.contains("s3://faults/") && !text.contains(SECRET),
+        "{text}"
+    );
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, before);
+
+    // Back up: recover aborts the interrupted upload; only the good backup is listed.
+    let server = ServerProcess::start(root.path(), port);
+    let actions = service.recover().await.unwrap();
+    assert!(
+        actions
+            .iter()
+            .any(|a| a.starts_with("aborted the interrupted upload")),
+        "{actions:?}"
+    );
+    let listed: Vec<BackupId> = service
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.id().clone())
+        .collect();
+    assert_eq!(listed, vec![good.id.clone()]);
+    let leftovers: Vec<String> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload"))
+        .collect();
+    assert_eq!(leftovers, Vec::<String>::new());
+
+    // Mid-download: the restore is refused and the live data stays as it is.
+    std::fs::write(&fx.layout.company_config, b"company: {name: changed}\n").unwrap();
+    let changed = synthorg_tests::capture(&fx.layout).await;
+    let restore = tokio::spawn({
+        let (service, id) = (service.clone(), good.id.clone());
+        async move {
+            let options = backup_core::RestoreOptions {
+                confirm: true,
+                ..Default::default()
+            };
+            service.restore(&id, options).await
+        }
+    });
+    wait_for_entry(&fx.layout.root, |n| n.contains(".restore-staged")).await;
+    server.stop();
+    let err = tokio::time::timeout(Duration::from_secs(60), restore)
+        .await
+        .expect("the restore gave up")
+        .unwrap()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("{}.tar.gz", good.id)),
+        "failed downloading: {text}"
+    );
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, changed);
+    let hidden: Vec<String> = std::fs::read_dir(&fx.layout.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".restore-") || n.starts_with(".synthorg"))
+        .collect();
+    assert_eq!(hidden, Vec::<String>::new(), "staging left behind");
 }

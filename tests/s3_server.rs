@@ -105,6 +105,8 @@ impl Server {
             access_key_id: Some(ACCESS.to_owned()),
             secret_access_key: Some(Secret::new(SECRET)),
             part_size_mib: 5,
+            max_retries: 10,
+            retry_timeout_secs: 180,
         }
     }
 

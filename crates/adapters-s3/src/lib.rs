@@ -4,7 +4,8 @@
 //! [`connect`] builds both from the `backup.s3` config: bucket, prefix,
 //! endpoint (path-style by default when set), region, credentials from the
 //! config or `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`. Plain HTTP is
-//! allowed only when the endpoint says `http://`. Secrets never appear in
+//! allowed only when the endpoint says `http://`. Failed requests are
+//! retried with backoff (`max_retries`, `retry_timeout_secs`). Secrets never appear in
 //! logs or errors: messages name the bucket and key only.
 
 mod errors;
@@ -15,8 +16,10 @@ use std::sync::Arc;
 
 use backup_core::config::S3Config;
 use backup_core::{Error, Result};
-use object_store::ObjectStore;
+use std::time::Duration;
+
 use object_store::aws::AmazonS3Builder;
+use object_store::{ObjectStore, RetryConfig};
 
 pub use lock::{DEFAULT_LEASE, S3Lock, S3LockGuard};
 pub use store::{PARTS_IN_FLIGHT, S3Store};
@@ -31,7 +34,12 @@ pub fn connect(config: &S3Config) -> Result<(S3Store, S3Lock)> {
         .with_bucket_name(&config.bucket)
         .with_region(&config.region)
         .with_virtual_hosted_style_request(!config.path_style())
-        .with_allow_http(config.allow_http());
+        .with_allow_http(config.allow_http())
+        .with_retry(RetryConfig {
+            max_retries: config.max_retries as usize,
+            retry_timeout: Duration::from_secs(config.retry_timeout_secs.into()),
+            ..RetryConfig::default()
+        });
     if let Some(endpoint) = &config.endpoint {
         builder = builder.with_endpoint(endpoint);
     }

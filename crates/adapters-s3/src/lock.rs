@@ -8,7 +8,9 @@
 //! update, so two takers cannot both win. A lock whose holder is known to
 //! be dead (same host and pid namespace, and that pid no longer runs the
 //! process that took it, judged by its start time in `/proc`) counts as
-//! expired at once, so a restart after a crash need not wait out the lease. Release deletes the
+//! expired at once, so a restart after a crash need not wait out the lease;
+//! so does a lock this process released but could not delete (the server
+//! was unreachable). Release deletes the
 //! object; dropping a guard releases it in the background.
 
 use std::sync::Arc;
@@ -29,6 +31,28 @@ use crate::errors::map_err;
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
 static TOKEN: AtomicU64 = AtomicU64::new(0);
+
+/// Owners (unique per acquisition) this process has released, whose lock
+/// object may still exist because deleting it failed (e.g. the server was
+/// down): such a lock is free for this process at once. The last few only.
+static RELEASED_HERE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+const RELEASED_KEPT: usize = 64;
+
+fn mark_released(owner: &str) {
+    let mut released = RELEASED_HERE.lock().unwrap_or_else(|e| e.into_inner());
+    if released.len() >= RELEASED_KEPT {
+        released.remove(0);
+    }
+    released.push(owner.to_owned());
+}
+
+fn released_here(owner: &str) -> bool {
+    RELEASED_HERE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|o| o == owner)
+}
 
 /// What the lock object holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,9 +85,13 @@ impl Record {
 }
 
 impl Record {
-    /// Whether the holder is certainly gone: it ran on this host, in this
-    /// pid namespace, and its pid is free or taken by a later process.
+    /// Whether the holder is certainly gone: this process released it, or
+    /// it ran on this host, in this pid namespace, and its pid is free or
+    /// taken by a later process.
     fn holder_is_dead(&self) -> bool {
+        if released_here(&self.owner) {
+            return true;
+        }
         let Some(ns) = &self.pid_ns else {
             return false;
         };
@@ -307,6 +335,7 @@ async fn release(lock: S3Lock, shared: Arc<tokio::sync::Mutex<Held>>) -> Result<
         return Ok(());
     }
     held.released = true;
+    mark_released(&held.record.owner);
     // Delete only our own record (a holder that lost its lease must not
     // remove the next holder's).
     match lock.current().await? {
@@ -364,6 +393,17 @@ mod tests {
         let record = own_record();
         assert!(record.pid_ns.is_some() && record.start_ticks.is_some());
         assert!(!record.holder_is_dead());
+    }
+
+    #[test]
+    fn a_lock_this_process_released_is_free_even_if_its_object_stayed() {
+        let record = Record {
+            host: "another-host".into(),
+            ..own_record()
+        };
+        assert!(!record.holder_is_dead());
+        mark_released(&record.owner);
+        assert!(record.holder_is_dead());
     }
 
     #[test]

@@ -202,6 +202,28 @@ pub struct S3Config {
         deserialize_with = "bounded::<_, 5, 5120>"
     )]
     pub part_size_mib: u32,
+    /// Retries of a failed request (connection errors, 5xx, throttling),
+    /// with exponential backoff. 0–100, default 10.
+    #[serde(
+        default = "default_max_retries",
+        deserialize_with = "bounded::<_, 0, 100>"
+    )]
+    pub max_retries: u32,
+    /// Give up retrying a request after this many seconds. 1–3600,
+    /// default 180.
+    #[serde(
+        default = "default_retry_timeout",
+        deserialize_with = "bounded::<_, 1, 3600>"
+    )]
+    pub retry_timeout_secs: u32,
+}
+
+fn default_max_retries() -> u32 {
+    10
+}
+
+fn default_retry_timeout() -> u32 {
+    180
 }
 
 fn default_region() -> String {
@@ -644,6 +666,7 @@ backup:
         assert!(s3.path_style() && s3.allow_http());
         assert_eq!(s3.region, "eu-west-1");
         assert_eq!(s3.part_size_mib, 8);
+        assert_eq!((s3.max_retries, s3.retry_timeout_secs), (10, 180));
     }
 
     #[test]
