@@ -456,4 +456,71 @@ mod tests {
         hard.extend_from_slice(&END_OF_ARCHIVE);
         assert!(read_all(&hard).await.is_err());
     }
+
+    /// Reads everything, returning how many data bytes came out; with a
+    /// runtime of its own for proptest.
+    fn read_total(bytes: &[u8]) -> Result<u64, TarError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut r = TarReader::new(bytes);
+            let mut total = 0u64;
+            let mut buf = [0u8; 4096];
+            while r.next_entry().await?.is_some() {
+                loop {
+                    let n = r.read_data(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+            }
+            Ok(total)
+        })
+    }
+
+    fn sample() -> Vec<u8> {
+        let long = format!("memory/{}/seg.bin", "d".repeat(150));
+        build(&[
+            ("memory", TarKind::Dir, b""),
+            ("memory/a.json", TarKind::File, b"{\"a\": 1}"),
+            (&long, TarKind::File, &[7u8; 1500]),
+            ("memory/link", TarKind::Symlink("a.json".into()), b""),
+        ])
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Arbitrary bytes: an error or entries, never a panic, and never
+        /// more data than the input holds (nothing is invented or buffered
+        /// beyond it).
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8192)) {
+            if let Ok(total) = read_total(&bytes) {
+                proptest::prop_assert!(total <= bytes.len() as u64);
+            }
+        }
+
+        /// A valid archive with bytes overwritten or cut short: an error or
+        /// entries, never a panic.
+        #[test]
+        fn damaged_archives_never_panic(
+            edits in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 1..8),
+            cut in proptest::option::of(0usize..4096),
+        ) {
+            let mut bytes = sample();
+            for (at, value) in edits {
+                let at = at % bytes.len();
+                bytes[at] = value;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % bytes.len());
+            }
+            if let Ok(total) = read_total(&bytes) {
+                proptest::prop_assert!(total <= bytes.len() as u64);
+            }
+        }
+    }
 }

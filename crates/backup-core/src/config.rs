@@ -807,4 +807,87 @@ backup:
             Ok(())
         });
     }
+
+    /// YAML values of every shape, for the loader fuzzing below.
+    fn yaml_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            Just("~".to_owned()),
+            Just("1e400".to_owned()),
+            Just("\"../../etc\"".to_owned()),
+            "[a-z0-9_./-]{0,12}",
+            "\\PC{0,12}".prop_map(|s| format!("{s:?}")),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(", "))),
+                proptest::collection::vec((yaml_key(), inner), 0..4).prop_map(|v| {
+                    let body: Vec<String> =
+                        v.into_iter().map(|(k, x)| format!("{k}: {x}")).collect();
+                    format!("{{{}}}", body.join(", "))
+                }),
+            ]
+        })
+    }
+
+    fn yaml_key() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::strategy::Strategy;
+        proptest::prop_oneof![
+            proptest::sample::select(vec![
+                "enabled",
+                "path",
+                "schedule_hours",
+                "retention",
+                "max_count",
+                "max_age_days",
+                "keep_daily",
+                "on_shutdown",
+                "on_startup",
+                "compression",
+                "include",
+                "sources",
+                "database",
+                "memory_dir",
+                "s3",
+                "bucket",
+                "prefix",
+                "endpoint",
+                "part_size_mib",
+                "max_retries",
+                "retry_timeout_secs",
+                "secret_access_key",
+            ])
+            .prop_map(str::to_owned),
+            "[a-z_]{1,10}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Arbitrary text: a config or an error with a message, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            if let Err(e) = BackupConfig::load(Some(&text), Path::new("/srv")) {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        /// Structured YAML with real and unknown keys and values of every
+        /// type: a valid config (whose numbers are in range) or an error.
+        #[test]
+        fn arbitrary_backup_blocks_never_panic(
+            fields in proptest::collection::vec((yaml_key(), yaml_value()), 0..6)
+        ) {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let yaml = format!("backup: {{{}}}", body.join(", "));
+            match BackupConfig::load(Some(&yaml), Path::new("/srv")) {
+                Ok(c) => proptest::prop_assert!((1..=168).contains(&c.schedule_hours)),
+                Err(e) => proptest::prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
 }
