@@ -60,6 +60,49 @@ pub fn config_yaml(extra: &str) -> String {
     yaml
 }
 
+/// A small tmpfs mounted for a test, unmounted on drop. Mounting needs
+/// root (CI runs as root); elsewhere `tmpfs` returns `None` and says so.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// Mounts a tmpfs with `opts` (e.g. `size=8m`) at `at`.
+    pub fn tmpfs(at: &Path, opts: &str) -> Option<Mount> {
+        std::fs::create_dir_all(at).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            Some(Mount(at.to_path_buf()))
+        } else {
+            eprintln!("SKIPPED: cannot mount tmpfs here (needs root)");
+            None
+        }
+    }
+
+    /// Fills the file system with `filler` until writes fail, then frees
+    /// `leave` bytes of it.
+    pub fn fill(&self, filler: &Path, leave: u64) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(filler).expect("filler");
+        let block = vec![0x5au8; 64 * 1024];
+        let mut written = 0u64;
+        while file.write_all(&block).is_ok() {
+            written += block.len() as u64;
+        }
+        let _ = file.flush();
+        file.set_len(written.saturating_sub(leave))
+            .expect("truncate filler");
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// The running app of the fixtures.
 pub fn running_app() -> RunningApp {
     RunningApp {
