@@ -469,3 +469,97 @@ async fn runtime_backs_up_at_startup_on_schedule_before_migration_and_at_shutdow
     );
     assert!(all.contains(&Trigger::PreMigration));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_mutations_run_one_at_a_time_and_lose_nothing() {
+    let fx = Fixture::new(5_000_000).await;
+    let service = fx.service(&fx.config("retention: { max_count: 100 }"));
+    let mut existing = Vec::new();
+    for _ in 0..3 {
+        existing.push(
+            service
+                .create(Trigger::Manual)
+                .await
+                .unwrap()
+                .id
+                .to_string(),
+        );
+    }
+    let app = router(service.clone(), true);
+    // 4 backups, 3 deletes and 2 restores, all at once.
+    let mut requests: Vec<(&str, String, Option<Value>)> = Vec::new();
+    for _ in 0..4 {
+        requests.push(("POST", "/api/v1/admin/backup".into(), None));
+    }
+    for id in &existing {
+        requests.push(("DELETE", format!("/api/v1/admin/backups/{id}"), None));
+    }
+    for _ in 0..2 {
+        let body = json!({"backup_id": existing[0], "confirm": true});
+        requests.push(("POST", "/api/v1/admin/restore".into(), Some(body)));
+    }
+    let calls = requests.into_iter().map(|(method, uri, body)| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let (status, body, _) = call(&app, method, &uri, body, Some(TOKEN)).await;
+            (method, uri, status, body)
+        })
+    });
+    let results: Vec<_> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+
+    let (mut accepted, mut deleted) = (Vec::new(), Vec::new());
+    let (mut restored, mut busy, mut gone) = (0, 0, 0);
+    for (method, uri, status, body) in &results {
+        match status.as_u16() {
+            202 => accepted.push(body["id"].as_str().unwrap().to_owned()),
+            204 => deleted.push(uri.rsplit('/').next().unwrap().to_owned()),
+            200 if uri.ends_with("/restore") => restored += 1,
+            // Its backup was deleted first.
+            404 if uri.ends_with("/restore") => gone += 1,
+            409 => {
+                assert_eq!(body["code"], "busy", "{method} {uri}: {body}");
+                busy += 1;
+            }
+            other => panic!("{method} {uri}: unexpected {other}: {body}"),
+        }
+    }
+    assert!(busy > 0, "nothing overlapped: {results:?}");
+    assert!(gone == 0 || deleted.contains(&existing[0]));
+    for id in &accepted {
+        assert_eq!(wait_complete(&app, id).await["status"], "complete");
+    }
+    // Exactly what succeeded happened: the accepted backups and one safety
+    // backup per restore were added, the deleted ones are gone, the rest
+    // is still there, and everything listed verifies.
+    let listed: Vec<String> = service
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.id().to_string())
+        .collect();
+    assert_eq!(
+        listed.len(),
+        existing.len() - deleted.len() + accepted.len() + restored,
+        "{listed:?}"
+    );
+    for id in &existing {
+        assert_eq!(listed.contains(id), !deleted.contains(id), "{id}");
+    }
+    for id in &accepted {
+        assert!(listed.contains(id), "{id}");
+    }
+    for id in &listed {
+        let id = backup_core::BackupId::parse(id).unwrap();
+        assert!(service.verify(&id).await.unwrap().ok, "{id}");
+    }
+    eprintln!(
+        "9 concurrent requests: {} backups, {} deletes, {restored} restores ran; {busy} got 409",
+        accepted.len(),
+        deleted.len()
+    );
+}

@@ -13,13 +13,17 @@ use std::process::{Command, Stdio};
 use common::{Demo, stderr};
 
 fn http_get(addr: &str, path: &str, token: Option<&str>) -> String {
+    http(addr, "GET", path, token)
+}
+
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -170,4 +174,66 @@ async fn remote_mode_drives_a_running_server() {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
+}
+
+#[tokio::test]
+async fn the_cli_and_a_running_server_exclude_each_other() {
+    // Big enough that a backup takes a while.
+    let demo = Demo::new(20_000_000).await;
+    let (mut server, addr) = start_serve(&demo, "cross-process-token");
+    let token = Some("cross-process-token");
+
+    // A CLI backup holds the lock: the server answers 409 naming it.
+    let mut cli = demo
+        .command(&["backup"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock_file = demo.backups_dir().join(".lock");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&lock_file)
+        .is_ok_and(|h| h.contains(&format!("pid {} ", cli.id())))
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the CLI never took the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let busy = http(&addr, "POST", "/api/v1/admin/backup", token);
+    assert!(busy.starts_with("HTTP/1.1 409"), "{busy}");
+    assert!(
+        busy.contains("busy") && busy.contains(&format!("pid {} ", cli.id())),
+        "{busy}"
+    );
+    assert!(cli.wait().unwrap().success());
+
+    // A server backup holds the lock: the CLI exits with the busy code.
+    let accepted = http(&addr, "POST", "/api/v1/admin/backup", token);
+    assert!(accepted.starts_with("HTTP/1.1 202"), "{accepted}");
+    let out = demo.run(&["backup"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("busy"), "{}", stderr(&out));
+
+    // Nothing lost: after both, every listed backup is complete and verifies.
+    let started = std::time::Instant::now();
+    loop {
+        let listed = demo.json(&["backup", "list"]);
+        let items = listed.as_array().unwrap();
+        // startup backup + CLI backup + API backup
+        if items.len() >= 3 && items.iter().all(|i| i["status"] == "complete") {
+            for item in items {
+                let id = item["id"].as_str().unwrap();
+                assert_eq!(demo.json(&["backup", "verify", id])["ok"], true);
+            }
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{listed}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
 }
