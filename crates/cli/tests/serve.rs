@@ -237,3 +237,84 @@ async fn the_cli_and_a_running_server_exclude_each_other() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+#[tokio::test]
+async fn secrets_never_reach_logs_errors_or_json() {
+    const S3_SECRET: &str = "s3-secret-never-printed-9f8e7d";
+    const TOKEN: &str = "api-token-never-printed-1a2b3c";
+    let demo = Demo::new(300_000).await;
+    let yaml = std::fs::read_to_string(demo.config()).unwrap();
+    let with_s3 = demo.dir.path().join("s3.yaml");
+    std::fs::write(
+        &with_s3,
+        format!(
+            "{yaml}  s3:\n    bucket: secret-test\n    endpoint: http://127.0.0.1:9\n    access_key_id: AKIDEXAMPLE\n    secret_access_key: {S3_SECRET}\n    max_retries: 0\n"
+        ),
+    )
+    .unwrap();
+    let mut seen = String::new();
+    // Every command that reads the config, at the most verbose log level,
+    // with and without --json, against an unreachable S3 endpoint.
+    for args in [
+        &["config", "show"][..],
+        &["config", "show", "--json"],
+        &["config", "check"],
+        &["backup"],
+        &["backup", "--json"],
+        &["backup", "list", "--json"],
+        &["recover", "--json"],
+    ] {
+        let out = Command::new(common::bin())
+            .arg("--config")
+            .arg(&with_s3)
+            .args(args)
+            .env("RUST_LOG", "trace")
+            .env("SYNTHORG_API_TOKEN", TOKEN)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&out.stdout));
+        seen.push_str(&stderr(&out));
+    }
+    assert!(seen.contains("127.0.0.1:9"), "the commands ran: {seen}");
+
+    // The server at trace level, with good and bad tokens.
+    let mut child = demo
+        .command(&["serve", "--listen", "127.0.0.1:0"])
+        .env("SYNTHORG_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    for token in [Some(TOKEN), Some("wrong-token"), None] {
+        seen.push_str(&http_get(&addr, "/api/v1/admin/backups", token));
+        seen.push_str(&http(&addr, "POST", "/api/v1/admin/backup", token));
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut rest)
+        .unwrap();
+    child.wait().unwrap();
+    seen.push_str(&rest);
+    assert!(seen.contains("401"), "the server answered: {seen}");
+    for secret in [S3_SECRET, TOKEN] {
+        assert!(!seen.contains(secret), "{secret} leaked");
+    }
+}
