@@ -563,3 +563,46 @@ async fn concurrent_mutations_run_one_at_a_time_and_lose_nothing() {
         deleted.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_ids_are_400_on_every_endpoint_that_takes_one() {
+    let fx = Fixture::new(200_000).await;
+    let app = router(fx.service(&fx.config("")), true);
+    let long = "9".repeat(10_000);
+    // As they arrive in a path (percent-encoded) and as they are.
+    let hostile: [(&str, &str); 6] = [
+        ("..%2F..%2Fetc%2Fpasswd", "../../etc/passwd"),
+        ("..", ".."),
+        (
+            "2026-03-15T14-30-00_man%00ual",
+            "2026-03-15T14-30-00_man\0ual",
+        ),
+        (
+            "2026-03-15T14-30-00_m%D0%B0nual",
+            "2026-03-15T14-30-00_m\u{0430}nual",
+        ),
+        (&long, &long),
+        ("%2Fabsolute", "/absolute"),
+    ];
+    for (in_path, raw) in hostile {
+        for method in ["GET", "DELETE"] {
+            let uri = format!("/api/v1/admin/backups/{in_path}");
+            let (status, body, _) = call(&app, method, &uri, None, Some(TOKEN)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {raw:?}: {body}");
+            assert_eq!(body["code"], "invalid_id", "{method} {raw:?}: {body}");
+            assert!(body.to_string().len() < 2_000, "bounded message");
+        }
+        let restore = json!({"backup_id": raw, "confirm": true});
+        let (status, body, _) = call(
+            &app,
+            "POST",
+            "/api/v1/admin/restore",
+            Some(restore),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "restore {raw:?}: {body}");
+        assert_eq!(body["code"], "invalid_id", "restore {raw:?}: {body}");
+    }
+    assert!(synthorg_tests::files_under(&fx.config("").path).is_empty());
+}
