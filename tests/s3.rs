@@ -489,3 +489,107 @@ async fn s3_server_stopped_mid_upload_and_mid_download() {
         .collect();
     assert_eq!(hidden, Vec::<String>::new(), "staging left behind");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_uses_the_index_and_the_sidecars_stay_authoritative() {
+    let server = Server::start(&["indexed"]).await;
+    let target = S3Target::new(&server.config("indexed", "p/"));
+    let store = target.store();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let id = id(1_800_000_000 + i * 60);
+        store
+            .publish(&conformance::manifest_for(&id, Some(b"a"), b"x"))
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let listed = |l: Vec<backup_core::ports::Listed>| -> Vec<BackupId> {
+        l.iter().map(|x| x.id().clone()).collect()
+    };
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(listed(store.list().await.unwrap()), newest_first);
+    let index: Vec<serde_json::Value> = serde_json::from_slice(
+        &target
+            .raw
+            .get(&target.raw_key("_index.json"))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(index.len(), 5, "every published backup is indexed");
+
+    // Deleted: gone from the index too.
+    store.delete(&ids[0]).await.unwrap();
+    assert_eq!(
+        listed(store.list().await.unwrap()),
+        newest_first[..4].to_vec()
+    );
+
+    // A sidecar removed behind the store's back: not listed, whatever the index says.
+    target
+        .raw
+        .delete(&target.raw_key(&format!("{}.manifest.json", ids[1])))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed(store.list().await.unwrap()),
+        newest_first[..3].to_vec()
+    );
+
+    // A garbage or missing index: the same listing, read summary by summary.
+    for damage in [Some(&b"{not json"[..]), None] {
+        match damage {
+            Some(bytes) => target.put_raw("_index.json", bytes).await,
+            None => target
+                .raw
+                .delete(&target.raw_key("_index.json"))
+                .await
+                .unwrap(),
+        }
+        assert_eq!(
+            listed(store.list().await.unwrap()),
+            newest_first[..3].to_vec()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_heals_backups_published_without_it() {
+    let server = Server::start(&["healing"]).await;
+    let target = S3Target::new(&server.config("healing", ""));
+    // As in a bucket from before the index: sidecars only.
+    for i in 0..30 {
+        let id = id(1_800_000_000 + i * 60);
+        let m = conformance::manifest_for(&id, Some(b"a"), b"x");
+        target
+            .put_raw(&format!("{id}.manifest.json"), &m.to_json().unwrap())
+            .await;
+    }
+    assert!(!target.exists_raw("_index.json").await);
+    assert_eq!(target.store.list().await.unwrap().len(), 30);
+    // The next publication indexes them all.
+    let next = id(1_900_000_000);
+    target
+        .store
+        .publish(&conformance::manifest_for(&next, Some(b"a"), b"x"))
+        .await
+        .unwrap();
+    let index: Vec<serde_json::Value> = serde_json::from_slice(
+        &target
+            .raw
+            .get(&target.raw_key("_index.json"))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(index.len(), 31);
+    assert_eq!(target.store.list().await.unwrap().len(), 31);
+}

@@ -38,6 +38,11 @@ const SIDECAR_SUFFIX: &str = ".manifest.json";
 const SUMMARY_SUFFIX: &str = ".summary.json";
 /// Where upload markers live, under the prefix.
 const UPLOADS_DIR: &str = "_uploads";
+/// The summaries of all published backups in one object, so that listing
+/// is a LIST and one GET rather than a GET per backup. Derived data: the
+/// sidecars decide what is listed; a backup missing from the index is read
+/// from its own summary.
+const INDEX_KEY: &str = "_index.json";
 
 /// A [`BackupStore`] on an S3-compatible bucket.
 #[derive(Clone)]
@@ -109,6 +114,92 @@ impl S3Store {
             return Ok(summary);
         }
         self.read_sidecar(id).await.map(|m| Summary::from(&m))
+    }
+
+    /// The summaries in the index object, by id; empty when it is missing
+    /// or unreadable (listing then reads each summary).
+    async fn read_index(&self) -> std::collections::HashMap<BackupId, Summary> {
+        let key = self.key(INDEX_KEY);
+        let bytes = match self.read_capped(&key, MAX_MANIFEST_BYTES).await {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => return Default::default(),
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "backup index unreadable; reading summaries one by one");
+                return Default::default();
+            }
+        };
+        let Ok(entries) = serde_json::from_slice::<Vec<Summary>>(&bytes) else {
+            tracing::warn!(key = %key, "backup index is not valid; reading summaries one by one");
+            return Default::default();
+        };
+        entries
+            .into_iter()
+            .filter(|s| {
+                // The same checks as a summary object of its own.
+                serde_json::to_vec(s)
+                    .ok()
+                    .is_some_and(|b| Summary::from_json(&b, &s.id).is_ok())
+            })
+            .map(|s| (s.id.clone(), s))
+            .collect()
+    }
+
+    /// Rewrites the index: the entries of published backups, `change`d;
+    /// published backups missing from it (a bucket from before the index,
+    /// a lost update) are read and added, so the index heals itself.
+    /// Called under the operation lock by publish and delete; a failure
+    /// only makes listing slower, so it is logged, not returned.
+    async fn update_index(
+        &self,
+        change: impl FnOnce(&mut std::collections::HashMap<BackupId, Summary>),
+    ) {
+        let mut index = self.read_index().await;
+        change(&mut index);
+        match self.published_ids().await {
+            Ok(ids) => {
+                let missing: Vec<BackupId> = ids
+                    .iter()
+                    .filter(|id| !index.contains_key(*id))
+                    .cloned()
+                    .collect();
+                let ids: std::collections::HashSet<BackupId> = ids.into_iter().collect();
+                index.retain(|id, _| ids.contains(id));
+                let found: Vec<Summary> = futures::stream::iter(missing)
+                    .map(|id| async move { self.read_summary(&id).await.ok() })
+                    .buffer_unordered(LIST_CONCURRENCY)
+                    .filter_map(|s| async move { s })
+                    .collect()
+                    .await;
+                index.extend(found.into_iter().map(|s| (s.id.clone(), s)));
+            }
+            Err(e) => {
+                tracing::warn!(store = %self.location, error = %e, "cannot update the backup index");
+                return;
+            }
+        }
+        let mut entries: Vec<&Summary> = index.values().collect();
+        entries.sort_by(|a, b| b.id.cmp(&a.id));
+        let key = self.key(INDEX_KEY);
+        let result = match serde_json::to_vec(&entries) {
+            Ok(json) => self.store.put(&key, json.into()).await.map(|_| ()),
+            Err(e) => Err(object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            }),
+        };
+        if let Err(e) = result {
+            tracing::warn!(key = %key, error = %e, "cannot update the backup index");
+        }
+    }
+
+    /// Ids that have a sidecar (published backups).
+    async fn published_ids(&self) -> Result<Vec<BackupId>> {
+        let (objects, _) = self.top_level().await?;
+        Ok(objects
+            .iter()
+            .filter_map(|n| n.strip_suffix(SIDECAR_SUFFIX))
+            .filter_map(|stem| BackupId::parse(stem).ok())
+            .collect())
     }
 
     fn sidecar_key(&self, id: &BackupId) -> Path {
@@ -472,13 +563,17 @@ impl BackupStore for S3Store {
     }
 
     async fn list(&self) -> Result<Vec<Listed>> {
-        let (objects, _) = self.top_level().await?;
-        let ids: Vec<BackupId> = objects
-            .iter()
-            .filter_map(|n| n.strip_suffix(SIDECAR_SUFFIX))
-            .filter_map(|stem| BackupId::parse(stem).ok())
-            .collect();
-        let mut out: Vec<Listed> = futures::stream::iter(ids)
+        let ids = self.published_ids().await?;
+        let mut index = self.read_index().await;
+        let mut out: Vec<Listed> = Vec::with_capacity(ids.len());
+        let mut unindexed = Vec::new();
+        for id in ids {
+            match index.remove(&id) {
+                Some(summary) => out.push(Listed::Complete(Box::new(summary))),
+                None => unindexed.push(id),
+            }
+        }
+        let read: Vec<Listed> = futures::stream::iter(unindexed)
             .map(|id| async move {
                 match self.read_summary(&id).await {
                     Ok(m) => Ok(Some(Listed::Complete(Box::new(m)))),
@@ -497,6 +592,7 @@ impl BackupStore for S3Store {
             .try_filter_map(|x| async move { Ok(x) })
             .try_collect()
             .await?;
+        out.extend(read);
         out.sort_by(|a, b| b.id().cmp(a.id()));
         Ok(out)
     }
@@ -575,6 +671,11 @@ impl BackupStore for S3Store {
             .put(&key, json.into())
             .await
             .map_err(|e| map_err(&self.location, &key, e))?;
+        let summary = Summary::from(manifest);
+        self.update_index(|index| {
+            index.insert(summary.id.clone(), summary);
+        })
+        .await;
         Ok(())
     }
 
@@ -588,6 +689,12 @@ impl BackupStore for S3Store {
                 .map_err(|e| map_err(&self.location, &sidecar, e))?;
         }
         let had_data = self.delete_data(id).await?;
+        if had_sidecar {
+            self.update_index(|index| {
+                index.remove(id);
+            })
+            .await;
+        }
         if had_sidecar || had_data {
             Ok(())
         } else {
