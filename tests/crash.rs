@@ -91,6 +91,31 @@ impl Scene {
         delay
     }
 
+    /// The listed ids, newest first.
+    async fn ids(&self) -> Vec<BackupId> {
+        let listed = self.service.list().await.unwrap();
+        listed.iter().map(|l| l.id().clone()).collect()
+    }
+
+    /// Runs the operation, kills it, recovers and checks the invariants,
+    /// also that the local store holds nothing but the listed backups.
+    async fn kill_and_check(
+        &mut self,
+        args: &[&str],
+        full: Duration,
+        i: u64,
+    ) -> (String, Vec<BackupId>) {
+        let delay = self.run_and_kill(args, full);
+        let what = format!("iteration {i} (kill after {delay:?})");
+        let ids = self.check(&what).await;
+        assert_eq!(
+            strays(&self.fx.layout.backups_dir, &ids),
+            Vec::<String>::new(),
+            "{what}"
+        );
+        (what, ids)
+    }
+
     /// recover(), then the invariants; returns the listed ids.
     async fn check(&self, what: &str) -> Vec<BackupId> {
         self.service
@@ -138,22 +163,8 @@ async fn backup_killed_at_any_moment_leaves_no_partial_backup() {
     let full = scene.time(&["backup"]);
     let (mut published, mut vanished) = (0, 0);
     for i in 0..iterations() {
-        let before: Vec<BackupId> = scene
-            .service
-            .list()
-            .await
-            .unwrap()
-            .iter()
-            .map(|l| l.id().clone())
-            .collect();
-        let delay = scene.run_and_kill(&["backup"], full);
-        let what = format!("iteration {i} (kill after {delay:?})");
-        let ids = scene.check(&what).await;
-        assert_eq!(
-            strays(&scene.fx.layout.backups_dir, &ids),
-            Vec::<String>::new(),
-            "{what}"
-        );
+        let before = scene.ids().await;
+        let (what, ids) = scene.kill_and_check(&["backup"], full, i).await;
         assert!(
             ids.len() <= 4,
             "{what}: retention ran or did not: {}",
@@ -179,14 +190,9 @@ async fn delete_killed_at_any_moment_leaves_the_backup_whole_or_gone() {
     for i in 0..iterations() {
         // Directory form: a delete removes many files, one at a time.
         let victim = scene.service.create(Trigger::Manual).await.unwrap().id;
-        let delay = scene.run_and_kill(&["delete", &victim.to_string()], full);
-        let what = format!("iteration {i} (kill after {delay:?})");
-        let ids = scene.check(&what).await;
-        assert_eq!(
-            strays(&scene.fx.layout.backups_dir, &ids),
-            Vec::<String>::new(),
-            "{what}"
-        );
+        let (_, ids) = scene
+            .kill_and_check(&["delete", &victim.to_string()], full, i)
+            .await;
         if ids.contains(&victim) {
             whole += 1;
             scene.service.delete(&victim, false).await.unwrap();
@@ -216,14 +222,7 @@ async fn prune_killed_at_any_moment_removes_whole_backups_only() {
             scene.service.create(Trigger::Manual).await.unwrap();
         }
         let newest = scene.service.list().await.unwrap()[0].id().clone();
-        let delay = scene.run_and_kill(&["prune"], full);
-        let what = format!("iteration {i} (kill after {delay:?})");
-        let ids = scene.check(&what).await;
-        assert_eq!(
-            strays(&scene.fx.layout.backups_dir, &ids),
-            Vec::<String>::new(),
-            "{what}"
-        );
+        let (what, ids) = scene.kill_and_check(&["prune"], full, i).await;
         assert!(
             ids.contains(&newest),
             "{what}: the newest backup was pruned"

@@ -53,6 +53,14 @@ impl S3Target {
         }
     }
 
+    /// Entries of the listing index object.
+    async fn index_len(&self) -> usize {
+        let got = self.raw.get(&self.raw_key("_index.json")).await.unwrap();
+        let entries: Vec<serde_json::Value> =
+            serde_json::from_slice(&got.bytes().await.unwrap()).unwrap();
+        entries.len()
+    }
+
     fn raw_key(&self, name: &str) -> object_store::path::Path {
         object_store::path::Path::from(format!("{}{name}", self.prefix))
     }
@@ -510,18 +518,8 @@ async fn listing_uses_the_index_and_the_sidecars_stay_authoritative() {
     let mut newest_first = ids.clone();
     newest_first.reverse();
     assert_eq!(listed(store.list().await.unwrap()), newest_first);
-    let index: Vec<serde_json::Value> = serde_json::from_slice(
-        &target
-            .raw
-            .get(&target.raw_key("_index.json"))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(index.len(), 5, "every published backup is indexed");
+    let index = target.index_len().await;
+    assert_eq!(index, 5, "every published backup is indexed");
 
     // Deleted: gone from the index too.
     store.delete(&ids[0]).await.unwrap();
@@ -579,17 +577,7 @@ async fn the_index_heals_backups_published_without_it() {
         .publish(&conformance::manifest_for(&next, Some(b"a"), b"x"))
         .await
         .unwrap();
-    let index: Vec<serde_json::Value> = serde_json::from_slice(
-        &target
-            .raw
-            .get(&target.raw_key("_index.json"))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(index.len(), 31);
+    let index = target.index_len().await;
+    assert_eq!(index, 31);
     assert_eq!(target.store.list().await.unwrap().len(), 31);
 }

@@ -292,13 +292,7 @@ impl S3Store {
             }
         }
         let dir = self.key(&id.to_string());
-        let keys: Vec<Path> = self
-            .store
-            .list(Some(&dir))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(|e| map_err(&self.location, &dir, e))?;
+        let keys = self.keys_under(&dir).await?;
         existed |= !keys.is_empty();
         for key in keys {
             match self.store.delete(&key).await {
@@ -307,6 +301,16 @@ impl S3Store {
             }
         }
         Ok(existed)
+    }
+
+    /// Every key under `dir`.
+    async fn keys_under(&self, dir: &Path) -> Result<Vec<Path>> {
+        self.store
+            .list(Some(dir))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| map_err(&self.location, dir, e))
     }
 
     async fn exists(&self, key: &Path) -> Result<bool> {
@@ -517,13 +521,7 @@ impl S3Store {
     /// the caller holds the lock); returns the keys whose upload was aborted.
     async fn abort_recorded_uploads(&self) -> Result<Vec<String>> {
         let dir = self.key(UPLOADS_DIR);
-        let markers: Vec<Path> = self
-            .store
-            .list(Some(&dir))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(|e| map_err(&self.location, &dir, e))?;
+        let markers = self.keys_under(&dir).await?;
         let mut aborted = Vec::new();
         for marker in markers {
             let recorded = self
