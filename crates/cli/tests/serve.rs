@@ -318,3 +318,40 @@ async fn secrets_never_reach_logs_errors_or_json() {
         assert!(!seen.contains(secret), "{secret} leaked");
     }
 }
+
+#[tokio::test]
+async fn the_process_runs_with_a_fixed_malloc_mmap_threshold() {
+    let demo = Demo::new(100_000).await;
+    let environ = |child: &std::process::Child| {
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/environ", child.id())).unwrap())
+            .split('\0')
+            .find_map(|kv| {
+                kv.strip_prefix("MALLOC_MMAP_THRESHOLD_=")
+                    .map(str::to_owned)
+            })
+    };
+    let (mut child, _) = start_serve(&demo, "malloc-token");
+    assert_eq!(
+        environ(&child).as_deref(),
+        Some("131072"),
+        "re-executed with it"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    // An explicit setting is kept.
+    let mut child = demo
+        .command(&["serve", "--listen", "127.0.0.1:0"])
+        .env("SYNTHORG_API_TOKEN", "malloc-token")
+        .env("MALLOC_MMAP_THRESHOLD_", "65536")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(environ(&child).as_deref(), Some("65536"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
