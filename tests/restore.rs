@@ -528,3 +528,24 @@ async fn hostile_archives_are_refused_before_live_data_is_touched() {
         assert!(!std::path::Path::new("/etc/passwd-synthorg-test").exists());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_removes_a_journal_update_that_was_never_renamed_into_place() {
+    // A restore killed while writing its journal leaves the temp file (found
+    // by the SIGKILL loop of crates/cli/tests/crash.rs).
+    let fx = Fixture::new(300_000).await;
+    let service = fx.service(&fx.config(""));
+    let before = synthorg_tests::raw_bytes(&fx.layout);
+    let temp = fx.layout.root.join("..synthorg-restore.journal.tmp-4242-0");
+    std::fs::write(&temp, b"{\"state\": \"swapp").unwrap();
+    let actions = service.recover().await.unwrap();
+    assert!(!temp.exists(), "{actions:?}");
+    assert!(
+        actions.iter().any(|a| a.contains("journal.tmp")),
+        "{actions:?}"
+    );
+    assert!(
+        synthorg_tests::raw_bytes(&fx.layout) == before,
+        "live data untouched"
+    );
+}

@@ -357,14 +357,19 @@ impl RestoreTarget for LiveData {
             }
             // Scratch copies of interrupted snapshots (SQLite VACUUM INTO
             // targets) sit next to the sources; no snapshot runs while we
-            // hold the lock.
+            // hold the lock. So may the temp file of a journal update that
+            // was never renamed into place: the journal on disk (or its
+            // absence) is what happened, the temp file is nothing.
+            let journal_temp = format!(".{JOURNAL}{}", fsio::TEMP_MARKER);
             let mut parents: Vec<&Path> = Component::ALL.iter().map(|c| parent_of(me.live(*c))).collect();
             parents.sort();
             parents.dedup();
             for dir in parents {
                 let Ok(entries) = std::fs::read_dir(dir) else { continue };
                 for entry in entries.flatten() {
-                    if entry.file_name().to_string_lossy().starts_with(SCRATCH_PREFIX) {
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    if name.starts_with(SCRATCH_PREFIX) || name.starts_with(&journal_temp) {
                         let path = entry.path();
                         fsio::remove_any(&path).map_err(|e| source_err(Component::Persistence, &path, e))?;
                         tracing::warn!(path = %path.display(), "removed snapshot scratch leftover");
