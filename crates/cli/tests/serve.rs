@@ -355,3 +355,57 @@ async fn the_process_runs_with_a_fixed_malloc_mmap_threshold() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test]
+async fn the_process_leaves_one_cpu_to_the_app_unless_told_otherwise() {
+    let demo = Demo::new(100_000).await;
+    let cpus = |pid: u32| -> usize {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        list.split(',')
+            .map(|r| match r.split_once('-') {
+                Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+                None => 1,
+            })
+            .sum()
+    };
+    let mine = cpus(std::process::id());
+    for (setting, expected) in [
+        (None, mine.saturating_sub(1).max(1)),
+        (Some("0"), mine),
+        (Some("1"), 1),
+    ] {
+        let mut cmd = demo.command(&["serve", "--listen", "127.0.0.1:0"]);
+        cmd.env("SYNTHORG_API_TOKEN", "cpu-token")
+            .env_remove("SYNTHORG_BACKUP_CPUS")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(s) = setting {
+            cmd.env("SYNTHORG_BACKUP_CPUS", s);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(cpus(child.id()), expected, "{setting:?} with {mine} CPUs");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let out = demo
+        .command(&["backup", "list"])
+        .env("SYNTHORG_BACKUP_CPUS", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("SYNTHORG_BACKUP_CPUS"),
+        "{}",
+        stderr(&out)
+    );
+}
