@@ -31,7 +31,22 @@ async fn call(
     body: Option<Value>,
     token: Option<&str>,
 ) -> (StatusCode, Value, axum::http::HeaderMap) {
+    call_with(app, method, uri, body, token, &[]).await
+}
+
+/// As [`call`], with extra request headers.
+async fn call_with(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Value, axum::http::HeaderMap) {
     let mut req = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
     if let Some(t) = token {
         req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
     }
@@ -104,33 +119,25 @@ async fn every_endpoint_needs_the_token_except_healthz() {
 async fn backup_is_accepted_runs_in_the_background_and_is_idempotent() {
     let fx = Fixture::new(500_000).await;
     let app = router(fx.service(&fx.config("")), true);
-    let req = Request::builder()
-        .method("POST")
-        .uri("/api/v1/admin/backup")
-        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-        .header("Idempotency-Key", "deploy-42")
-        .body(Body::empty())
-        .unwrap();
-    let res = app.clone().oneshot(req).await.unwrap();
-    assert_eq!(res.status(), StatusCode::ACCEPTED);
-    let location = res.headers()[header::LOCATION].to_str().unwrap().to_owned();
-    let body: Value =
-        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let keyed = || {
+        call_with(
+            &app,
+            "POST",
+            "/api/v1/admin/backup",
+            None,
+            Some(TOKEN),
+            &[("Idempotency-Key", "deploy-42")],
+        )
+    };
+    let (status, body, headers) = keyed().await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let location = headers[header::LOCATION].to_str().unwrap().to_owned();
     let id = body["id"].as_str().unwrap().to_owned();
     assert_eq!(location, format!("/api/v1/admin/backups/{id}"));
     assert_eq!(body["status_url"], location.as_str());
 
-    let again = Request::builder()
-        .method("POST")
-        .uri("/api/v1/admin/backup")
-        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-        .header("Idempotency-Key", "deploy-42")
-        .body(Body::empty())
-        .unwrap();
-    let res = app.clone().oneshot(again).await.unwrap();
-    assert_eq!(res.status(), StatusCode::ACCEPTED);
-    let body: Value =
-        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let (status, body, _) = keyed().await;
+    assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(body["id"], id.as_str(), "same key, same backup");
     assert_eq!(body["repeated"], true);
 

@@ -80,13 +80,27 @@ async fn serve_refuses_to_start_without_a_token_unless_loopback_and_insecure() {
 
 /// Starts `synthorg serve` on a random port; returns the child and address.
 fn start_serve(demo: &Demo, token: &str) -> (std::process::Child, String) {
-    let mut child = demo
-        .command(&["serve", "--listen", "127.0.0.1:0"])
-        .env("SYNTHORG_API_TOKEN", token)
+    start_serve_with(demo, token, &[])
+}
+
+/// As [`start_serve`], with environment variables set (`Some`) or
+/// removed (`None`).
+fn start_serve_with(
+    demo: &Demo,
+    token: &str,
+    env: &[(&str, Option<&str>)],
+) -> (std::process::Child, String) {
+    let mut cmd = demo.command(&["serve", "--listen", "127.0.0.1:0"]);
+    cmd.env("SYNTHORG_API_TOKEN", token)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    for (name, value) in env {
+        match value {
+            Some(v) => cmd.env(name, v),
+            None => cmd.env_remove(name),
+        };
+    }
+    let mut child = cmd.spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -339,18 +353,11 @@ async fn the_process_runs_with_a_fixed_malloc_mmap_threshold() {
     let _ = child.kill();
     let _ = child.wait();
     // An explicit setting is kept.
-    let mut child = demo
-        .command(&["serve", "--listen", "127.0.0.1:0"])
-        .env("SYNTHORG_API_TOKEN", "malloc-token")
-        .env("MALLOC_MMAP_THRESHOLD_", "65536")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (mut child, _) = start_serve_with(
+        &demo,
+        "malloc-token",
+        &[("MALLOC_MMAP_THRESHOLD_", Some("65536"))],
+    );
     assert_eq!(environ(&child).as_deref(), Some("65536"));
     let _ = child.kill();
     let _ = child.wait();
@@ -380,19 +387,8 @@ async fn the_process_leaves_one_cpu_to_the_app_unless_told_otherwise() {
         (Some("0"), mine),
         (Some("1"), 1),
     ] {
-        let mut cmd = demo.command(&["serve", "--listen", "127.0.0.1:0"]);
-        cmd.env("SYNTHORG_API_TOKEN", "cpu-token")
-            .env_remove("SYNTHORG_BACKUP_CPUS")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        if let Some(s) = setting {
-            cmd.env("SYNTHORG_BACKUP_CPUS", s);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (mut child, _) =
+            start_serve_with(&demo, "cpu-token", &[("SYNTHORG_BACKUP_CPUS", setting)]);
         assert_eq!(cpus(child.id()), expected, "{setting:?} with {mine} CPUs");
         let _ = child.kill();
         let _ = child.wait();
