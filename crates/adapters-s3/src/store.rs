@@ -134,12 +134,8 @@ impl S3Store {
         };
         entries
             .into_iter()
-            .filter(|s| {
-                // The same checks as a summary object of its own.
-                serde_json::to_vec(s)
-                    .ok()
-                    .is_some_and(|b| Summary::from_json(&b, &s.id).is_ok())
-            })
+            // The same rules as a summary object of its own.
+            .filter(|s| s.check(&s.id).is_ok())
             .map(|s| (s.id.clone(), s))
             .collect()
     }

@@ -490,18 +490,28 @@ impl Summary {
             });
         }
         let summary: Summary = serde_json::from_slice(bytes)?;
-        if summary.version.major != MANIFEST_MAJOR {
+        summary.check(id)?;
+        Ok(summary)
+    }
+
+    /// The rules a parsed summary must meet: a supported major version,
+    /// and it names `id` (and its trigger).
+    ///
+    /// # Errors
+    /// `UnsupportedVersion`, or `Inconsistent` for another id.
+    pub fn check(&self, id: &BackupId) -> Result<(), ManifestError> {
+        if self.version.major != MANIFEST_MAJOR {
             return Err(ManifestError::UnsupportedVersion {
-                found: summary.version.to_string(),
+                found: self.version.to_string(),
             });
         }
-        if &summary.id != id || summary.trigger != id.trigger() {
+        if &self.id != id || self.trigger != id.trigger() {
             return Err(ManifestError::Inconsistent(format!(
                 "summary of {id} names {}",
-                summary.id
+                self.id
             )));
         }
-        Ok(summary)
+        Ok(())
     }
 }
 
