@@ -343,45 +343,37 @@ impl Upload {
         self.multipart
             .complete_multipart(&self.key, &self.id, parts)
             .await?;
-        self.remove_marker().await;
+        remove_marker(self.store.as_ref(), &self.marker).await;
         Ok(())
     }
 
     async fn abort(mut self) {
         self.done = true;
-        Upload::abort_and_unmark(
-            Arc::clone(&self.store),
-            Arc::clone(&self.multipart),
-            self.key.clone(),
-            self.id.clone(),
-            self.marker.clone(),
-        )
-        .await;
+        self.abort_task().await;
     }
 
-    async fn remove_marker(&self) {
-        if let Err(e) = self.store.delete(&self.marker).await {
-            // Harmless: the next cleanup finds nothing to abort and removes it.
-            tracing::warn!(key = %self.marker, error = %e, "removing an upload marker failed");
-        }
-    }
-
-    async fn abort_and_unmark(
-        store: Arc<dyn ObjectStore>,
-        multipart: Arc<dyn MultipartStore>,
-        key: Path,
-        id: MultipartId,
-        marker: Path,
-    ) {
-        match multipart.abort_multipart(&key, &id).await {
-            Ok(()) => {
-                if let Err(e) = store.delete(&marker).await {
-                    tracing::warn!(key = %marker, error = %e, "removing an upload marker failed");
+    /// Aborts the upload, then removes its marker (kept when the abort
+    /// failed, so that the next cleanup tries again). Owns what it needs, so
+    /// that `Drop` can spawn it.
+    fn abort_task(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (store, multipart) = (Arc::clone(&self.store), Arc::clone(&self.multipart));
+        let (key, id, marker) = (self.key.clone(), self.id.clone(), self.marker.clone());
+        async move {
+            match multipart.abort_multipart(&key, &id).await {
+                Ok(()) => remove_marker(store.as_ref(), &marker).await,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "aborting a multipart upload failed");
                 }
             }
-            // The marker stays, so the next cleanup tries again.
-            Err(e) => tracing::warn!(key = %key, error = %e, "aborting a multipart upload failed"),
         }
+    }
+}
+
+/// Deletes an upload marker; a failure is harmless (the next cleanup finds
+/// nothing to abort and removes it), so it is only logged.
+async fn remove_marker(store: &dyn ObjectStore, marker: &Path) {
+    if let Err(e) = store.delete(marker).await {
+        tracing::warn!(key = %marker, error = %e, "removing an upload marker failed");
     }
 }
 
@@ -391,13 +383,7 @@ impl Drop for Upload {
             return;
         }
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(Upload::abort_and_unmark(
-                Arc::clone(&self.store),
-                Arc::clone(&self.multipart),
-                self.key.clone(),
-                self.id.clone(),
-                self.marker.clone(),
-            ));
+            handle.spawn(self.abort_task());
         }
     }
 }
