@@ -259,11 +259,7 @@ async fn s3_backup_killed_mid_upload_leaves_no_listed_backup_and_no_multipart_up
     );
     let mut scene = Scene::new(&s3, "", 4).await;
     // 12 MiB that gzip cannot shrink: the archive is a 3-part upload.
-    let mut rng = Rng::new(5);
-    let noise: Vec<u8> = (0..(12 << 20) / 8)
-        .flat_map(|_| rng.next_u64().to_le_bytes())
-        .collect();
-    std::fs::write(scene.fx.layout.memory_dir.join("vectors.bin"), &noise).unwrap();
+    scene.fx.add_incompressible_memory(12, 5);
     scene.before = capture(&scene.fx.layout).await;
     let full = scene.time(&["backup"]);
 

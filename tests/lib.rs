@@ -43,6 +43,16 @@ impl Fixture {
         BackupConfig::load(Some(&config_yaml(extra)), &self.layout.root).expect("valid config")
     }
 
+    /// Adds `memory/vectors.bin`: `mib` MiB that no compressor can shrink
+    /// (from `seed`), so that the archive is a multipart upload on S3.
+    pub fn add_incompressible_memory(&self, mib: usize, seed: u64) {
+        let mut rng = demo::Rng::new(seed);
+        let noise: Vec<u8> = (0..(mib << 20) / 8)
+            .flat_map(|_| rng.next_u64().to_le_bytes())
+            .collect();
+        std::fs::write(self.layout.memory_dir.join("vectors.bin"), &noise).expect("write noise");
+    }
+
     /// A service with the real adapters for `config`.
     pub fn service(&self, config: &BackupConfig) -> BackupService {
         synthorg_api::build_service(config, running_app(), None).expect("service")

@@ -405,11 +405,7 @@ async fn s3_server_stopped_mid_upload_and_mid_download() {
     let server = ServerProcess::start(root.path(), 0);
     let fx = synthorg_tests::Fixture::new(2_000_000).await;
     // 12 MiB gzip cannot shrink: the archive is a 3-part upload.
-    let mut rng = synthorg_cli::demo::Rng::new(8);
-    let noise: Vec<u8> = (0..(12 << 20) / 8)
-        .flat_map(|_| rng.next_u64().to_le_bytes())
-        .collect();
-    std::fs::write(fx.layout.memory_dir.join("vectors.bin"), &noise).unwrap();
+    fx.add_incompressible_memory(12, 8);
     let config = fx.config(&format!(
         "s3:\n  bucket: faults\n  endpoint: http://{}\n  access_key_id: {}\n  secret_access_key: {SECRET}\n  part_size_mib: 5\n  max_retries: 1\n  retry_timeout_secs: 2",
         server.addr,
