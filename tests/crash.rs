@@ -301,3 +301,200 @@ async fn s3_backup_killed_mid_upload_leaves_no_listed_backup_and_no_multipart_up
         iterations()
     );
 }
+
+/// The live state held by a backup: exported, then captured like live data.
+async fn backup_state(service: &BackupService, id: &BackupId, layout_of: &Path) -> LiveState {
+    let dest = layout_of.join(format!("export-{id}"));
+    let mut sink = adapters_fs::ExportDir::create(&dest).unwrap();
+    let (manifest, _) = service.export(id, &mut sink).await.unwrap();
+    sink.finish(&manifest).await.unwrap();
+    let config = std::fs::read_dir(dest.join("config"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let layout = synthorg_cli::demo::DemoLayout {
+        root: dest.clone(),
+        database: dest.join("synthorg.db"),
+        memory_dir: dest.join("memory"),
+        company_config: config,
+        checkpoints_dir: dest.join("checkpoints"),
+        config_file: dest.join("none.yaml"),
+        backups_dir: dest.join("none"),
+    };
+    let state = capture(&layout).await;
+    std::fs::remove_dir_all(&dest).unwrap();
+    state
+}
+
+/// What runs after the killed restore, instead of `recover`.
+#[derive(Debug, Clone, Copy)]
+enum Next {
+    /// A plain `backup`, as cron or the next scheduled run does.
+    Backup,
+    /// The host starting: `BackupRuntime::start` (recover, startup backup).
+    RuntimeStart,
+}
+
+/// For every rename N of the swap: a restore aborted right after rename N,
+/// then `next` (not `recover`): the live data and the new backup are both
+/// exactly the old state or exactly the restored one.
+async fn restore_killed_after_every_rename(next: Next) {
+    let scene = Scene::new("retention: { max_count: 200 }", "", 6).await;
+    let state_a = scene.before.clone();
+    let backup_a = scene.service.create(Trigger::Manual).await.unwrap().id;
+    std::fs::write(&scene.fx.layout.company_config, b"company:\n  name: B\n").unwrap();
+    std::fs::remove_dir_all(scene.fx.layout.checkpoints_dir.join("task-0000")).unwrap();
+    std::fs::write(scene.fx.layout.memory_dir.join("b.txt"), b"state b").unwrap();
+    let state_b = capture(&scene.fx.layout).await;
+    let backup_b = scene.service.create(Trigger::Manual).await.unwrap().id;
+    assert_ne!(state_a, state_b);
+    let scratch = scene.fx.dir.path().to_path_buf();
+    let (mut old, mut new) = (0, 0);
+    let mut n = 0;
+    loop {
+        assert!(n < 40, "the swap never completed");
+        let status = scene
+            .helper(&["restore", &backup_a.to_string()])
+            .env("SYNTHORG_CRASH_ABORT_AFTER_RENAME", n.to_string())
+            .status()
+            .unwrap();
+        let what = format!("{next:?} after an abort after rename {n}");
+        let id = match next {
+            Next::Backup => scene.service.create(Trigger::Manual).await.unwrap().id,
+            Next::RuntimeStart => {
+                let state = synthorg_api::AdminState::new(scene.service.clone(), None, true);
+                let config = synthorg_api::RuntimeConfig {
+                    enabled: true,
+                    on_startup: true,
+                    on_shutdown: false,
+                    schedule: Duration::from_secs(3600),
+                    shutdown_timeout: Duration::from_secs(60),
+                };
+                let runtime = synthorg_api::BackupRuntime::start(
+                    state.clone(),
+                    config,
+                    std::sync::Arc::new(adapters_fs::SystemClock),
+                )
+                .await;
+                runtime.shutdown().await;
+                let listed = scene.service.list().await.unwrap();
+                let startup = listed.iter().find(|l| l.id().trigger() == Trigger::Startup);
+                startup
+                    .unwrap_or_else(|| panic!("{what}: no startup backup"))
+                    .id()
+                    .clone()
+            }
+        };
+        let live = capture(&scene.fx.layout).await;
+        let stored = backup_state(&scene.service, &id, &scratch).await;
+        assert_eq!(
+            stored, live,
+            "{what}: the backup differs from the live data"
+        );
+        if live == state_a {
+            new += 1;
+        } else {
+            assert_eq!(
+                live, state_b,
+                "{what}: neither the old nor the restored state"
+            );
+            old += 1;
+        }
+        assert_eq!(
+            strays(&scene.fx.layout.backups_dir, &scene.ids().await),
+            Vec::<String>::new(),
+            "{what}"
+        );
+        let hidden: Vec<String> = std::fs::read_dir(&scene.fx.layout.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with('.'))
+            .collect();
+        assert_eq!(hidden, Vec::<String>::new(), "{what}: leftovers");
+        scene.service.delete(&id, true).await.unwrap();
+        if status.success() {
+            break; // N is past the last rename: the restore completed
+        }
+        if live == state_a {
+            let options = backup_core::RestoreOptions {
+                confirm: true,
+                ..Default::default()
+            };
+            scene.service.restore(&backup_b, options).await.unwrap();
+        }
+        n += 1;
+    }
+    assert!(n >= 4, "the swap has at least 4 renames, saw {n}");
+    assert!(old > 0 && new > 0, "old {old}, new {new}");
+    eprintln!("{next:?}: {n} renames; {old} left the old state, {new} the restored one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_killed_inside_the_swap_then_a_plain_backup_backs_up_old_or_new_state() {
+    restore_killed_after_every_rename(Next::Backup).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_killed_inside_the_swap_then_the_runtime_starts_on_old_or_new_state() {
+    restore_killed_after_every_rename(Next::RuntimeStart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backups_are_cleaned_up_by_the_next_plain_backup() {
+    let mut scene = Scene::new("retention: { max_count: 100 }", "", 7).await;
+    scene.fx.add_incompressible_memory(24, 8);
+    scene.before = capture(&scene.fx.layout).await;
+    let full = scene.time(&["backup"]);
+    let mut left = 0;
+    for i in 0..3u64 {
+        // Kill in the middle of the archive write, where temp files exist.
+        let mut child = scene.helper(&["backup"]).spawn().unwrap();
+        std::thread::sleep(full * (3 + i as u32) / 10);
+        let _ = child.kill();
+        let _ = child.wait();
+        left += strays(&scene.fx.layout.backups_dir, &scene.ids().await).len();
+    }
+    assert!(
+        left > 0,
+        "no kill left a temp file behind; the test proves nothing"
+    );
+    scene.service.create(Trigger::Manual).await.unwrap();
+    assert_eq!(
+        strays(&scene.fx.layout.backups_dir, &scene.ids().await),
+        Vec::<String>::new()
+    );
+    assert!(!scene.service.take_recovered().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_backup_killed_mid_upload_is_cleaned_up_by_the_next_plain_backup() {
+    let server = Server::start(&["crash"]).await;
+    let s3 = format!(
+        "s3:\n  bucket: crash\n  prefix: next/\n  endpoint: http://{}\n  access_key_id: {ACCESS}\n  secret_access_key: {SECRET}\n  part_size_mib: 5",
+        server.addr
+    );
+    let scene = Scene::new(&s3, "", 9).await;
+    scene.fx.add_incompressible_memory(12, 5);
+    let mut child = scene.helper(&["backup"]).spawn().unwrap();
+    let started = Instant::now();
+    while !std::fs::read_dir(&server.root).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".upload_id-")
+    }) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no part was uploaded"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!multipart_leftovers(&server).is_empty());
+    scene.service.create(Trigger::Manual).await.unwrap();
+    assert_eq!(multipart_leftovers(&server), Vec::<String>::new());
+    assert_eq!(scene.ids().await.len(), 1);
+}

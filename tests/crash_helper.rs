@@ -3,6 +3,9 @@
 //! adapters, for the crash suite to SIGKILL at a random moment. CONFIG is
 //! a YAML file with a `backup:` block; relative paths are under DATA_DIR.
 //! Prints `done` when the operation finished.
+//!
+//! With `SYNTHORG_CRASH_ABORT_AFTER_RENAME=N`, a restore aborts the process
+//! right after the N-th rename (0-based) of its swap, as a kill would.
 
 use backup_core::{BackupConfig, BackupId, RestoreOptions, Trigger};
 
@@ -14,7 +17,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let yaml = std::fs::read_to_string(config)?;
     let config = BackupConfig::load(Some(&yaml), std::path::Path::new(dir))?;
-    let service = synthorg_api::build_service(&config, synthorg_tests::running_app(), None)?;
+    let mut live = adapters_fs::LiveData::new(&config.sources)
+        .with_verifier(std::sync::Arc::new(adapters_sqlite::SqliteSnapshotter));
+    if let Ok(n) = std::env::var("SYNTHORG_CRASH_ABORT_AFTER_RENAME") {
+        live = live.with_fault(adapters_fs::SwapFault::AbortAfter(n.parse()?));
+    }
+    let service =
+        synthorg_api::build_service_with(&config, synthorg_tests::running_app(), None, live)?;
     let id = || -> anyhow::Result<BackupId> {
         let id = rest
             .first()

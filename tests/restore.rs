@@ -549,3 +549,92 @@ async fn recover_removes_a_journal_update_that_was_never_renamed_into_place() {
         "live data untouched"
     );
 }
+
+/// Waits until `db` exists with the writer's table.
+async fn wait_for_commits(db: &std::path::Path) {
+    for _ in 0..200 {
+        if let Ok(rows) = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM bench_log")
+            .fetch_one(&mut synthorg_tests::open(db).await)
+            .await
+            && rows > 20
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the writer never committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_under_a_live_writer_process_is_refused_and_its_rows_stay() {
+    let fx = Fixture::new(1_000_000).await;
+    let service = fx.service(&fx.config(""));
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    let writer = std::process::Command::new(env!("CARGO_BIN_EXE_synthorg-bench-writer"))
+        .arg(&fx.layout.database)
+        .arg("3")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_commits(&fx.layout.database).await;
+    let err = service.restore(&backup.id, confirmed()).await.unwrap_err();
+    let Error::InUse {
+        component,
+        path,
+        holder,
+    } = &err
+    else {
+        panic!("expected in use, got {err}");
+    };
+    assert_eq!(*component, Component::Persistence);
+    assert!(path.contains("synthorg.db"), "{err}");
+    assert!(holder.contains(&writer.id().to_string()), "{err}");
+    assert_eq!(err.kind(), backup_core::ErrorKind::Refused);
+    assert_eq!(err.code(), "in_use");
+    // No safety backup, no staging: nothing was touched.
+    assert_eq!(service.list().await.unwrap().len(), 1);
+    let out = writer.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let commits = report["commits"].as_i64().unwrap();
+    let mut conn = synthorg_tests::open(&fx.layout.database).await;
+    let n: i64 = sqlx::query_scalar("SELECT n FROM bench_counter")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_log")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        (n, rows),
+        (commits, commits),
+        "every committed row is on disk"
+    );
+    sqlx::Connection::close(conn).await.unwrap();
+    // Once the writer is gone, the same restore goes through.
+    service.restore(&backup.id, confirmed()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_while_a_memory_database_is_open_is_refused() {
+    let fx = Fixture::new(1_000_000).await;
+    let service = fx.service(&fx.config(""));
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    let mem0 = fx.layout.memory_dir.join("mem0_history.db");
+    let conn = synthorg_tests::open(&mem0).await;
+    let before = synthorg_tests::raw_bytes(&fx.layout);
+    let err = service.restore(&backup.id, confirmed()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::InUse { component: Component::Memory, path, .. } if path.contains("mem0_history.db")),
+        "{err}"
+    );
+    assert_eq!(synthorg_tests::raw_bytes(&fx.layout), before);
+    // Restoring only what is not open is fine.
+    let options = RestoreOptions {
+        components: Some(vec![Component::Config]),
+        ..confirmed()
+    };
+    service.restore(&backup.id, options).await.unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+}

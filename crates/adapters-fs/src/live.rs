@@ -47,7 +47,18 @@ pub struct LiveData {
     company_config: PathBuf,
     checkpoints_dir: PathBuf,
     verifier: Option<Arc<dyn DatabaseVerifier>>,
-    fail_after: Option<usize>,
+    fault: Option<SwapFault>,
+}
+
+/// A fault injected into the swap, for the tests of its crash safety.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapFault {
+    /// The swap fails, as a disk error would, before rename `n` (0-based):
+    /// it rolls itself back.
+    FailBefore(usize),
+    /// The process aborts right after rename `n` (0-based) is durable,
+    /// as if killed: nothing is rolled back until the next recovery.
+    AbortAfter(usize),
 }
 
 impl LiveData {
@@ -59,14 +70,19 @@ impl LiveData {
             company_config: sources.company_config.clone(),
             checkpoints_dir: sources.checkpoints_dir.clone(),
             verifier: None,
-            fail_after: None,
+            fault: None,
         }
     }
 
     /// Fault injection for tests of the rollback: the swap fails, as a disk
     /// error would, after `renames` renames.
-    pub fn fail_swap_after(mut self, renames: usize) -> LiveData {
-        self.fail_after = Some(renames);
+    pub fn fail_swap_after(self, renames: usize) -> LiveData {
+        self.with_fault(SwapFault::FailBefore(renames))
+    }
+
+    /// Fault injection for the crash tests (never set outside them).
+    pub fn with_fault(mut self, fault: SwapFault) -> LiveData {
+        self.fault = Some(fault);
         self
     }
 
@@ -91,19 +107,24 @@ impl LiveData {
 
     /// The live paths a component occupies: the database has companions.
     fn live_items(&self, c: Component) -> Vec<PathBuf> {
-        let main = self.live(c).to_path_buf();
+        let main = self.live(c);
         if c == Component::Persistence {
-            let mut items = vec![main.clone()];
-            for suffix in ["-wal", "-shm", "-journal"] {
-                let mut p = main.clone().into_os_string();
-                p.push(suffix);
-                items.push(PathBuf::from(p));
-            }
-            items
+            with_companions(main)
         } else {
-            vec![main]
+            vec![main.to_path_buf()]
         }
     }
+}
+
+/// A SQLite file and its `-wal`, `-shm` and `-journal` companions.
+fn with_companions(main: &Path) -> Vec<PathBuf> {
+    let mut items = vec![main.to_path_buf()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = main.as_os_str().to_owned();
+        p.push(suffix);
+        items.push(PathBuf::from(p));
+    }
+    items
 }
 
 fn parent_of(path: &Path) -> &Path {
@@ -191,7 +212,7 @@ fn rename_synced(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// Performs the journaled swap; on a failure midway, rolls back.
-fn swap(journal_path: &Path, journal: &Journal, fail_after: Option<usize>) -> io::Result<()> {
+fn swap(journal_path: &Path, journal: &Journal, fault: Option<SwapFault>) -> io::Result<()> {
     // Aside names must be free before the journal claims them: anything
     // there is a leftover (we hold the operation lock), and rolling back
     // must never mistake it for the live data it moved.
@@ -203,11 +224,19 @@ fn swap(journal_path: &Path, journal: &Journal, fail_after: Option<usize>) -> io
     write_journal(journal_path, journal)?;
     let mut renames = 0usize;
     let mut rename = |from: &Path, to: &Path| -> io::Result<()> {
-        if fail_after == Some(renames) {
+        if fault == Some(SwapFault::FailBefore(renames)) {
             return Err(io::Error::other("injected fault: swap interrupted"));
         }
+        rename_synced(from, to)?;
+        if fault == Some(SwapFault::AbortAfter(renames)) {
+            tracing::error!(
+                rename = renames,
+                "injected fault: aborting the process inside the swap"
+            );
+            std::process::abort();
+        }
         renames += 1;
-        rename_synced(from, to)
+        Ok(())
     };
     let mut forward = || -> io::Result<()> {
         for m in &journal.moves {
@@ -291,6 +320,36 @@ impl RestoreTarget for LiveData {
         tokio::fs::symlink_metadata(self.live(component))
             .await
             .is_ok()
+    }
+
+    async fn check_not_in_use(&self, components: &[Component]) -> Result<()> {
+        let me = self.clone();
+        let components = components.to_vec();
+        blocking(move || {
+            for c in components {
+                let mut files = me.live_items(c);
+                if c == Component::Memory && me.memory_dir.is_dir() {
+                    let candidates = sqlite_candidates(&me.memory_dir)
+                        .map_err(|e| source_err(c, &me.memory_dir, e))?;
+                    for file in candidates {
+                        if read_header(&file).is_ok_and(|h| h.starts_with(b"SQLite format 3\0")) {
+                            files.extend(with_companions(&file));
+                        }
+                    }
+                }
+                if let Some(holder) = crate::in_use::find_holder(&files) {
+                    tracing::error!(component = %c, path = %holder.path.display(), holder = %holder,
+                        "restore refused: live data is open in a process");
+                    return Err(Error::InUse {
+                        component: c,
+                        path: holder.path.display().to_string(),
+                        holder: holder.to_string(),
+                    });
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn stage(
@@ -579,9 +638,9 @@ impl Staging for FsStaging {
                 .collect(),
         };
         let journal_path = live.journal_path();
-        let fail_after = live.fail_after;
+        let fault = live.fault;
         blocking(move || {
-            swap(&journal_path, &journal, fail_after)
+            swap(&journal_path, &journal, fault)
                 .map_err(|e| source_err(Component::Persistence, &journal_path, e))
         })
         .await

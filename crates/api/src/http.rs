@@ -90,7 +90,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let e = self.0;
         let status = match (&e, e.kind()) {
-            (Error::Pinned { .. }, _) => StatusCode::CONFLICT,
+            (Error::Pinned { .. } | Error::InUse { .. }, _) => StatusCode::CONFLICT,
             (_, ErrorKind::Invalid) => StatusCode::BAD_REQUEST,
             (_, ErrorKind::NotFound) => StatusCode::NOT_FOUND,
             (_, ErrorKind::Busy) => StatusCode::CONFLICT,

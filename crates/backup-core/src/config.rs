@@ -387,8 +387,67 @@ impl BackupConfig {
                 .filter(|k| k.as_str().to_ascii_lowercase().starts_with("backup__"))
                 .split("__"),
         );
-        let config = Self::from_figment(&figment)?;
-        Ok(config.resolve_paths(base_dir))
+        let config = Self::from_figment(&figment)?.resolve_paths(base_dir);
+        config.check_layout()?;
+        Ok(config)
+    }
+
+    /// Checks that the local backup directory and the sources stay apart
+    /// (after path resolution): `backup.path` equal to, inside or
+    /// containing `memory_dir` or `checkpoints_dir` would back up earlier
+    /// backups into each new one (or restore over them), and equal to the
+    /// database or config file it would replace them. Beside the sources in
+    /// the same data directory is fine. Lexical: both paths as configured.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `backup.path` and the source.
+    pub fn check_layout(&self) -> Result<(), ConfigError> {
+        if self.s3.is_some() {
+            return Ok(());
+        }
+        let path = &self.path;
+        for (key, dir) in [
+            ("backup.sources.memory_dir", &self.sources.memory_dir),
+            (
+                "backup.sources.checkpoints_dir",
+                &self.sources.checkpoints_dir,
+            ),
+        ] {
+            let relation = if path == dir {
+                Some("is the same directory as")
+            } else if path.starts_with(dir) {
+                Some("is inside")
+            } else if dir.starts_with(path) {
+                Some("contains")
+            } else {
+                None
+            };
+            if let Some(relation) = relation {
+                return Err(invalid(
+                    "backup.path",
+                    format!(
+                        "{} {relation} {key} ({}); keep backups outside the data they protect, e.g. beside it",
+                        path.display(),
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        for (key, file) in [
+            ("backup.sources.database", &self.sources.database),
+            (
+                "backup.sources.company_config",
+                &self.sources.company_config,
+            ),
+        ] {
+            if path == file {
+                return Err(invalid(
+                    "backup.path",
+                    format!("{} is the same path as {key}", path.display()),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Extracts and validates the `backup` key of a figment (no path resolution).
@@ -739,6 +798,32 @@ backup:
         assert!(e.contains("backup.include"), "{e}");
         let e = err_text("backup: {schedule_hours: [1}");
         assert!(!e.is_empty());
+    }
+
+    #[test]
+    fn backup_path_overlapping_a_source_is_rejected_naming_both() {
+        let base = Path::new("/srv/app");
+        let load_at = |yaml: &str| BackupConfig::load(Some(yaml), base);
+        for (yaml, relation) in [
+            ("backup: {path: ./data/memory/backups}", "is inside"),
+            ("backup: {path: ./data/memory}", "is the same directory as"),
+            ("backup: {path: ./data}", "contains"),
+            ("backup: {path: ./data/checkpoints/b}", "is inside"),
+            ("backup: {path: ./data/synthorg.db}", "is the same path as"),
+            ("backup: {path: company.yaml}", "is the same path as"),
+        ] {
+            let e = load_at(yaml).unwrap_err().to_string();
+            assert!(
+                e.contains("backup.path") && e.contains(relation),
+                "{yaml}: {e}"
+            );
+            assert!(e.contains("backup.sources."), "{yaml}: {e}");
+        }
+        // Beside the sources in the same data directory: the seed's layout.
+        assert!(load_at("backup: {path: ./data/backups}").is_ok());
+        assert!(load_at("backup: {path: /var/backups/synthorg}").is_ok());
+        // With an S3 target, backup.path is not used.
+        assert!(load_at("backup: {path: ./data/memory, s3: {bucket: b-1}}").is_ok());
     }
 
     #[test]

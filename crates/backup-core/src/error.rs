@@ -123,6 +123,19 @@ pub enum Error {
         /// The bound.
         secs: u64,
     },
+    /// Live data that a restore would replace is open in another process
+    /// (a writer whose later commits would be lost); nothing was touched.
+    #[error(
+        "{component} at {path} is in use by {holder}; stop the app (or close its connections) before restoring"
+    )]
+    InUse {
+        /// The component concerned.
+        component: Component,
+        /// The open file.
+        path: String,
+        /// Who holds it open, e.g. `pid 1234 (python3)`, as far as known.
+        holder: String,
+    },
     /// The operation was cancelled; nothing partial was published.
     #[error("{0} was cancelled")]
     Cancelled(String),
@@ -157,7 +170,8 @@ impl Error {
             | Error::Incompatible { .. }
             | Error::Integrity { .. }
             | Error::NotConfirmed { .. }
-            | Error::Pinned { .. } => ErrorKind::Refused,
+            | Error::Pinned { .. }
+            | Error::InUse { .. } => ErrorKind::Refused,
             Error::Source { .. }
             | Error::Store { .. }
             | Error::Timeout { .. }
@@ -178,6 +192,7 @@ impl Error {
             Error::Integrity { .. } => "integrity",
             Error::NotConfirmed { .. } => "not_confirmed",
             Error::Pinned { .. } => "pinned",
+            Error::InUse { .. } => "in_use",
             Error::Source { .. } => "source_failed",
             Error::Store { .. } => "store_failed",
             Error::Timeout { .. } => "timeout",

@@ -449,6 +449,16 @@ pub trait RestoreTarget: Debug + Send + Sync + 'static {
     /// its safety backup then covers only what exists).
     async fn is_present(&self, component: Component) -> bool;
 
+    /// Refuses when another process (or this one) holds a live SQLite file
+    /// of `components` open: the database, its `-wal`/`-shm`/`-journal`,
+    /// and the SQLite files under `memory/`. A restore swapping them would
+    /// lose every later commit of that process. Called before staging and
+    /// again right before the swap.
+    ///
+    /// # Errors
+    /// `InUse` naming the file and, where known, the pid.
+    async fn check_not_in_use(&self, components: &[Component]) -> Result<()>;
+
     /// Creates an empty staging area for `components` of `manifest`'s backup.
     ///
     /// # Errors

@@ -25,7 +25,8 @@ use crate::error::{Error, Result};
 use crate::id::{BackupId, Component, Trigger};
 use crate::manifest::Manifest;
 use crate::ports::{
-    BackupStore, Clock, ComponentSource, Listed, Operation, OperationLock, Quiesce, RestoreTarget,
+    BackupStore, Clock, ComponentSource, Listed, LockGuard, Operation, OperationLock, Quiesce,
+    RestoreTarget,
 };
 use crate::retention::{self, Action, Candidate, Decision, RetentionPolicy};
 
@@ -157,6 +158,9 @@ pub struct BackupService {
     app: RunningApp,
     /// Receives progress of verify, export and restore.
     progress: Option<ProgressFn>,
+    /// What the recovery of the operations of this service (and its
+    /// clones) did, until [`take_recovered`](BackupService::take_recovered).
+    recovered: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for BackupService {
@@ -180,6 +184,7 @@ impl BackupService {
             ports,
             app,
             progress: None,
+            recovered: Arc::default(),
         };
         service.check_sources(&service.settings.include)?;
         for s in &service.ports.sources {
@@ -267,12 +272,12 @@ impl BackupService {
         if let Some(list) = &options.components {
             self.check_sources(list)?;
         }
-        let guard = self.ports.lock.try_acquire(Operation::Backup).await?;
+        let guard = self.acquire(Operation::Backup).await?;
         let timestamp = self.ports.clock.now();
         let id = match self.next_id(trigger, timestamp).await {
             Ok(id) => id,
             Err(e) => {
-                let _ = guard.release().await;
+                release(guard).await;
                 return Err(e);
             }
         };
@@ -285,9 +290,7 @@ impl BackupService {
             {
                 tracing::error!(error = %e, "retention after backup failed; the backup itself is fine");
             }
-            if let Err(e) = guard.release().await {
-                tracing::warn!(error = %e, "releasing the operation lock failed");
-            }
+            release(guard).await;
             result
         };
         Ok(PendingBackup {
@@ -318,7 +321,7 @@ impl BackupService {
     /// `Busy` while another operation runs (e.g. a restore); `NotFound`;
     /// `Pinned` without `force`; `Store`.
     pub async fn delete(&self, id: &BackupId, force: bool) -> Result<()> {
-        let guard = self.ports.lock.try_acquire(Operation::Delete).await?;
+        let guard = self.acquire(Operation::Delete).await?;
         let result = async {
             match self.ports.store.manifest(id).await {
                 Ok(m) if m.is_pinned() && !force => {
@@ -332,7 +335,7 @@ impl BackupService {
             Ok(())
         }
         .await;
-        let _ = guard.release().await;
+        release(guard).await;
         result
     }
 
@@ -342,29 +345,73 @@ impl BackupService {
     /// `Busy`, or `Store` when listing fails. Individual delete failures are
     /// logged and reported in the returned decisions' absence from the store.
     pub async fn prune(&self, dry_run: bool) -> Result<Vec<Decision>> {
-        let guard = self.ports.lock.try_acquire(Operation::Prune).await?;
+        let guard = self.acquire(Operation::Prune).await?;
         let result = self.apply_retention(dry_run).await;
-        let _ = guard.release().await;
+        release(guard).await;
         result
     }
 
     /// Finishes or rolls back an interrupted restore, then removes
-    /// leftovers of interrupted backups. Runs at start-up, before the host
-    /// opens its data. Returns what it did (also logged at WARN).
+    /// leftovers of interrupted operations. Every other mutating operation
+    /// does the same right after taking the lock (see
+    /// [`acquire`](Self::acquire)); this is the explicit command, which the
+    /// host also runs at start-up. Returns what it did (also logged at WARN).
     ///
     /// # Errors
     /// `Busy`, `Source` when the restore journal cannot be handled, `Store`
     /// when the backup location cannot be listed.
     pub async fn recover(&self) -> Result<Vec<String>> {
-        let guard = self.ports.lock.try_acquire(Operation::Recover).await?;
-        let result = async {
+        self.acquire(Operation::Recover).await?.release().await?;
+        Ok(self.take_recovered())
+    }
+
+    /// What recovery did for the operations run since the last call (the
+    /// CLI puts it into its `--json` output).
+    pub fn take_recovered(&self) -> Vec<String> {
+        let mut log = self
+            .recovered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::take(&mut *log)
+    }
+
+    /// Takes the operation lock, then recovers what an earlier holder left
+    /// (like SQLite rolling back a hot journal on the next open): an
+    /// interrupted restore is finished or rolled back, and temp objects,
+    /// staging, aside and scratch items and upload markers of dead
+    /// processes are removed. Holding the lock proves their owner is gone.
+    /// No operation ever reads the live data or the store while a restore
+    /// journal exists: if recovery fails, so does the operation.
+    ///
+    /// # Errors
+    /// `Busy`; the recovery's error (the lock is released).
+    pub(crate) async fn acquire(&self, operation: Operation) -> Result<Box<dyn LockGuard>> {
+        let guard = self.ports.lock.try_acquire(operation).await?;
+        let recovered = async {
             let mut done = self.ports.restore_target.recover().await?;
             done.extend(self.ports.store.cleanup_incomplete().await?);
-            Ok(done)
+            Ok::<_, Error>(done)
         }
         .await;
-        let _ = guard.release().await;
-        result
+        match recovered {
+            Ok(done) => {
+                if !done.is_empty() {
+                    tracing::warn!(operation = operation.as_str(), actions = ?done,
+                        "recovered what an interrupted operation left before starting");
+                    self.recovered
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .extend(done);
+                }
+                Ok(guard)
+            }
+            Err(e) => {
+                tracing::error!(operation = operation.as_str(), error = %e,
+                    "recovery before the operation failed; nothing was done");
+                release(guard).await;
+                Err(e)
+            }
+        }
     }
 
     /// Plans retention over the published backups and, unless `dry_run`,
@@ -415,6 +462,14 @@ impl BackupService {
             None => first,
             Some(seq) => BackupId::new(now, trigger, seq.saturating_add(1)),
         })
+    }
+}
+
+/// Releases the operation lock, logging a failure (the lock then expires
+/// or is found stale; the operation's own result stands).
+pub(crate) async fn release(guard: Box<dyn LockGuard>) {
+    if let Err(e) = guard.release().await {
+        tracing::warn!(error = %e, "releasing the operation lock failed");
     }
 }
 

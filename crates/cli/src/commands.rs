@@ -65,8 +65,9 @@ pub(crate) async fn create(out: &Output, ctx: &Context, args: &CreateArgs) -> an
         progress: out.progress(),
         ..CreateOptions::default()
     };
-    let manifest = ctx.service.create_with(trigger, options).await?;
-    out.created(&manifest)
+    let manifest = ctx.service.create_with(trigger, options).await;
+    crate::render::note_recovered(ctx.service.take_recovered());
+    out.created(&manifest?)
 }
 
 /// `KEY=VALUE` labels.
@@ -124,13 +125,16 @@ pub(crate) async fn delete(
     force: bool,
 ) -> anyhow::Result<()> {
     let id = parse_id(id)?;
-    ctx.service.delete(&id, force).await?;
+    let deleted = ctx.service.delete(&id, force).await;
+    crate::render::note_recovered(ctx.service.take_recovered());
+    deleted?;
     out.deleted(&id)
 }
 
 pub(crate) async fn prune(out: &Output, ctx: &Context, dry_run: bool) -> anyhow::Result<()> {
-    let plan = ctx.service.prune(dry_run).await?;
-    out.pruned(&plan, dry_run)
+    let plan = ctx.service.prune(dry_run).await;
+    crate::render::note_recovered(ctx.service.take_recovered());
+    out.pruned(&plan?, dry_run)
 }
 
 pub(crate) async fn recover(out: &Output, ctx: &Context) -> anyhow::Result<()> {
@@ -140,7 +144,7 @@ pub(crate) async fn recover(out: &Output, ctx: &Context) -> anyhow::Result<()> {
 
 /// Where a command runs: here, or on a `synthorg serve` (`--server`).
 pub(crate) enum Target {
-    Local(Context),
+    Local(Box<Context>),
     Remote(crate::remote::Remote),
 }
 
@@ -161,18 +165,22 @@ pub(crate) async fn restore(
         let id = id.clone();
         async move {
             match target {
-                Target::Local(ctx) => Ok(ctx
-                    .service
-                    .with_progress(out.progress())
-                    .restore(
-                        &id,
-                        RestoreOptions {
-                            dry_run,
-                            confirm: !dry_run,
-                            components,
-                        },
-                    )
-                    .await?),
+                Target::Local(ctx) => {
+                    let restored = ctx
+                        .service
+                        .with_progress(out.progress())
+                        .restore(
+                            &id,
+                            RestoreOptions {
+                                dry_run,
+                                confirm: !dry_run,
+                                components,
+                            },
+                        )
+                        .await;
+                    crate::render::note_recovered(ctx.service.take_recovered());
+                    Ok(restored?)
+                }
                 Target::Remote(remote) => remote.restore(&id, components, dry_run).await,
             }
         }

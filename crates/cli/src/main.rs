@@ -394,7 +394,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Recover => commands::recover(&out, &commands::Context::load(cli).await?).await,
         _ if cli.server.is_some() => remote(cli, &out).await,
         Command::Restore(args) => {
-            let target = commands::Target::Local(commands::Context::load(cli).await?);
+            let target = commands::Target::Local(Box::new(commands::Context::load(cli).await?));
             commands::restore(&out, &target, args).await
         }
         Command::Backup(args) => {
@@ -412,7 +412,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                     commands::prune(&out, &ctx, *dry_run).await
                 }
                 Some(BackupCommand::Restore(r)) => {
-                    commands::restore(&out, &commands::Target::Local(ctx), r).await
+                    commands::restore(&out, &commands::Target::Local(Box::new(ctx)), r).await
                 }
                 Some(BackupCommand::Export { id, dir }) => {
                     commands::export(&out, &ctx, id, dir).await

@@ -48,8 +48,32 @@ fn age(ts: chrono::DateTime<chrono::Utc>) -> String {
     }
 }
 
+/// What the recovery before this command's operation did (logged at
+/// WARN too); the command's `--json` object gets it as `recovered`.
+static RECOVERED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records what recovery did, for the `--json` output.
+pub(crate) fn note_recovered(done: Vec<String>) {
+    RECOVERED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .extend(done);
+}
+
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    let recovered = std::mem::take(
+        &mut *RECOVERED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    match value {
+        serde_json::Value::Object(map) if !recovered.is_empty() => {
+            let mut map = map.clone();
+            map.insert("recovered".into(), json!(recovered));
+            println!("{}", serde_json::to_string_pretty(&map)?);
+        }
+        _ => println!("{}", serde_json::to_string_pretty(value)?),
+    }
     Ok(())
 }
 

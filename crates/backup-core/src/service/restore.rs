@@ -141,13 +141,11 @@ impl BackupService {
                 id: id.to_string(),
             });
         }
-        let guard = self.ports.lock.try_acquire(Operation::Restore).await?;
+        let guard = self.acquire(Operation::Restore).await?;
         let result = self
             .restore_locked(&manifest, &components, &mut report)
             .await;
-        if let Err(e) = guard.release().await {
-            tracing::warn!(error = %e, "releasing the operation lock failed");
-        }
+        super::release(guard).await;
         match &result {
             Ok(()) => {
                 tracing::info!(backup_id = %id, safety_backup = ?report.safety_backup_id.as_ref().map(ToString::to_string),
@@ -167,6 +165,8 @@ impl BackupService {
         report: &mut RestoreReport,
     ) -> Result<()> {
         let target = self.ports.restore_target.as_ref();
+        // Learn early that a writer has the data open, before any download.
+        target.check_not_in_use(components).await?;
         let mut staging = target.stage(manifest, components).await?;
         let staged = async {
             let mut sink = super::verify::Reporting::new(
@@ -215,6 +215,11 @@ impl BackupService {
             };
             tracing::info!(backup_id = %manifest.id, safety_backup = %safety.id, "safety backup taken; swapping");
             report.safety_backup_id = Some(safety.id);
+        }
+        // Again right before the swap: the writer may have started since.
+        if let Err(e) = target.check_not_in_use(components).await {
+            discard(staging, &manifest.id).await;
+            return Err(e);
         }
         staging.commit().await?;
         if let Err(e) = self.apply_retention(false).await {

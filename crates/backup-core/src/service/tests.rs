@@ -101,6 +101,8 @@ struct Faults {
     put_fails: bool,
     pause_hangs: bool,
     snapshot_panics: bool,
+    /// An interrupted restore that cannot be recovered.
+    recover_fails: bool,
 }
 
 fn memory_source(log: &Log, faults: Faults) -> MockComponentSource {
@@ -208,6 +210,7 @@ impl BackupStore for FakeStore {
     }
 
     async fn cleanup_incomplete(&self) -> Result<Vec<String>> {
+        push(&self.log, "cleanup");
         Ok(vec![])
     }
 }
@@ -281,13 +284,32 @@ fn service(log: &Log, faults: Faults, listed: Vec<Listed>, max_count: u32) -> Ba
         clock: Arc::new(FakeClock {
             sleep: faults.pause_hangs.then_some(Duration::from_millis(0)),
         }),
-        restore_target: Arc::new(MockRestoreTarget::new()),
+        restore_target: Arc::new(recovering_target(log, faults.recover_fails)),
     };
     let app = RunningApp {
         version: semver::Version::new(1, 0, 0),
         supported_schema: 1,
     };
     BackupService::new(settings, ports, app).unwrap()
+}
+
+/// A restore target whose recovery finds nothing (and logs that it ran).
+fn recovering_target(log: &Log, fails: bool) -> MockRestoreTarget {
+    let mut target = MockRestoreTarget::new();
+    let l = Arc::clone(log);
+    target.expect_recover().returning(move || {
+        push(&l, "recover");
+        if fails {
+            return Err(Error::Source {
+                component: Component::Persistence,
+                path: ".synthorg-restore.journal".into(),
+                reason: "unreadable".into(),
+                source: None,
+            });
+        }
+        Ok(vec!["rolled back".into()])
+    });
+    target
 }
 
 fn published(id: &BackupId) -> Listed {
@@ -315,6 +337,8 @@ async fn create_pauses_around_the_snapshot_publishes_last_then_prunes_then_relea
         events(&log),
         vec![
             "lock backup",
+            "recover",
+            "cleanup",
             "list",
             "discard",
             "pause",
@@ -372,6 +396,36 @@ async fn a_failing_snapshot_still_resumes_publishes_nothing_and_releases() {
         );
         assert_eq!(ev.last().map(String::as_str), Some("release"), "{ev:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_recovers_first_and_reports_it() {
+    let log = Log::default();
+    let service = service(&log, Faults::default(), vec![], 10);
+    service.create(Trigger::Manual).await.unwrap();
+    service.prune(true).await.unwrap();
+    let ev = events(&log);
+    for op in ["backup", "prune"] {
+        let at = ev.iter().position(|e| e == &format!("lock {op}")).unwrap();
+        assert_eq!(ev[at + 1..at + 3], ["recover", "cleanup"], "{op}: {ev:?}");
+    }
+    assert_eq!(service.take_recovered(), ["rolled back", "rolled back"]);
+    assert!(service.take_recovered().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_never_reads_live_data_when_recovery_fails() {
+    let log = Log::default();
+    let faults = Faults {
+        recover_fails: true,
+        ..Faults::default()
+    };
+    let err = service(&log, faults, vec![], 10)
+        .create(Trigger::Manual)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Source { .. }), "{err}");
+    assert_eq!(events(&log), ["lock backup", "recover", "release"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
