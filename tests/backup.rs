@@ -380,3 +380,154 @@ async fn verify_and_restore_report_progress() {
             .any(|p| p.phase == backup_core::service::Phase::Restore && p.files_done > 0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_mode_memory_database_with_an_open_writer_restores_intact() {
+    let fx = Fixture::new(1_000_000).await;
+    let service = fx.service(&fx.config(""));
+    let mem0 = fx.layout.memory_dir.join("mem0_history.db");
+    // The app's state: the database open in WAL mode, recent commits only
+    // in the -wal (no checkpoint), the -shm in use.
+    let mut conn = synthorg_tests::open(&mem0).await;
+    sqlx::query("PRAGMA wal_autocheckpoint = 0")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for i in 0..300 {
+        sqlx::query(
+            "INSERT INTO memories (agent_id, text, vector_ref, created_at) VALUES ('a', ?, 'v', 0)",
+        )
+        .bind(format!("note {i} {}", "y".repeat(300)))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let wal = fx.layout.memory_dir.join("mem0_history.db-wal");
+    assert!(
+        std::fs::metadata(&wal).unwrap().len() > 0,
+        "commits sit in the WAL"
+    );
+    let expected = dump(&mem0).await;
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    for f in &backup.files {
+        let p = f.path.as_str();
+        assert!(
+            !(p.ends_with("-wal") || p.ends_with("-shm") || p.ends_with("-journal")),
+            "a snapshotted database's companion was stored: {p}"
+        );
+    }
+    // The app goes on and then stops (a restore refuses while it runs).
+    sqlx::query("DELETE FROM memories")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    service.verify(&backup.id).await.unwrap();
+    let options = backup_core::RestoreOptions {
+        confirm: true,
+        ..Default::default()
+    };
+    service.restore(&backup.id, options).await.unwrap();
+    assert_eq!(dump(&mem0).await, expected);
+    let mut conn = synthorg_tests::open(&mem0).await;
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+    sqlx::Connection::close(conn).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_backup_after_an_app_crash_takes_a_hot_journal_in_its_stride() {
+    let fx = Fixture::new(500_000).await;
+    let service = fx.service(&fx.config(""));
+    let db = fx.layout.memory_dir.join("journal.db");
+    let status = Command::new("sqlite3")
+        .arg(&db)
+        .arg("PRAGMA journal_mode=DELETE; CREATE TABLE t (x TEXT); INSERT INTO t SELECT hex(randomblob(500)) FROM generate_series(1, 2000);")
+        .status();
+    let Ok(status) = status else {
+        eprintln!("SKIPPED: no sqlite3 binary");
+        return;
+    };
+    assert!(status.success());
+    // A writer killed inside a transaction leaves a hot -journal.
+    let mut child = Command::new("sqlite3")
+        .arg(&db)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin
+            .write_all(b"PRAGMA cache_size=1; BEGIN; UPDATE t SET x = x || 'changed';\n")
+            .unwrap();
+        stdin.flush().unwrap();
+    }
+    let journal = fx.layout.memory_dir.join("journal.db-journal");
+    for _ in 0..500 {
+        if std::fs::metadata(&journal).is_ok_and(|m| m.len() > 0) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(journal.exists(), "the kill left a hot journal");
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    assert!(backup.file("memory/journal.db").is_some());
+    assert!(backup.file("memory/journal.db-journal").is_none());
+    assert!(service.verify(&backup.id).await.unwrap().ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_source_is_recorded_as_absent_and_its_live_data_is_left_alone_on_restore() {
+    let fx = Fixture::new(500_000).await;
+    let service = fx.service(&fx.config(""));
+    let checkpoints = fx.layout.checkpoints_dir.clone();
+    let aside = fx.dir.path().join("checkpoints-elsewhere");
+    std::fs::rename(&checkpoints, &aside).unwrap();
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    assert_eq!(backup.absent, vec![Component::Checkpoints]);
+    assert!(!backup.components.contains(&Component::Checkpoints));
+    let listed = service.list().await.unwrap();
+    let Listed::Complete(summary) = &listed[0] else {
+        panic!("{listed:?}");
+    };
+    assert_eq!(summary.absent, vec![Component::Checkpoints]);
+    // The directory comes back (the app created it since); a restore of
+    // the backup leaves it alone and says so.
+    std::fs::rename(&aside, &checkpoints).unwrap();
+    let before = files_under(&checkpoints);
+    let options = backup_core::RestoreOptions {
+        confirm: true,
+        ..Default::default()
+    };
+    let report = service.restore(&backup.id, options).await.unwrap();
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("checkpoints") && w.contains("absent")),
+        "{:?}",
+        report.warnings
+    );
+    assert!(
+        !report
+            .components
+            .iter()
+            .any(|c| c.component == Component::Checkpoints)
+    );
+    assert_eq!(files_under(&checkpoints), before);
+    // Asking for it explicitly is refused: the backup does not hold it.
+    let only = backup_core::RestoreOptions {
+        confirm: true,
+        components: Some(vec![Component::Checkpoints]),
+        ..Default::default()
+    };
+    let err = service.restore(&backup.id, only).await.unwrap_err();
+    assert!(matches!(err, Error::Incompatible { .. }), "{err}");
+}

@@ -30,6 +30,9 @@ use tokio::io::AsyncReadExt;
 
 use crate::fsio::CHUNK;
 
+/// What SQLite keeps next to a database file.
+pub(crate) const SQLITE_COMPANIONS: [&str; 3] = ["-wal", "-shm", "-journal"];
+
 /// Files up to this size are buffered, which allows one re-read when they
 /// change while being read.
 const BUFFERED_MAX: u64 = 1024 * 1024;
@@ -102,7 +105,8 @@ impl DirSource {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 tracing::warn!(component = %self.component, path = %self.path.display(),
-                    "component source does not exist; backing it up as empty");
+                    "component source does not exist; the backup records it as absent");
+                walked.absent = true;
                 return Ok(walked);
             }
             Err(e) => return Err(self.io_err(&self.path, e)),
@@ -220,6 +224,8 @@ fn mtime(meta: &std::fs::Metadata) -> i64 {
 struct Walked {
     entries: Vec<SnapshotEntry>,
     files: HashMap<ArchivePath, PathBuf>,
+    /// The source does not exist.
+    absent: bool,
 }
 
 impl Walked {
@@ -258,6 +264,7 @@ impl ComponentSource for DirSource {
             .map_err(|e| self.source_err(&self.path, format!("walk task failed: {e}"), None))??;
         walked.entries.sort_by(|a, b| a.path.cmp(&b.path));
         let mut scratch = None;
+        let mut snapshotted = Vec::new();
         if let Some(snapshotter) = &self.snapshotter {
             for (n, entry) in walked.entries.iter_mut().enumerate() {
                 if entry.kind != EntryKind::File {
@@ -282,8 +289,22 @@ impl ComponentSource for DirSource {
                 let meta = std::fs::metadata(&copy).map_err(|e| self.io_err(&copy, e))?;
                 entry.size = meta.len();
                 walked.files.insert(entry.path.clone(), copy);
+                snapshotted.push(entry.path.as_str().to_owned());
             }
         }
+        // A consistent copy is complete by itself: its live -wal, -shm and
+        // -journal belong to the live file and would be replayed over the
+        // copy on restore (a hot journal may even be gone by now, rolled
+        // back by the copy's own read).
+        let companion = |path: &ArchivePath| {
+            SQLITE_COMPANIONS.iter().any(|suffix| {
+                path.as_str()
+                    .strip_suffix(suffix)
+                    .is_some_and(|main| snapshotted.iter().any(|s| s == main))
+            })
+        };
+        walked.entries.retain(|e| !companion(&e.path));
+        walked.files.retain(|p, _| !companion(p));
         let position = walked
             .entries
             .iter()
@@ -292,6 +313,7 @@ impl ComponentSource for DirSource {
             .map(|(i, e)| (e.path.clone(), i))
             .collect();
         Ok(Box::new(DirSnapshot {
+            absent: walked.absent,
             component: self.component,
             entries: walked.entries,
             files: walked.files,
@@ -334,6 +356,7 @@ fn read_header(path: &Path) -> io::Result<Vec<u8>> {
 }
 
 struct DirSnapshot {
+    absent: bool,
     component: Component,
     entries: Vec<SnapshotEntry>,
     files: HashMap<ArchivePath, PathBuf>,
@@ -517,6 +540,10 @@ impl Snapshot for DirSnapshot {
 
     fn db_schema_version(&self) -> Option<i64> {
         None
+    }
+
+    fn absent(&self) -> bool {
+        self.absent
     }
 
     async fn open(&self, path: &ArchivePath) -> Result<Opened> {

@@ -116,10 +116,26 @@ impl LiveData {
     }
 }
 
+/// A staged SQLite file is a consistent copy taken through SQLite, complete
+/// by itself. Backups made before 1.1 also stored the live file's `-wal`,
+/// `-shm` and `-journal` raw next to it; SQLite would replay those over
+/// the copy and corrupt it, so they are removed from staging (the copy is
+/// the backed-up state).
+fn drop_stale_companions(c: Component, file: &Path) -> Result<()> {
+    for stale in with_companions(file).into_iter().skip(1) {
+        if exists(&stale) {
+            fsio::remove_any(&stale).map_err(|e| source_err(c, &stale, e))?;
+            tracing::warn!(path = %stale.display(),
+                "removed a stale SQLite companion stored next to its consistent copy");
+        }
+    }
+    Ok(())
+}
+
 /// A SQLite file and its `-wal`, `-shm` and `-journal` companions.
 fn with_companions(main: &Path) -> Vec<PathBuf> {
     let mut items = vec![main.to_path_buf()];
-    for suffix in ["-wal", "-shm", "-journal"] {
+    for suffix in crate::dir_source::SQLITE_COMPANIONS {
         let mut p = main.as_os_str().to_owned();
         p.push(suffix);
         items.push(PathBuf::from(p));
@@ -595,6 +611,7 @@ impl Staging for FsStaging {
                         for file in sqlite_candidates(&root).map_err(|e| source_err(c, &root, e))? {
                             let header = read_header(&file).map_err(|e| source_err(c, &file, e))?;
                             if v.handles(&header) {
+                                drop_stale_companions(c, &file)?;
                                 v.verify(c, &file, None).await?;
                             }
                         }

@@ -104,6 +104,10 @@ pub struct RetentionConfig {
     /// Also keep the newest backup of each of the last N months.
     #[serde(default, deserialize_with = "bounded_opt::<_, 1, 120>")]
     pub keep_monthly: Option<u32>,
+    /// Most `pre-restore` safety backups kept, in a pool of their own (they
+    /// take no `max_count` slot). 1–100.
+    #[serde(deserialize_with = "bounded::<_, 1, 100>")]
+    pub keep_pre_restore: u32,
 }
 
 impl Default for RetentionConfig {
@@ -114,6 +118,7 @@ impl Default for RetentionConfig {
             keep_daily: None,
             keep_weekly: None,
             keep_monthly: None,
+            keep_pre_restore: 3,
         }
     }
 }

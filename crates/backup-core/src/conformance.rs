@@ -90,6 +90,8 @@ pub fn manifest_for(id: &BackupId, archive: Option<&[u8]>, content: &[u8]) -> Ma
         timestamp: id.timestamp(),
         trigger: id.trigger(),
         components: vec![Component::Config],
+        absent: Vec::new(),
+        sequence: 0,
         db_schema_version: None,
         size_bytes: content.len() as u64,
         checksum: tree_checksum(&files, &[], &[]),

@@ -23,7 +23,7 @@ use crate::path::ArchivePath;
 pub const MANIFEST_MAJOR: u32 = 1;
 /// Minor version this build writes. Readers accept newer minors of the same
 /// major and ignore the top-level fields they do not know.
-pub const MANIFEST_MINOR: u32 = 0;
+pub const MANIFEST_MINOR: u32 = 1;
 /// Largest manifest accepted, in bytes. About 200,000 files fit.
 pub const MAX_MANIFEST_BYTES: usize = 32 * 1024 * 1024;
 
@@ -43,6 +43,16 @@ pub struct Manifest {
     pub trigger: Trigger,
     /// Components held, in canonical order.
     pub components: Vec<Component>,
+    /// Components that were to be backed up but whose source did not exist
+    /// (canonical order; since 1.1). A restore leaves them alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absent: Vec<Component>,
+    /// Creation order in the store: one more than every backup listed when
+    /// this one was created (since 1.1; 0 for older backups). Retention
+    /// decides "newest" by it, so a clock that jumped cannot make a fresh
+    /// backup look older than one dated in the future.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sequence: u64,
     /// `PRAGMA user_version` of `synthorg.db`; present exactly when
     /// persistence is included.
     pub db_schema_version: Option<i64>,
@@ -169,7 +179,7 @@ impl<'de> Deserialize<'de> for ManifestVersion {
         let raw = String::deserialize(deserializer)?;
         ManifestVersion::parse(&raw).ok_or_else(|| {
             serde::de::Error::custom(format!(
-                "invalid manifest version {raw:?}, expected \"1.0\""
+                "invalid manifest version {raw:?}, expected \"1.x\""
             ))
         })
     }
@@ -213,6 +223,8 @@ const KNOWN_FIELDS: &[&str] = &[
     "timestamp",
     "trigger",
     "components",
+    "absent",
+    "sequence",
     "db_schema_version",
     "size_bytes",
     "checksum",
@@ -325,6 +337,14 @@ impl Manifest {
         }
         if self.components.is_empty() {
             return bad("no components".into());
+        }
+        if !self.absent.windows(2).all(|w| w[0] < w[1])
+            || self.absent.iter().any(|c| self.components.contains(c))
+        {
+            return bad(format!(
+                "absent components {:?} are duplicated, unordered or also included",
+                self.absent
+            ));
         }
         let mut sorted = self.components.clone();
         sorted.sort();
@@ -455,6 +475,12 @@ pub struct Summary {
     pub trigger: Trigger,
     /// Components held.
     pub components: Vec<Component>,
+    /// Components whose source did not exist when it was taken.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absent: Vec<Component>,
+    /// Creation order in the store (see [`Manifest::sequence`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sequence: u64,
     /// `PRAGMA user_version` of `synthorg.db`, when included.
     pub db_schema_version: Option<i64>,
     /// Total size of all files, uncompressed.
@@ -524,6 +550,8 @@ impl From<&Manifest> for Summary {
             timestamp: m.timestamp,
             trigger: m.trigger,
             components: m.components.clone(),
+            absent: m.absent.clone(),
+            sequence: m.sequence,
             db_schema_version: m.db_schema_version,
             size_bytes: m.size_bytes,
             stored_bytes: m.stored_bytes(),
@@ -533,6 +561,11 @@ impl From<&Manifest> for Summary {
             labels: m.labels.clone(),
         }
     }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The manifest checksum: SHA-256 over every entry sorted by path (byte
@@ -609,6 +642,8 @@ pub(crate) mod tests {
             trigger: id.trigger(),
             id,
             components: Component::ALL.to_vec(),
+            absent: Vec::new(),
+            sequence: 0,
             db_schema_version: Some(3),
             size_bytes: files.iter().map(|f| f.size).sum(),
             checksum: tree_checksum(&files, &dirs, &[]),
@@ -631,7 +666,7 @@ pub(crate) mod tests {
         m.validate().unwrap();
         let json = m.to_json().unwrap();
         let text = String::from_utf8(json.clone()).unwrap();
-        assert!(text.contains("\"version\": \"1.0\""));
+        assert!(text.contains("\"version\": \"1.1\""));
         assert!(text.contains("\"checksum\": \"sha256:"));
         assert!(text.contains("\"trigger\": \"manual\""));
         assert_eq!(Manifest::from_json(&json).unwrap(), m);

@@ -264,6 +264,12 @@ pub trait Snapshot: Send + Sync {
     /// `PRAGMA user_version` of the snapshotted database (persistence only).
     fn db_schema_version(&self) -> Option<i64>;
 
+    /// The component's source does not exist (a directory never created):
+    /// the backup records it as absent instead of as an empty component.
+    fn absent(&self) -> bool {
+        false
+    }
+
     /// The content of a file entry.
     ///
     /// # Errors

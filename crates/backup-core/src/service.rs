@@ -274,8 +274,8 @@ impl BackupService {
         }
         let guard = self.acquire(Operation::Backup).await?;
         let timestamp = self.ports.clock.now();
-        let id = match self.next_id(trigger, timestamp).await {
-            Ok(id) => id,
+        let (id, sequence) = match self.next_id(trigger, timestamp).await {
+            Ok(next) => next,
             Err(e) => {
                 release(guard).await;
                 return Err(e);
@@ -284,9 +284,13 @@ impl BackupService {
         let service = self.clone();
         let task_id = id.clone();
         let run = async move {
-            let result = service.create_as(&task_id, timestamp, &options).await;
+            let result = service
+                .create_as(&task_id, sequence, timestamp, &options)
+                .await;
             if result.is_ok()
-                && let Err(e) = service.apply_retention(false).await
+                && let Err(e) = service
+                    .apply_retention(false, std::slice::from_ref(&task_id))
+                    .await
             {
                 tracing::error!(error = %e, "retention after backup failed; the backup itself is fine");
             }
@@ -346,7 +350,7 @@ impl BackupService {
     /// logged and reported in the returned decisions' absence from the store.
     pub async fn prune(&self, dry_run: bool) -> Result<Vec<Decision>> {
         let guard = self.acquire(Operation::Prune).await?;
-        let result = self.apply_retention(dry_run).await;
+        let result = self.apply_retention(dry_run, &[]).await;
         release(guard).await;
         result
     }
@@ -416,9 +420,12 @@ impl BackupService {
 
     /// Plans retention over the published backups and, unless `dry_run`,
     /// deletes what it prunes, logging each at INFO with its reason. The
-    /// caller holds the lock.
-    async fn apply_retention(&self, dry_run: bool) -> Result<Vec<Decision>> {
+    /// backups in `protect` (the running operation's own) are never pruned.
+    /// Backups dated in the future are warned about. The caller holds the
+    /// lock.
+    async fn apply_retention(&self, dry_run: bool, protect: &[BackupId]) -> Result<Vec<Decision>> {
         let listed = self.ports.store.list().await?;
+        let now = self.ports.clock.now();
         let candidates: Vec<Candidate> = listed
             .iter()
             .filter_map(|l| match l {
@@ -426,11 +433,11 @@ impl BackupService {
                 Listed::Damaged { .. } => None,
             })
             .collect();
-        let plan = retention::plan(
-            &candidates,
-            self.ports.clock.now(),
-            &self.settings.retention,
-        );
+        for c in candidates.iter().filter(|c| is_future(c.timestamp, now)) {
+            tracing::warn!(backup_id = %c.id, timestamp = %c.timestamp.to_rfc3339(), now = %now.to_rfc3339(),
+                "backup is dated in the future (the clock jumped?); retention orders backups by creation, not by this date");
+        }
+        let plan = retention::plan(&candidates, now, &self.settings.retention, protect);
         if dry_run {
             return Ok(plan);
         }
@@ -443,26 +450,41 @@ impl BackupService {
         Ok(plan)
     }
 
-    /// A fresh id for `trigger` now. Within one second the sequence goes
-    /// past every listed backup of that second (whatever its trigger), so
-    /// ids keep creation order even after retention pruned some of them.
-    async fn next_id(&self, trigger: Trigger, now: DateTime<Utc>) -> Result<BackupId> {
+    /// A fresh id for `trigger` now, and the creation sequence number of
+    /// the new backup (one past every listed backup's). Within one second
+    /// the id's sequence goes past every listed backup of that second
+    /// (whatever its trigger), so ids keep creation order even after
+    /// retention pruned some of them.
+    async fn next_id(&self, trigger: Trigger, now: DateTime<Utc>) -> Result<(BackupId, u64)> {
         let first = BackupId::new(now, trigger, 1);
-        let last_seq = self
-            .ports
-            .store
-            .list()
-            .await?
+        let listed = self.ports.store.list().await?;
+        let last_seq = listed
             .iter()
             .map(Listed::id)
             .filter(|id| id.timestamp() == first.timestamp())
             .map(BackupId::sequence)
             .max();
-        Ok(match last_seq {
+        let id = match last_seq {
             None => first,
             Some(seq) => BackupId::new(now, trigger, seq.saturating_add(1)),
-        })
+        };
+        let created = listed
+            .iter()
+            .filter_map(|l| match l {
+                Listed::Complete(s) => Some(s.sequence),
+                Listed::Damaged { .. } => None,
+            })
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        Ok((id, created))
     }
+}
+
+/// Whether `timestamp` lies ahead of `now` by more than clock skew (a
+/// minute): such a backup was dated by a clock that ran ahead.
+pub fn is_future(timestamp: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    timestamp > now + chrono::TimeDelta::minutes(1)
 }
 
 /// Releases the operation lock, logging a failure (the lock then expires

@@ -37,6 +37,8 @@ struct Produced {
     dirs: Vec<DirEntry>,
     symlinks: Vec<SymlinkEntry>,
     db_schema_version: Option<i64>,
+    /// Components whose source does not exist.
+    absent: Vec<Component>,
 }
 
 /// Where the producer sends entries: a tar stream, or the store file by file.
@@ -198,14 +200,15 @@ impl BackupService {
         options: &CreateOptions,
     ) -> Result<Manifest> {
         let timestamp = self.ports.clock.now();
-        let id = self.next_id(trigger, timestamp).await?;
-        self.create_as(&id, timestamp, options).await
+        let (id, sequence) = self.next_id(trigger, timestamp).await?;
+        self.create_as(&id, sequence, timestamp, options).await
     }
 
     /// Creates the backup `id` (the caller holds the lock).
     pub(super) async fn create_as(
         &self,
         id: &BackupId,
+        sequence: u64,
         timestamp: chrono::DateTime<chrono::Utc>,
         options: &CreateOptions,
     ) -> Result<Manifest> {
@@ -214,7 +217,9 @@ impl BackupService {
         // A crashed earlier run may have left objects under this id.
         store.discard(&id).await?;
         tracing::info!(backup_id = %id, store = %store.location(), compression = %self.settings.compression, "backup started");
-        let result = self.build_and_publish(&id, timestamp, options).await;
+        let result = self
+            .build_and_publish(&id, sequence, timestamp, options)
+            .await;
         match &result {
             Ok(m) => tracing::info!(backup_id = %id, size_bytes = m.size_bytes,
                 archive_bytes = m.stored_bytes(), "backup published"),
@@ -231,6 +236,7 @@ impl BackupService {
     async fn build_and_publish(
         &self,
         id: &BackupId,
+        sequence: u64,
         timestamp: chrono::DateTime<chrono::Utc>,
         options: &CreateOptions,
     ) -> Result<Manifest> {
@@ -239,7 +245,7 @@ impl BackupService {
         let manifest = if compression == Compression::None {
             let sink = Sink::Dir { store, id };
             let produced = self.produce(id, &sink, options).await?;
-            let manifest = self.manifest(id, timestamp, produced, options, None);
+            let manifest = self.manifest(id, sequence, timestamp, produced, options, None);
             let json = manifest.to_json().map_err(|source| Error::Manifest {
                 id: id.to_string(),
                 source,
@@ -258,7 +264,9 @@ impl BackupService {
             ));
             let producer = async {
                 let sink = Sink::Tar(tx);
-                let result = self.produce_archive(id, timestamp, &sink, options).await;
+                let result = self
+                    .produce_archive(id, sequence, timestamp, &sink, options)
+                    .await;
                 if let (Err(e), Sink::Tar(tx)) = (&result, &sink) {
                     // Make the store abort instead of storing a truncated archive.
                     let _ = tx
@@ -314,12 +322,13 @@ impl BackupService {
     async fn produce_archive(
         &self,
         id: &BackupId,
+        sequence: u64,
         timestamp: chrono::DateTime<chrono::Utc>,
         sink: &Sink<'_>,
         options: &CreateOptions,
     ) -> Result<Manifest> {
         let produced = self.produce(id, sink, options).await?;
-        let manifest = self.manifest(id, timestamp, produced, options, None);
+        let manifest = self.manifest(id, sequence, timestamp, produced, options, None);
         let json = manifest.to_json().map_err(|source| Error::Manifest {
             id: id.to_string(),
             source,
@@ -349,7 +358,8 @@ impl BackupService {
         options: &CreateOptions,
     ) -> Result<Produced> {
         let mut produced = Produced::default();
-        for component in &self.components_for(options) {
+        let components = self.components_for(options);
+        for component in &components {
             let source = self
                 .ports
                 .sources
@@ -378,6 +388,21 @@ impl BackupService {
                     .await?;
             }
         }
+        if produced.absent.len() == components.len() {
+            return Err(Error::Source {
+                component: components[0],
+                path: "(every configured source)".into(),
+                reason: format!(
+                    "nothing to back up: no source of {} exists",
+                    components
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                source: None,
+            });
+        }
         Ok(produced)
     }
 
@@ -391,6 +416,12 @@ impl BackupService {
     ) -> Result<()> {
         let component = source.component();
         let snapshot = source.snapshot().await?;
+        if snapshot.absent() {
+            tracing::warn!(backup_id = %id, component = %component,
+                "component source does not exist; the backup records it as absent");
+            produced.absent.push(component);
+            return snapshot.finish().await;
+        }
         let result = async {
             if component == Component::Persistence {
                 produced.db_schema_version = snapshot.db_schema_version();
@@ -460,12 +491,14 @@ impl BackupService {
     fn manifest(
         &self,
         id: &BackupId,
+        sequence: u64,
         timestamp: chrono::DateTime<chrono::Utc>,
         mut produced: Produced,
         options: &CreateOptions,
         archive: Option<ArchiveInfo>,
     ) -> Manifest {
-        let components = self.components_for(options);
+        let mut components = self.components_for(options);
+        components.retain(|c| !produced.absent.contains(c));
         let labels = &options.labels;
         produced.files.sort_by(|a, b| a.path.cmp(&b.path));
         produced.dirs.sort_by(|a, b| a.path.cmp(&b.path));
@@ -478,6 +511,8 @@ impl BackupService {
             timestamp,
             trigger: id.trigger(),
             components,
+            absent: produced.absent,
+            sequence,
             db_schema_version: produced.db_schema_version,
             size_bytes: produced.files.iter().map(|f| f.size).sum(),
             checksum,

@@ -132,6 +132,12 @@ impl BackupService {
             restart_required: !options.dry_run,
         };
         report.bytes = report.components.iter().map(|c| c.bytes).sum();
+        for c in &manifest.absent {
+            report.warnings.push(format!(
+                "{c} was absent when {id} was taken: the live {c} at {} is left as it is",
+                target.live_path(*c)
+            ));
+        }
         if options.dry_run {
             return Ok(report);
         }
@@ -197,6 +203,7 @@ impl BackupService {
                 present.push(*c);
             }
         }
+        let mut safety = None;
         if present.is_empty() {
             report
                 .warnings
@@ -206,26 +213,55 @@ impl BackupService {
                 components: Some(present),
                 ..CreateOptions::default()
             };
-            let safety = match self.create_locked(Trigger::PreRestore, &options).await {
-                Ok(m) => m,
+            match self.create_locked(Trigger::PreRestore, &options).await {
+                Ok(m) => {
+                    tracing::info!(backup_id = %manifest.id, safety_backup = %m.id, "safety backup taken; swapping");
+                    safety = Some(m.id);
+                }
                 Err(e) => {
                     discard(staging, &manifest.id).await;
                     return Err(e);
                 }
-            };
-            tracing::info!(backup_id = %manifest.id, safety_backup = %safety.id, "safety backup taken; swapping");
-            report.safety_backup_id = Some(safety.id);
+            }
         }
         // Again right before the swap: the writer may have started since.
         if let Err(e) = target.check_not_in_use(components).await {
             discard(staging, &manifest.id).await;
+            self.drop_safety(safety.as_ref()).await;
             return Err(e);
         }
-        staging.commit().await?;
-        if let Err(e) = self.apply_retention(false).await {
+        if let Err(e) = staging.commit().await {
+            // The swap rolled itself back; make sure (we hold the lock)
+            // before dropping the safety backup of a state still live.
+            match target.recover().await {
+                Ok(_) => self.drop_safety(safety.as_ref()).await,
+                Err(r) => tracing::error!(backup_id = %manifest.id, error = %r,
+                    "recovering the failed swap failed; the safety backup is kept"),
+            }
+            return Err(e);
+        }
+        report.safety_backup_id = safety.clone();
+        let mut protect = vec![manifest.id.clone()];
+        protect.extend(safety);
+        if let Err(e) = self.apply_retention(false, &protect).await {
             tracing::error!(error = %e, "retention after restore failed");
         }
         Ok(())
+    }
+
+    /// Deletes the safety backup of a restore that did not happen: the
+    /// live data it holds is still live, and it must not take the place of
+    /// a backup the user needs.
+    async fn drop_safety(&self, safety: Option<&BackupId>) {
+        let Some(id) = safety else { return };
+        match self.ports.store.delete(id).await {
+            Ok(()) => {
+                tracing::info!(safety_backup = %id, "deleted the safety backup of the restore that did not happen")
+            }
+            Err(e) => {
+                tracing::warn!(safety_backup = %id, error = %e, "deleting the unneeded safety backup failed")
+            }
+        }
     }
 }
 

@@ -273,6 +273,7 @@ fn service(log: &Log, faults: Faults, listed: Vec<Listed>, max_count: u32) -> Ba
             keep_daily: None,
             keep_weekly: None,
             keep_monthly: None,
+            keep_pre_restore: 3,
         },
         quiesce_timeout: Duration::from_secs(30),
     };
