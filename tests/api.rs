@@ -144,6 +144,25 @@ async fn backup_is_accepted_runs_in_the_background_and_is_idempotent() {
     let done = wait_complete(&app, &id).await;
     assert_eq!(done["status"], "complete");
     assert_eq!(done["manifest"]["trigger"], "manual");
+    let (status, body, _) = keyed().await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(
+        (body["id"].as_str(), body["status"].as_str()),
+        (Some(id.as_str()), Some("complete")),
+        "a repeat reports the backup's real status"
+    );
+    // The same key with another request is not the same backup.
+    let (status, body, _) = call_with(
+        &app,
+        "POST",
+        "/api/v1/admin/backup",
+        Some(json!({"trigger": "pre-migration", "labels": {"migration": "3->4"}})),
+        Some(TOKEN),
+        &[("Idempotency-Key", "deploy-42")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["code"], "idempotency_mismatch");
 
     let (status, _, _) = call(
         &app,
@@ -612,4 +631,121 @@ async fn hostile_ids_are_400_on_every_endpoint_that_takes_one() {
         assert_eq!(body["code"], "invalid_id", "restore {raw:?}: {body}");
     }
     assert!(synthorg_tests::files_under(&fx.config("").path).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_labels_empty_components_and_auth_spellings_are_handled() {
+    let fx = Fixture::new(300_000).await;
+    let app = router(fx.service(&fx.config("")), true);
+    for labels in [
+        json!({"note": "\u{1b}[2J\u{1b}]0;pwned\u{7}"}),
+        json!({"note": "a\u{0}b"}),
+        json!({"note": "\u{202e}gnp.exe"}),
+        json!({"note": "\u{85}next line"}),
+        json!({"": "empty key"}),
+        json!({"k": "v".repeat(5000)}),
+    ] {
+        let (status, body, _) = call(
+            &app,
+            "POST",
+            "/api/v1/admin/backup",
+            Some(json!({ "labels": labels })),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{labels}: {body}");
+        assert_eq!(body["code"], "invalid_label", "{body}");
+        assert!(body["detail"].as_str().unwrap().contains("label"), "{body}");
+    }
+    let too_many: serde_json::Map<String, Value> =
+        (0..40).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let (status, _, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/backup",
+        Some(json!({ "labels": too_many })),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(fx.service(&fx.config("")).list().await.unwrap().is_empty());
+
+    // A good backup, then restores with an empty component list.
+    let (_, body, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/backup",
+        Some(json!({"labels": {"ticket": "OPS-7 ünïcode ok"}})),
+        Some(TOKEN),
+    )
+    .await;
+    let id = body["id"].as_str().unwrap().to_owned();
+    wait_complete(&app, &id).await;
+    let (status, body, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/restore",
+        Some(json!({"backup_id": id, "confirm": true, "components": []})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    // The scheme is case-insensitive (RFC 9110); the token is not.
+    for auth in [format!("bearer {TOKEN}"), format!("BEARER {TOKEN}")] {
+        let (status, _, _) = call_with(
+            &app,
+            "GET",
+            "/api/v1/admin/backups",
+            None,
+            None,
+            &[("authorization", auth.as_str())],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{auth}");
+    }
+    let wrong = format!("Bearer {}", TOKEN.to_uppercase());
+    let (status, _, _) = call_with(
+        &app,
+        "GET",
+        "/api/v1/admin/backups",
+        None,
+        None,
+        &[("authorization", wrong.as_str())],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // No server paths in answers.
+    let backups = fx.layout.backups_dir.display().to_string();
+    let (status, body, _) = call(
+        &app,
+        "GET",
+        "/api/v1/admin/backups/2020-01-01T00-00-00_manual",
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!body.to_string().contains(&backups), "{body}");
+
+    // A restore while the live database is open: 409 in_use, no path.
+    let conn = synthorg_tests::open(&fx.layout.database).await;
+    let (status, body, _) = call(
+        &app,
+        "POST",
+        "/api/v1/admin/restore",
+        Some(json!({"backup_id": id, "confirm": true})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "in_use");
+    assert!(
+        !body
+            .to_string()
+            .contains(&fx.layout.root.display().to_string()),
+        "{body}"
+    );
+    sqlx::Connection::close(conn).await.unwrap();
 }

@@ -531,3 +531,36 @@ async fn a_missing_source_is_recorded_as_absent_and_its_live_data_is_left_alone_
     let err = service.restore(&backup.id, only).await.unwrap_err();
     assert!(matches!(err, Error::Incompatible { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_truncated_archives_are_listed_damaged_and_never_counted_as_copies() {
+    let fx = Fixture::new(300_000).await;
+    let service = fx.service(&fx.config("retention: { max_count: 2 }"));
+    let gone = service.create(Trigger::Manual).await.unwrap();
+    let cut = service.create(Trigger::Manual).await.unwrap();
+    let archive = |id: &backup_core::BackupId| fx.layout.backups_dir.join(format!("{id}.tar.gz"));
+    std::fs::remove_file(archive(&gone.id)).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(archive(&cut.id))
+        .unwrap();
+    file.set_len(cut.stored_bytes() / 2).unwrap();
+    drop(file);
+    let listed = service.list().await.unwrap();
+    for id in [&gone.id, &cut.id] {
+        let entry = listed.iter().find(|l| l.id() == id).unwrap();
+        assert!(matches!(entry, Listed::Damaged { .. }), "{entry:?}");
+    }
+    // Two new backups with max_count 2: the damaged ones never counted as
+    // copies, so both good ones stay (and the damaged stay for the user).
+    let a = service.create(Trigger::Manual).await.unwrap();
+    let b = service.create(Trigger::Manual).await.unwrap();
+    let listed = service.list().await.unwrap();
+    let complete: Vec<_> = listed
+        .iter()
+        .filter(|l| matches!(l, Listed::Complete(_)))
+        .map(|l| l.id().clone())
+        .collect();
+    assert_eq!(complete, vec![b.id, a.id]);
+    assert_eq!(listed.len(), 4);
+}

@@ -117,7 +117,7 @@ impl Drop for Mount {
 pub fn running_app() -> RunningApp {
     RunningApp {
         version: semver::Version::parse(APP_VERSION).expect("version"),
-        supported_schema: demo::DEMO_SCHEMA_VERSION,
+        supported_schema: Some(demo::DEMO_SCHEMA_VERSION),
     }
 }
 

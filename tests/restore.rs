@@ -127,7 +127,7 @@ async fn unconfirmed_and_dry_run_restores_touch_nothing() {
 
     let newer_app = RunningApp {
         version: semver::Version::new(1, 5, 0),
-        supported_schema: synthorg_cli::demo::DEMO_SCHEMA_VERSION + 1,
+        supported_schema: Some(synthorg_cli::demo::DEMO_SCHEMA_VERSION + 1),
     };
     let dry = service_with(&fx, newer_app, "")
         .restore(
@@ -173,7 +173,7 @@ async fn incompatible_backups_are_refused_before_anything_is_read() {
 
     let older = RunningApp {
         version: semver::Version::new(1, 3, 0),
-        supported_schema: 2,
+        supported_schema: Some(2),
     };
     let err = service_with(&fx, older, "")
         .restore(&backup.id, confirmed())
@@ -637,4 +637,143 @@ async fn restore_while_a_memory_database_is_open_is_refused() {
     };
     service.restore(&backup.id, options).await.unwrap();
     sqlx::Connection::close(conn).await.unwrap();
+}
+
+fn ids_of(listed: &[Listed]) -> Vec<backup_core::BackupId> {
+    listed.iter().map(|l| l.id().clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restoring_the_oldest_backup_at_max_count_keeps_it() {
+    let fx = Fixture::new(300_000).await;
+    let service = fx.service(&fx.config("retention: { max_count: 2 }"));
+    let a = service.create(Trigger::Manual).await.unwrap().id;
+    let b = service.create(Trigger::Manual).await.unwrap().id;
+    let report = service.restore(&a, confirmed()).await.unwrap();
+    let safety = report.safety_backup_id.unwrap();
+    let ids = ids_of(&service.list().await.unwrap());
+    for id in [&a, &b, &safety] {
+        assert!(ids.contains(id), "{id} was pruned: {ids:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_restores_leave_no_safety_backups_to_push_out_real_ones() {
+    let fx = Fixture::new(300_000).await;
+    let config = fx.config("retention: { max_count: 3 }");
+    let service = fx.service(&config);
+    let failing = synthorg_api::build_service_with(
+        &config,
+        synthorg_tests::running_app(),
+        None,
+        LiveData::new(&config.sources)
+            .with_verifier(Arc::new(SqliteSnapshotter))
+            .fail_swap_after(1),
+    )
+    .unwrap();
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        made.push(service.create(Trigger::Manual).await.unwrap().id);
+    }
+    let raw = synthorg_tests::raw_bytes(&fx.layout);
+    for _ in 0..3 {
+        failing.restore(&made[0], confirmed()).await.unwrap_err();
+        assert_eq!(
+            synthorg_tests::raw_bytes(&fx.layout),
+            raw,
+            "live data unchanged"
+        );
+    }
+    let ids = ids_of(&service.list().await.unwrap());
+    assert_eq!(
+        ids.len(),
+        3,
+        "no safety backup of a restore that did not happen: {ids:?}"
+    );
+    let next = service.create(Trigger::Manual).await.unwrap().id;
+    let ids = ids_of(&service.list().await.unwrap());
+    assert_eq!(ids, vec![next, made[2].clone(), made[1].clone()]);
+}
+
+/// The system clock shifted by an adjustable offset.
+#[derive(Debug, Default)]
+struct ShiftedClock(std::sync::Mutex<chrono::TimeDelta>);
+
+#[async_trait::async_trait]
+impl backup_core::ports::Clock for ShiftedClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now() + *self.0.lock().unwrap()
+    }
+
+    async fn sleep(&self, duration: std::time::Duration) {
+        tokio::time::sleep(duration).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_clock_jump_forward_and_back_new_backups_survive_their_own_retention() {
+    let fx = Fixture::new(300_000).await;
+    let config = fx.config("retention: { max_count: 3 }");
+    let clock = Arc::new(ShiftedClock::default());
+    let service = synthorg_api::build_service_with_clock(
+        &config,
+        synthorg_tests::running_app(),
+        None,
+        LiveData::new(&config.sources).with_verifier(Arc::new(SqliteSnapshotter)),
+        clock.clone(),
+    )
+    .unwrap();
+    let future = chrono::DateTime::parse_from_rfc3339("2027-06-01T00:00:00Z").unwrap();
+    *clock.0.lock().unwrap() = future.signed_duration_since(chrono::Utc::now());
+    let mut dated = Vec::new();
+    for _ in 0..3 {
+        dated.push(service.create(Trigger::Manual).await.unwrap().id);
+    }
+    *clock.0.lock().unwrap() = chrono::TimeDelta::zero();
+    let fresh = service.create(Trigger::Manual).await.unwrap().id;
+    let ids = ids_of(&service.list().await.unwrap());
+    assert!(
+        ids.contains(&fresh),
+        "the new backup deleted itself: {ids:?}"
+    );
+    assert!(
+        !ids.contains(&dated[0]),
+        "the oldest-created one goes: {ids:?}"
+    );
+    let again = service.create(Trigger::Manual).await.unwrap().id;
+    let ids = ids_of(&service.list().await.unwrap());
+    assert!(ids.contains(&fresh) && ids.contains(&again), "{ids:?}");
+    assert_eq!(ids.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_known_supported_schema_a_backup_newer_than_the_store_is_refused() {
+    let fx = Fixture::new(300_000).await;
+    let unknown = RunningApp {
+        supported_schema: None,
+        ..synthorg_tests::running_app()
+    };
+    let service = service_with(&fx, unknown, "retention: { max_count: 20 }");
+    let old = service.create(Trigger::Manual).await.unwrap().id;
+    let newer = synthorg_cli::demo::DEMO_SCHEMA_VERSION + 1;
+    let mut conn = synthorg_tests::open(&fx.layout.database).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PRAGMA user_version = {newer}"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    let new = service.create(Trigger::Manual).await.unwrap().id;
+    let err = service.restore(&new, confirmed()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Incompatible { .. }), "{text}");
+    assert!(
+        text.contains("supported schema is unknown") && text.contains("SYNTHORG_SCHEMA_VERSION"),
+        "{text}"
+    );
+    let report = service.restore(&old, confirmed()).await.unwrap();
+    let warnings = report.warnings.join("\n");
+    assert!(warnings.contains("supported schema unknown"), "{warnings}");
+    assert!(!warnings.contains(&i64::MAX.to_string()), "{warnings}");
 }

@@ -15,7 +15,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use backup_core::manifest::MAX_MANIFEST_BYTES;
+use backup_core::manifest::{Found, MAX_MANIFEST_BYTES};
 use backup_core::path::MANIFEST_FILE;
 use backup_core::ports::{BackupStore, ByteStream, Listed, ObjectName};
 use backup_core::{BackupId, Compression, Error, Manifest, Result, Summary};
@@ -143,6 +143,19 @@ impl LocalFsStore {
         Manifest::from_sidecar(&bytes, id)
     }
 
+    /// What exists of a backup's data (one stat).
+    async fn found(&self, summary: &Summary) -> Found {
+        let path = match summary.compression {
+            Compression::None => self.root.join(summary.id.to_string()),
+            c => self.object_path(&summary.id, &ObjectName::Archive(c)),
+        };
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_dir() => Found::Directory,
+            Ok(m) if m.is_file() => Found::Archive { size: m.len() },
+            _ => Found::Nothing,
+        }
+    }
+
     /// Names in the root directory (blocking listing off the async threads).
     async fn root_names(&self) -> Result<Vec<String>> {
         let root = self.root.clone();
@@ -197,7 +210,13 @@ impl BackupStore for LocalFsStore {
                 continue; // foreign file
             };
             match self.read_summary(&id).await {
-                Ok(m) => out.push(Listed::Complete(Box::new(m))),
+                Ok(m) => match m.damage(self.found(&m).await) {
+                    None => out.push(Listed::Complete(Box::new(m))),
+                    Some(reason) => {
+                        tracing::warn!(backup_id = %id, reason = %reason, "damaged backup");
+                        out.push(Listed::Damaged { id, reason });
+                    }
+                },
                 Err(Error::NotFound { .. }) => {} // deleted meanwhile
                 Err(e) => {
                     tracing::warn!(backup_id = %id, error = %e, "damaged backup sidecar");

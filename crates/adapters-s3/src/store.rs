@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use backup_core::manifest::MAX_MANIFEST_BYTES;
+use backup_core::manifest::{Found, MAX_MANIFEST_BYTES};
 use backup_core::path::MANIFEST_FILE;
 use backup_core::ports::{BackupStore, ByteStream, Listed, ObjectName};
 use backup_core::{BackupId, Compression, Error, Manifest, ManifestError, Result, Summary};
@@ -152,7 +152,7 @@ impl S3Store {
         let mut index = self.read_index().await;
         change(&mut index);
         match self.published_ids().await {
-            Ok(ids) => {
+            Ok((ids, _)) => {
                 let missing: Vec<BackupId> = ids
                     .iter()
                     .filter(|id| !index.contains_key(*id))
@@ -189,13 +189,17 @@ impl S3Store {
     }
 
     /// Ids that have a sidecar (published backups).
-    async fn published_ids(&self) -> Result<Vec<BackupId>> {
-        let (objects, _) = self.top_level().await?;
-        Ok(objects
+    /// The published ids, and what the same listing shows of each
+    /// backup's data (archive sizes, directories): no extra request.
+    async fn published_ids(&self) -> Result<(Vec<BackupId>, TopLevel)> {
+        let top = self.top_level().await?;
+        let ids = top
+            .objects
             .iter()
-            .filter_map(|n| n.strip_suffix(SIDECAR_SUFFIX))
+            .filter_map(|(n, _)| n.strip_suffix(SIDECAR_SUFFIX))
             .filter_map(|stem| BackupId::parse(stem).ok())
-            .collect())
+            .collect();
+        Ok((ids, top))
     }
 
     fn sidecar_key(&self, id: &BackupId) -> Path {
@@ -255,7 +259,7 @@ impl S3Store {
     }
 
     /// Names directly under the prefix: objects and "directories".
-    async fn top_level(&self) -> Result<(Vec<String>, Vec<String>)> {
+    async fn top_level(&self) -> Result<TopLevel> {
         let prefix = self.prefix_path();
         let listing = self
             .store
@@ -266,10 +270,10 @@ impl S3Store {
         let objects = listing
             .objects
             .iter()
-            .filter_map(|o| name(&o.location))
+            .filter_map(|o| Some((name(&o.location)?, o.size)))
             .collect();
         let dirs = listing.common_prefixes.iter().filter_map(name).collect();
-        Ok((objects, dirs))
+        Ok(TopLevel { objects, dirs })
     }
 
     /// Deletes every object under `<id>/` and the archives of `id`;
@@ -543,7 +547,7 @@ impl BackupStore for S3Store {
     }
 
     async fn list(&self) -> Result<Vec<Listed>> {
-        let ids = self.published_ids().await?;
+        let (ids, top) = self.published_ids().await?;
         let mut index = self.read_index().await;
         let mut out: Vec<Listed> = Vec::with_capacity(ids.len());
         let mut unindexed = Vec::new();
@@ -573,6 +577,20 @@ impl BackupStore for S3Store {
             .try_collect()
             .await?;
         out.extend(read);
+        let out = out.into_iter().map(|l| match l {
+            Listed::Complete(summary) => match summary.damage(top.found(&summary)) {
+                None => Listed::Complete(summary),
+                Some(reason) => {
+                    tracing::warn!(backup_id = %summary.id, reason = %reason, "damaged backup");
+                    Listed::Damaged {
+                        id: summary.id,
+                        reason,
+                    }
+                }
+            },
+            damaged => damaged,
+        });
+        let mut out: Vec<Listed> = out.collect();
         out.sort_by(|a, b| b.id().cmp(a.id()));
         Ok(out)
     }
@@ -688,15 +706,15 @@ impl BackupStore for S3Store {
 
     async fn cleanup_incomplete(&self) -> Result<Vec<String>> {
         let aborted = self.abort_recorded_uploads().await?;
-        let (objects, dirs) = self.top_level().await?;
+        let TopLevel { objects, dirs } = self.top_level().await?;
         let published: std::collections::HashSet<&str> = objects
             .iter()
-            .filter_map(|n| n.strip_suffix(SIDECAR_SUFFIX))
+            .filter_map(|(n, _)| n.strip_suffix(SIDECAR_SUFFIX))
             .collect();
         let mut removed = Vec::new();
         let candidates = objects
             .iter()
-            .filter_map(|n| {
+            .filter_map(|(n, _)| {
                 n.strip_suffix(".tar.gz")
                     .or_else(|| n.strip_suffix(".tar.zst"))
                     .or_else(|| n.strip_suffix(SUMMARY_SUFFIX))
@@ -716,5 +734,34 @@ impl BackupStore for S3Store {
         }
         removed.extend(aborted);
         Ok(removed)
+    }
+}
+
+/// One listing of the prefix: object names with sizes, and "directories".
+#[derive(Debug, Default)]
+struct TopLevel {
+    objects: Vec<(String, u64)>,
+    dirs: Vec<String>,
+}
+
+impl TopLevel {
+    /// What the listing holds of a backup's data.
+    fn found(&self, summary: &Summary) -> Found {
+        let id = summary.id.to_string();
+        let archive = match summary.compression {
+            Compression::None => {
+                return if self.dirs.contains(&id) {
+                    Found::Directory
+                } else {
+                    Found::Nothing
+                };
+            }
+            Compression::Zstd => format!("{id}.tar.zst"),
+            Compression::Gzip => format!("{id}.tar.gz"),
+        };
+        self.objects
+            .iter()
+            .find(|(n, _)| *n == archive)
+            .map_or(Found::Nothing, |(_, size)| Found::Archive { size: *size })
     }
 }

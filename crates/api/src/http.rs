@@ -97,6 +97,24 @@ impl IntoResponse for ApiError {
             (_, ErrorKind::Refused) => StatusCode::UNPROCESSABLE_ENTITY,
             (_, ErrorKind::Failed) => StatusCode::INTERNAL_SERVER_ERROR,
         };
+        // Messages that would name server paths say what matters without them.
+        match &e {
+            Error::NotFound { id, .. } => {
+                return problem(status, e.code(), format!("backup {id} not found"));
+            }
+            Error::InUse {
+                component, holder, ..
+            } => {
+                return problem(
+                    status,
+                    e.code(),
+                    format!(
+                        "the live {component} is in use by {holder}; stop the app (or close its connections) before restoring"
+                    ),
+                );
+            }
+            _ => {}
+        }
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             // Internals go to the log, not to the client.
             tracing::error!(error = %e, "admin API request failed");
@@ -167,7 +185,10 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        // RFC 9110: the scheme is case-insensitive.
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim_start_matches(' '));
     match presented {
         Some(p) if same(p.as_bytes(), token.expose().as_bytes()) => next.run(request).await,
         _ => {
@@ -240,9 +261,15 @@ async fn create_backup(
     match state.start_backup(trigger, body.labels, key).await {
         Ok(started) => {
             let url = format!("/api/v1/admin/backups/{}", started.id);
+            // A repeat answers as the first request did, with the status now.
+            let status = if started.repeated {
+                state.status_of(&started.id).await
+            } else {
+                "running"
+            };
             let mut response = (
                 StatusCode::ACCEPTED,
-                Json(json!({ "id": started.id, "status": "running", "status_url": url, "repeated": started.repeated })),
+                Json(json!({ "id": started.id, "status": status, "status_url": url, "repeated": started.repeated })),
             )
                 .into_response();
             if let Ok(v) = HeaderValue::from_str(&url) {
@@ -266,10 +293,11 @@ fn item(l: &Listed) -> Value {
             "id": m.id, "status": "complete", "trigger": m.trigger, "timestamp": m.timestamp,
             "size_bytes": m.size_bytes,
             "stored_bytes": m.stored_bytes,
-            "components": m.components, "pinned": m.is_pinned(),
+            "components": m.components, "absent": m.absent, "compression": m.compression,
+            "pinned": m.is_pinned(),
         }),
         Listed::Damaged { id, reason } => json!({
-            "id": id, "status": "damaged", "trigger": id.trigger(), "timestamp": id.timestamp(), "error": reason,
+            "id": id, "status": "damaged", "trigger": id.trigger(), "timestamp": id.timestamp(), "reason": reason, "error": reason,
         }),
     }
 }
@@ -398,6 +426,14 @@ async fn restore(
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
+    if body.components.as_ref().is_some_and(Vec::is_empty) {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no_components",
+            "components is empty: list the components to restore, or leave it out to restore all"
+                .into(),
+        );
+    }
     let options = RestoreOptions {
         confirm: body.confirm,
         dry_run: body.dry_run,

@@ -16,4 +16,4 @@ pub use http::{MAX_BODY, admin_router, app};
 pub use openapi::document as openapi_document;
 pub use runtime::{BackupRuntime, RuntimeConfig};
 pub use state::{AdminState, Job, Metrics, Started};
-pub use wiring::{build_service, build_service_with};
+pub use wiring::{build_service, build_service_with, build_service_with_clock};

@@ -25,7 +25,9 @@ pub enum Job {
 #[derive(Debug, Default)]
 struct Jobs {
     jobs: HashMap<BackupId, Job>,
-    keys: HashMap<String, BackupId>,
+    /// Idempotency key -> the backup it started and the request it came
+    /// with (trigger and labels, as JSON).
+    keys: HashMap<String, (BackupId, String)>,
     key_order: VecDeque<String>,
 }
 
@@ -212,9 +214,16 @@ impl AdminState {
         labels: std::collections::BTreeMap<String, String>,
         idempotency_key: Option<String>,
     ) -> Result<Started> {
+        let request = serde_json::json!({ "trigger": trigger, "labels": labels }).to_string();
         if let Some(key) = &idempotency_key
-            && let Some(id) = self.jobs.lock().ok().and_then(|j| j.keys.get(key).cloned())
+            && let Some((id, first)) = self.jobs.lock().ok().and_then(|j| j.keys.get(key).cloned())
         {
+            if first != request {
+                return Err(backup_core::Error::IdempotencyMismatch {
+                    key: key.escape_debug().to_string(),
+                    id: id.to_string(),
+                });
+            }
             return Ok(Started { id, repeated: true });
         }
         let jobs = Arc::clone(&self.jobs);
@@ -240,7 +249,7 @@ impl AdminState {
         if let Ok(mut j) = self.jobs.lock() {
             j.jobs.insert(id.clone(), Job::Running(None));
             if let Some(key) = idempotency_key {
-                j.keys.insert(key.clone(), id.clone());
+                j.keys.insert(key.clone(), (id.clone(), request));
                 j.key_order.push_back(key);
                 while j.key_order.len() > MAX_IDEMPOTENCY_KEYS {
                     if let Some(old) = j.key_order.pop_front() {
@@ -260,6 +269,19 @@ impl AdminState {
             id,
             repeated: false,
         })
+    }
+
+    /// What became of a backup started here: `running`, `failed`,
+    /// `complete` (published) or `gone` (deleted or pruned since).
+    pub async fn status_of(&self, id: &BackupId) -> &'static str {
+        match self.job(id) {
+            Some(Job::Running(_)) => "running",
+            Some(Job::Failed(_)) => "failed",
+            None => match self.service.show(id).await {
+                Ok(_) => "complete",
+                Err(_) => "gone",
+            },
+        }
     }
 
     /// Runs a backup to completion (runtime: startup, scheduled, shutdown).

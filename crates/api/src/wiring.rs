@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use adapters_fs::{DirSource, FileLock, LiveData, LocalFsStore, SystemClock};
 use adapters_sqlite::{SqliteSnapshotter, SqliteSource};
-use backup_core::ports::{BackupStore, ComponentSource, NoQuiesce, OperationLock, Quiesce};
+use backup_core::ports::{BackupStore, Clock, ComponentSource, NoQuiesce, OperationLock, Quiesce};
 use backup_core::{BackupConfig, BackupService, Component, Ports, Result, RunningApp, Settings};
 
 /// Builds the service for `config`: the S3 target of `backup.s3` when
@@ -36,6 +36,20 @@ pub fn build_service_with(
     app: RunningApp,
     quiesce: Option<Arc<dyn Quiesce>>,
     live: LiveData,
+) -> Result<BackupService> {
+    build_service_with_clock(config, app, quiesce, live, Arc::new(SystemClock))
+}
+
+/// As [`build_service_with`], with the clock given (tests of clock jumps).
+///
+/// # Errors
+/// As [`build_service`].
+pub fn build_service_with_clock(
+    config: &BackupConfig,
+    app: RunningApp,
+    quiesce: Option<Arc<dyn Quiesce>>,
+    live: LiveData,
+    clock: Arc<dyn Clock>,
 ) -> Result<BackupService> {
     let (store, lock): (Arc<dyn BackupStore>, Arc<dyn OperationLock>) = match &config.s3 {
         Some(s3) => {
@@ -78,7 +92,7 @@ pub fn build_service_with(
             lock,
             sources,
             quiesce: quiesce.unwrap_or_else(|| Arc::new(NoQuiesce)),
-            clock: Arc::new(SystemClock),
+            clock,
             restore_target: Arc::new(live),
         },
         app,

@@ -19,8 +19,10 @@ use crate::manifest::{MANIFEST_MAJOR, Manifest};
 pub struct RunningApp {
     /// The running SynthOrg version.
     pub version: semver::Version,
-    /// The newest `PRAGMA user_version` this build can open.
-    pub supported_schema: i64,
+    /// The newest `PRAGMA user_version` this build can open; `None` when
+    /// unknown (no live database and nothing configured: disaster
+    /// recovery), see [`check_unknown_schema`].
+    pub supported_schema: Option<i64>,
 }
 
 /// One finding of [`check`].
@@ -61,6 +63,19 @@ pub enum Finding {
         /// Newest schema this build supports.
         supported: i64,
     },
+    /// The supported schema is unknown: nothing to compare the backup's with.
+    SchemaUnknown {
+        /// Schema in the backup.
+        backup: i64,
+    },
+    /// The supported schema is unknown and the backup's schema is newer
+    /// than that of every other backup in the store.
+    NewerThanStore {
+        /// Schema in the backup.
+        backup: i64,
+        /// Newest schema of the other backups.
+        newest: i64,
+    },
     /// A requested component is not in the backup.
     MissingComponent {
         /// The component.
@@ -91,6 +106,14 @@ impl fmt::Display for Finding {
                 f,
                 "schema {backup} < {supported}: migrations will run on next start"
             ),
+            Finding::SchemaUnknown { backup } => write!(
+                f,
+                "supported schema unknown (no live database, backup.supported_schema or SYNTHORG_SCHEMA_VERSION): cannot check the backup's schema {backup}"
+            ),
+            Finding::NewerThanStore { backup, newest } => write!(
+                f,
+                "database schema {backup} is newer than every other backup in this store (newest {newest}) and the supported schema is unknown; set backup.supported_schema or SYNTHORG_SCHEMA_VERSION to the schema the installed app supports"
+            ),
             Finding::MissingComponent { component } => {
                 write!(f, "component {component} is not in the backup")
             }
@@ -111,6 +134,20 @@ impl CompatReport {
     /// Whether the restore may go ahead.
     pub fn is_compatible(&self) -> bool {
         self.errors.is_empty()
+    }
+}
+
+/// With the supported schema unknown, the rule that stands in for it: a
+/// backup whose schema is newer than that of every other backup in the
+/// store (`others_newest`) may come from a newer app than the one
+/// installed, and is refused; with no other backup to compare with, the
+/// restore goes ahead with the [`Finding::SchemaUnknown`] warning.
+pub fn check_unknown_schema(manifest: &Manifest, others_newest: Option<i64>) -> Option<Finding> {
+    match (manifest.db_schema_version, others_newest) {
+        (Some(backup), Some(newest)) if backup > newest => {
+            Some(Finding::NewerThanStore { backup, newest })
+        }
+        _ => None,
     }
 }
 
@@ -140,18 +177,29 @@ pub fn check(
         });
     }
     let restores_db = requested.is_none_or(|r| r.contains(&Component::Persistence));
-    if let (Some(schema), true) = (manifest.db_schema_version, restores_db) {
-        if schema > running.supported_schema {
+    match (
+        manifest.db_schema_version,
+        restores_db,
+        running.supported_schema,
+    ) {
+        (Some(schema), true, Some(supported)) if schema > supported => {
             report.errors.push(Finding::NewerSchema {
                 backup: schema,
-                supported: running.supported_schema,
-            });
-        } else if schema < running.supported_schema {
-            report.warnings.push(Finding::OlderSchema {
-                backup: schema,
-                supported: running.supported_schema,
+                supported,
             });
         }
+        (Some(schema), true, Some(supported)) if schema < supported => {
+            report.warnings.push(Finding::OlderSchema {
+                backup: schema,
+                supported,
+            });
+        }
+        (Some(schema), true, None) => {
+            report
+                .warnings
+                .push(Finding::SchemaUnknown { backup: schema });
+        }
+        _ => {}
     }
     for component in requested.unwrap_or(&[]) {
         if !manifest.components.contains(component) {
@@ -171,7 +219,7 @@ mod tests {
     fn running(v: &str, schema: i64) -> RunningApp {
         RunningApp {
             version: semver::Version::parse(v).unwrap(),
-            supported_schema: schema,
+            supported_schema: Some(schema),
         }
     }
 
@@ -245,5 +293,31 @@ mod tests {
         let r = check(&m, &running("1.0.0", 3), None);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["errors"][0]["code"], "newer_app_version");
+    }
+
+    #[test]
+    fn an_unknown_supported_schema_warns_and_never_prints_a_sentinel() {
+        let m = sample("2026-03-15T14-30-00_manual"); // schema 3
+        let unknown = RunningApp {
+            version: semver::Version::parse("1.4.0").unwrap(),
+            supported_schema: None,
+        };
+        let r = check(&m, &unknown, None);
+        assert!(r.is_compatible());
+        assert_eq!(r.warnings, vec![Finding::SchemaUnknown { backup: 3 }]);
+        assert!(
+            r.warnings[0]
+                .to_string()
+                .contains("supported schema unknown")
+        );
+        assert_eq!(check_unknown_schema(&m, None), None);
+        assert_eq!(check_unknown_schema(&m, Some(3)), None);
+        assert_eq!(
+            check_unknown_schema(&m, Some(2)),
+            Some(Finding::NewerThanStore {
+                backup: 3,
+                newest: 2
+            })
+        );
     }
 }

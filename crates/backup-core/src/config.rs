@@ -286,6 +286,11 @@ pub struct BackupConfig {
     /// Longest the pre-shutdown backup may take. 1–86400 s.
     #[serde(deserialize_with = "bounded::<_, 1, 86400>")]
     pub shutdown_timeout_secs: u32,
+    /// The newest database schema (`PRAGMA user_version`) the installed app
+    /// supports, for restores without a live database to read it from.
+    /// 0–2147483647; unset by default.
+    #[serde(default, deserialize_with = "bounded_opt::<_, 0, 2147483647>")]
+    pub supported_schema: Option<u32>,
 }
 
 impl Default for BackupConfig {
@@ -304,6 +309,7 @@ impl Default for BackupConfig {
             s3: None,
             quiesce_timeout_secs: 30,
             shutdown_timeout_secs: 300,
+            supported_schema: None,
         }
     }
 }

@@ -153,6 +153,13 @@ pub async fn put_get_publish_list_delete(target: &dyn Target) {
         read_all(store.get(&id, &object).await.unwrap()).await,
         b"v2"
     );
+    // An archive of another size than the manifest records (truncated,
+    // replaced) is listed as damaged, never as complete.
+    let listed = store.list().await.unwrap();
+    assert!(
+        matches!(&listed[..], [Listed::Damaged { id: d, reason }] if *d == id && reason.contains("bytes")),
+        "{listed:?}"
+    );
 
     store.delete(&id).await.unwrap();
     assert!(store.list().await.unwrap().is_empty());

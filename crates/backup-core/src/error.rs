@@ -33,6 +33,24 @@ pub enum Error {
         /// What is wrong with the path.
         source: PathError,
     },
+    /// A label that may not be stored (control characters, too long...).
+    #[error("invalid label {label}: {reason}")]
+    InvalidLabel {
+        /// The label's key, escaped.
+        label: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An idempotency key sent again with a different request.
+    #[error(
+        "idempotency key {key} was first used for another request (backup {id}); use a new key"
+    )]
+    IdempotencyMismatch {
+        /// The key, escaped.
+        key: String,
+        /// The backup the first request started.
+        id: String,
+    },
     /// No published backup with this id.
     #[error("backup {id} not found in {location}")]
     NotFound {
@@ -161,9 +179,10 @@ impl Error {
     /// The treatment class of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Config(_) | Error::InvalidId(_) | Error::InvalidPath { .. } => {
-                ErrorKind::Invalid
-            }
+            Error::Config(_)
+            | Error::InvalidId(_)
+            | Error::InvalidPath { .. }
+            | Error::InvalidLabel { .. } => ErrorKind::Invalid,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::Busy { .. } => ErrorKind::Busy,
             Error::Manifest { .. }
@@ -171,7 +190,8 @@ impl Error {
             | Error::Integrity { .. }
             | Error::NotConfirmed { .. }
             | Error::Pinned { .. }
-            | Error::InUse { .. } => ErrorKind::Refused,
+            | Error::InUse { .. }
+            | Error::IdempotencyMismatch { .. } => ErrorKind::Refused,
             Error::Source { .. }
             | Error::Store { .. }
             | Error::Timeout { .. }
@@ -185,6 +205,7 @@ impl Error {
             Error::Config(_) => "invalid_config",
             Error::InvalidId(_) => "invalid_id",
             Error::InvalidPath { .. } => "invalid_path",
+            Error::InvalidLabel { .. } => "invalid_label",
             Error::NotFound { .. } => "not_found",
             Error::Busy { .. } => "busy",
             Error::Manifest { .. } => "bad_manifest",
@@ -193,6 +214,7 @@ impl Error {
             Error::NotConfirmed { .. } => "not_confirmed",
             Error::Pinned { .. } => "pinned",
             Error::InUse { .. } => "in_use",
+            Error::IdempotencyMismatch { .. } => "idempotency_mismatch",
             Error::Source { .. } => "source_failed",
             Error::Store { .. } => "store_failed",
             Error::Timeout { .. } => "timeout",

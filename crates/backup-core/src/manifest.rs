@@ -541,6 +541,101 @@ impl Summary {
     }
 }
 
+/// Most labels on one backup.
+pub const MAX_LABELS: usize = 32;
+/// Longest label key, in bytes.
+pub const MAX_LABEL_KEY: usize = 64;
+/// Longest label value, in bytes.
+pub const MAX_LABEL_VALUE: usize = 1024;
+
+/// Characters a label may not hold: C0 and C1 controls (terminal escapes),
+/// and the bidirectional overrides, embeddings, isolates and marks that
+/// make text display as something else (Trojan Source).
+pub fn is_unsafe_label_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Checks labels: at most [`MAX_LABELS`], keys non-empty and at most
+/// [`MAX_LABEL_KEY`] bytes, values at most [`MAX_LABEL_VALUE`] bytes,
+/// printable text only (see [`is_unsafe_label_char`]).
+///
+/// # Errors
+/// The offending label (escaped) and what is wrong with it.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), (String, String)> {
+    if labels.len() > MAX_LABELS {
+        return Err((
+            format!("{} labels", labels.len()),
+            format!("at most {MAX_LABELS} labels are allowed"),
+        ));
+    }
+    for (k, v) in labels {
+        let name = k.escape_debug().to_string();
+        if k.trim().is_empty() {
+            return Err((name, "the key is empty".into()));
+        }
+        if k.len() > MAX_LABEL_KEY {
+            return Err((
+                name,
+                format!("the key is longer than {MAX_LABEL_KEY} bytes"),
+            ));
+        }
+        if v.len() > MAX_LABEL_VALUE {
+            return Err((
+                name,
+                format!("the value is longer than {MAX_LABEL_VALUE} bytes"),
+            ));
+        }
+        if let Some(c) = k
+            .chars()
+            .chain(v.chars())
+            .find(|c| is_unsafe_label_char(*c))
+        {
+            return Err((
+                name,
+                format!(
+                    "holds {}, a control or bidi-override character; labels are printable text",
+                    c.escape_unicode()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a store found of a published backup's data when listing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// No archive object and no directory.
+    Nothing,
+    /// The archive object, of this many bytes.
+    Archive {
+        /// Its size as stored.
+        size: u64,
+    },
+    /// The directory of a directory-form backup.
+    Directory,
+}
+
+impl Summary {
+    /// Why the backup cannot be restored from what the store holds, if it
+    /// cannot: its archive is missing or has another size than recorded
+    /// (truncated, replaced), or its directory is gone. A listing shows
+    /// such a backup as damaged, and retention never counts it as a copy.
+    pub fn damage(&self, found: Found) -> Option<String> {
+        match (self.compression, found) {
+            (Compression::None, Found::Directory) => None,
+            (Compression::None, _) => Some(format!("the directory {} is missing", self.id)),
+            (_, Found::Archive { size }) if size == self.stored_bytes => None,
+            (c, Found::Archive { size }) => Some(format!(
+                "the {c} archive is {size} bytes, the manifest records {} (truncated or replaced)",
+                self.stored_bytes
+            )),
+            (c, _) => Some(format!("the {c} archive of {} is missing", self.id)),
+        }
+    }
+}
+
 impl From<&Manifest> for Summary {
     fn from(m: &Manifest) -> Summary {
         Summary {

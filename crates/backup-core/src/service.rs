@@ -272,6 +272,8 @@ impl BackupService {
         if let Some(list) = &options.components {
             self.check_sources(list)?;
         }
+        crate::manifest::check_labels(&options.labels)
+            .map_err(|(label, reason)| Error::InvalidLabel { label, reason })?;
         let guard = self.acquire(Operation::Backup).await?;
         let timestamp = self.ports.clock.now();
         let (id, sequence) = match self.next_id(trigger, timestamp).await {

@@ -31,18 +31,22 @@ impl Context {
 }
 
 /// The app this CLI acts for: its own version, and as the newest supported
-/// schema `$SYNTHORG_SCHEMA_VERSION`, else the live database's
-/// `user_version` (what the installed app migrated it to).
+/// schema `$SYNTHORG_SCHEMA_VERSION`, else `backup.supported_schema`, else
+/// the live database's `user_version` (what the installed app migrated it
+/// to), else unknown (see `compat::check_unknown_schema`).
 async fn running_app(config: &BackupConfig) -> anyhow::Result<RunningApp> {
     let version = semver::Version::parse(env!("CARGO_PKG_VERSION"))?;
     let supported_schema = match std::env::var("SYNTHORG_SCHEMA_VERSION") {
-        Ok(raw) => raw.trim().parse().map_err(|_| Exit {
+        Ok(raw) => Some(raw.trim().parse().map_err(|_| Exit {
             code: exit::USAGE,
             message: format!("SYNTHORG_SCHEMA_VERSION={raw:?} is not an integer"),
-        })?,
-        Err(_) => adapters_sqlite::read_user_version(&config.sources.database)
-            .await
-            .unwrap_or(i64::MAX),
+        })?),
+        Err(_) => match config.supported_schema {
+            Some(v) => Some(i64::from(v)),
+            None => adapters_sqlite::read_user_version(&config.sources.database)
+                .await
+                .ok(),
+        },
     };
     Ok(RunningApp {
         version,

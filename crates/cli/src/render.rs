@@ -36,10 +36,11 @@ pub(crate) fn bytes(n: u64) -> String {
 }
 
 fn age(ts: chrono::DateTime<chrono::Utc>) -> String {
-    let secs = chrono::Utc::now()
-        .signed_duration_since(ts)
-        .num_seconds()
-        .max(0);
+    let now = chrono::Utc::now();
+    if backup_core::service::is_future(ts, now) {
+        return "in the future".to_owned();
+    }
+    let secs = now.signed_duration_since(ts).num_seconds().max(0);
     match secs {
         0..=59 => format!("{secs}s ago"),
         60..=3599 => format!("{}m ago", secs / 60),
@@ -58,6 +59,21 @@ pub(crate) fn note_recovered(done: Vec<String>) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .extend(done);
+}
+
+/// `text` with control characters and bidi overrides escaped, so that a
+/// label can never drive the terminal (labels are checked on input; old
+/// backups and other writers may still hold anything).
+pub(crate) fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if backup_core::manifest::is_unsafe_label_char(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
@@ -88,6 +104,7 @@ fn listed_json(l: &Listed) -> serde_json::Value {
             "size_bytes": m.size_bytes,
             "stored_bytes": m.stored_bytes,
             "components": m.components,
+            "absent": m.absent,
             "compression": m.compression,
             "pinned": m.is_pinned(),
         }),
@@ -224,6 +241,15 @@ impl Output {
                         .join(",")
                 })
                 .unwrap_or_else(|| "-".to_owned());
+            let absent = item["absent"]
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .map(|a| {
+                    let names: Vec<&str> = a.iter().filter_map(|c| c.as_str()).collect();
+                    format!(" (absent: {})", names.join(","))
+                })
+                .unwrap_or_default();
+            let components = format!("{components}{absent}");
             let status = match (text("status").as_str(), item["pinned"].as_bool()) {
                 ("complete", Some(true)) => "complete (pinned)".to_owned(),
                 ("damaged", _) => format!(
@@ -272,6 +298,16 @@ impl Output {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        if !m.absent.is_empty() {
+            println!(
+                "absent:           {} (no source when taken; a restore leaves them alone)",
+                m.absent
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         println!(
             "size:             {} in {} files",
             bytes(m.size_bytes),
@@ -287,7 +323,7 @@ impl Output {
         }
         println!("checksum:         {}", m.checksum);
         for (k, v) in &m.labels {
-            println!("label:            {k}={v}");
+            println!("label:            {}={}", printable(k), printable(v));
         }
         Ok(())
     }

@@ -95,7 +95,24 @@ impl BackupService {
             }
             None => manifest.components.clone(),
         };
-        let report_compat = compat::check(&manifest, &self.app, options.components.as_deref());
+        let mut report_compat = compat::check(&manifest, &self.app, options.components.as_deref());
+        let restores_db = components.contains(&crate::id::Component::Persistence);
+        if self.app.supported_schema.is_none() && restores_db {
+            let others_newest = self
+                .ports
+                .store
+                .list()
+                .await?
+                .iter()
+                .filter_map(|l| match l {
+                    crate::ports::Listed::Complete(s) if s.id != *id => s.db_schema_version,
+                    _ => None,
+                })
+                .max();
+            report_compat
+                .errors
+                .extend(compat::check_unknown_schema(&manifest, others_newest));
+        }
         if !report_compat.is_compatible() {
             tracing::error!(backup_id = %id, findings = ?report_compat.errors, "restore refused: incompatible backup");
             return Err(Error::Incompatible {
