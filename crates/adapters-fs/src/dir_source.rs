@@ -101,7 +101,9 @@ impl DirSource {
         let root = ArchivePath::parse(self.component.archive_root())
             .map_err(|e| self.source_err(&self.path, e.to_string(), None))?;
         let mut walked = Walked::default();
-        let meta = match std::fs::symlink_metadata(&self.path) {
+        // A component root that is a symlink (to another disk, say) is
+        // followed: the data is what it points to.
+        let meta = match std::fs::metadata(&self.path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 tracing::warn!(component = %self.component, path = %self.path.display(),
@@ -111,12 +113,17 @@ impl DirSource {
             }
             Err(e) => return Err(self.io_err(&self.path, e)),
         };
+        let root_path = if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.is_symlink()) {
+            std::fs::canonicalize(&self.path).map_err(|e| self.io_err(&self.path, e))?
+        } else {
+            self.path.clone()
+        };
         match self.shape {
             Shape::File => {
                 if !meta.is_file() {
                     return Err(self.source_err(&self.path, "is not a regular file", None));
                 }
-                walked.push_dir(root.clone(), 0o700, mtime(&meta));
+                walked.push_dir(root.clone(), 0o755, &meta);
                 let name = self
                     .path
                     .file_name()
@@ -125,18 +132,14 @@ impl DirSource {
                 let path = root
                     .join(name)
                     .map_err(|e| self.source_err(&self.path, e.to_string(), None))?;
-                walked.push_file(path, self.path.clone(), &meta);
+                walked.push_file(path, root_path, &meta);
             }
             Shape::Dir => {
                 if !meta.is_dir() {
                     return Err(self.source_err(&self.path, "is not a directory", None));
                 }
-                walked.push_dir(
-                    root.clone(),
-                    meta.permissions().mode() & 0o7777,
-                    mtime(&meta),
-                );
-                self.walk_dir(&self.path, &root, &mut walked)?;
+                walked.push_dir(root.clone(), meta.permissions().mode() & 0o7777, &meta);
+                self.walk_dir(&root_path, &root, &mut walked)?;
             }
         }
         Ok(walked)
@@ -162,11 +165,7 @@ impl DirSource {
             let meta = std::fs::symlink_metadata(&fs_path).map_err(|e| self.io_err(&fs_path, e))?;
             let ft = meta.file_type();
             if ft.is_dir() {
-                walked.push_dir(
-                    path.clone(),
-                    meta.permissions().mode() & 0o7777,
-                    mtime(&meta),
-                );
+                walked.push_dir(path.clone(), meta.permissions().mode() & 0o7777, &meta);
                 self.walk_dir(&fs_path, &path, walked)?;
             } else if ft.is_file() {
                 walked.push_file(path, fs_path, &meta);
@@ -179,6 +178,7 @@ impl DirSource {
                         size: 0,
                         mode: 0o777,
                         mtime: mtime(&meta),
+                        owner: Some((meta.uid(), meta.gid())),
                     }),
                     None => tracing::warn!(path = %fs_path.display(), target = %target.display(),
                         "skipping symlink that points outside its component"),
@@ -229,13 +229,14 @@ struct Walked {
 }
 
 impl Walked {
-    fn push_dir(&mut self, path: ArchivePath, mode: u32, mtime: i64) {
+    fn push_dir(&mut self, path: ArchivePath, mode: u32, meta: &std::fs::Metadata) {
         self.entries.push(SnapshotEntry {
             path,
             kind: EntryKind::Dir,
             size: 0,
             mode,
-            mtime,
+            mtime: meta.mtime(),
+            owner: Some((meta.uid(), meta.gid())),
         });
     }
 
@@ -246,6 +247,7 @@ impl Walked {
             size: meta.len(),
             mode: meta.permissions().mode() & 0o7777,
             mtime: meta.mtime(),
+            owner: Some((meta.uid(), meta.gid())),
         });
         self.files.insert(path, fs_path);
     }

@@ -36,6 +36,11 @@ const JOURNAL: &str = ".synthorg-restore.journal";
 
 const STAGED: &str = ".restore-staged";
 const ASIDE: &str = ".restore-aside";
+/// Staging and aside directories *inside* a component directory that is a
+/// mount point (a Docker volume, say), which cannot be renamed: its
+/// contents are swapped instead.
+const INSIDE_STAGED: &str = ".synthorg-restore-staged";
+const INSIDE_ASIDE: &str = ".synthorg-restore-aside";
 /// Largest company config accepted when verifying a staged one.
 const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -92,13 +97,22 @@ impl LiveData {
         self
     }
 
-    fn live(&self, c: Component) -> &Path {
+    /// The configured path of a component.
+    fn configured(&self, c: Component) -> &Path {
         match c {
             Component::Persistence => &self.database,
             Component::Memory => &self.memory_dir,
             Component::Config => &self.company_config,
             Component::Checkpoints => &self.checkpoints_dir,
         }
+    }
+
+    /// Where a component's data really is: a root that is a symlink (to
+    /// another disk, say) is followed, so that the restore stages next to
+    /// the target (same filesystem) and swaps the target, leaving the link
+    /// as it is.
+    fn live(&self, c: Component) -> PathBuf {
+        resolve_link(self.configured(c))
     }
 
     fn journal_path(&self) -> PathBuf {
@@ -109,9 +123,9 @@ impl LiveData {
     fn live_items(&self, c: Component) -> Vec<PathBuf> {
         let main = self.live(c);
         if c == Component::Persistence {
-            with_companions(main)
+            with_companions(&main)
         } else {
-            vec![main.to_path_buf()]
+            vec![main]
         }
     }
 }
@@ -141,6 +155,18 @@ fn with_companions(main: &Path) -> Vec<PathBuf> {
         items.push(PathBuf::from(p));
     }
     items
+}
+
+/// `path`, or what it points to when it is a symlink (followed to the end;
+/// a dangling link resolves to its target's path).
+fn resolve_link(path: &Path) -> PathBuf {
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) {
+        return path.to_path_buf();
+    }
+    std::fs::canonicalize(path).unwrap_or_else(|_| match std::fs::read_link(path) {
+        Ok(target) => parent_of(path).join(target),
+        Err(_) => path.to_path_buf(),
+    })
 }
 
 fn parent_of(path: &Path) -> &Path {
@@ -179,6 +205,9 @@ struct Journal {
     backup_id: String,
     state: JournalState,
     moves: Vec<Move>,
+    /// Directories of a swap inside a mount point, removed at the end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    cleanup: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +296,7 @@ fn swap(journal_path: &Path, journal: &Journal, fault: Option<SwapFault>) -> io:
     };
     if let Err(e) = forward() {
         roll_back(journal)?;
+        remove_cleanup(journal)?;
         std::fs::remove_file(journal_path)?;
         fsio::fsync_dir(parent_of(journal_path))?;
         return Err(e);
@@ -277,6 +307,65 @@ fn swap(journal_path: &Path, journal: &Journal, fault: Option<SwapFault>) -> io:
     };
     write_journal(journal_path, &committed)?;
     finish(&committed, journal_path)
+}
+
+/// Removes the directories of a swap inside a mount point (idempotent).
+fn remove_cleanup(journal: &Journal) -> io::Result<()> {
+    for dir in &journal.cleanup {
+        fsio::remove_any(dir)?;
+        fsio::fsync_dir(parent_of(dir))?;
+    }
+    Ok(())
+}
+
+/// Whether `path` is a mount point: on another device than its parent, or
+/// listed in `/proc/self/mountinfo` (bind mounts of the same device).
+fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let parent = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    if let Some(parent) = &parent
+        && std::fs::metadata(parent).is_ok_and(|p| p.dev() != meta.dev())
+    {
+        return true;
+    }
+    let Ok(canonical) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|mount| Path::new(&unescape_mountinfo(mount)) == canonical)
+}
+
+/// Mount points in mountinfo escape space, tab, newline and backslash as
+/// three octal digits.
+fn unescape_mountinfo(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Puts every live item back where it was (idempotent).
@@ -322,6 +411,7 @@ fn finish(journal: &Journal, journal_path: &Path) -> io::Result<()> {
         }
         fsio::fsync_dir(parent_of(&m.live))?;
     }
+    remove_cleanup(journal)?;
     std::fs::remove_file(journal_path)?;
     fsio::fsync_dir(parent_of(journal_path))
 }
@@ -329,7 +419,7 @@ fn finish(journal: &Journal, journal_path: &Path) -> io::Result<()> {
 #[async_trait]
 impl RestoreTarget for LiveData {
     fn live_path(&self, component: Component) -> String {
-        self.live(component).display().to_string()
+        self.configured(component).display().to_string()
     }
 
     async fn is_present(&self, component: Component) -> bool {
@@ -375,25 +465,46 @@ impl RestoreTarget for LiveData {
     ) -> Result<Box<dyn Staging>> {
         let me = self.clone();
         let comps = components.to_vec();
-        let roots = blocking(move || {
-            let mut roots = Vec::new();
+        let (roots, inside) = blocking(move || {
+            let (mut roots, mut inside) = (Vec::new(), Vec::new());
             for c in comps {
-                let live = me.live(c).to_path_buf();
-                let staged = sibling(&live, STAGED);
-                fsio::create_dir_private(parent_of(&live)).map_err(|e| source_err(c, &live, e))?;
+                let live = me.live(c);
+                let mut staged = sibling(&live, STAGED);
+                if is_mount_point(&live) {
+                    // Refused or handled here, before anything is touched
+                    // (no safety backup yet).
+                    match c {
+                        Component::Persistence | Component::Config => {
+                            return Err(Error::Source {
+                                component: c,
+                                path: live.display().to_string(),
+                                reason: "is a mount point (a bind-mounted file), which a restore cannot replace atomically; mount its directory instead, or restore it by hand from `synthorg backup export`".into(),
+                                source: None,
+                            });
+                        }
+                        Component::Memory | Component::Checkpoints => {
+                            staged = live.join(INSIDE_STAGED);
+                            inside.push(c);
+                        }
+                    }
+                }
+                // A data directory that does not exist yet gets the usual
+                // mode (umask), not the backup store's private 0700.
+                std::fs::create_dir_all(parent_of(&live)).map_err(|e| source_err(c, &live, e))?;
                 fsio::remove_any(&staged).map_err(|e| source_err(c, &staged, e))?;
                 if matches!(c, Component::Memory | Component::Checkpoints) {
                     fsio::create_dir_private(&staged).map_err(|e| source_err(c, &staged, e))?;
                 }
                 roots.push((c, staged));
             }
-            Ok(roots)
+            Ok((roots, inside))
         })
         .await?;
         Ok(Box::new(FsStaging {
             live: self.clone(),
             manifest: manifest.clone(),
             roots,
+            inside,
             current: None,
             dir_modes: Vec::new(),
         }))
@@ -416,6 +527,7 @@ impl RestoreTarget for LiveData {
                 match journal.state {
                     JournalState::Swapping => {
                         roll_back(&journal).map_err(err)?;
+                        remove_cleanup(&journal).map_err(err)?;
                         std::fs::remove_file(&journal_path).map_err(err)?;
                         fsio::fsync_dir(parent_of(&journal_path)).map_err(err)?;
                         let msg = format!("rolled back the interrupted restore of {}: live data is as before it", journal.backup_id);
@@ -436,7 +548,10 @@ impl RestoreTarget for LiveData {
             // was never renamed into place: the journal on disk (or its
             // absence) is what happened, the temp file is nothing.
             let journal_temp = format!(".{JOURNAL}{}", fsio::TEMP_MARKER);
-            let mut parents: Vec<&Path> = Component::ALL.iter().map(|c| parent_of(me.live(*c))).collect();
+            let mut parents: Vec<PathBuf> = Component::ALL
+                .iter()
+                .flat_map(|c| [parent_of(me.configured(*c)).to_path_buf(), parent_of(&me.live(*c)).to_path_buf()])
+                .collect();
             parents.sort();
             parents.dedup();
             for dir in parents {
@@ -453,8 +568,11 @@ impl RestoreTarget for LiveData {
                 }
             }
             for c in Component::ALL {
+                let live = me.live(c);
+                let inside = [live.join(INSIDE_STAGED), live.join(INSIDE_ASIDE)];
+                let inside = if live.is_dir() { inside.to_vec() } else { Vec::new() };
                 for item in me.live_items(c) {
-                    for leftover in [sibling(&item, STAGED), sibling(&item, ASIDE)] {
+                    for leftover in [sibling(&item, STAGED), sibling(&item, ASIDE)].into_iter().chain(inside.clone()) {
                         if exists(&leftover) {
                             fsio::remove_any(&leftover).map_err(|e| source_err(c, &leftover, e))?;
                             tracing::warn!(path = %leftover.display(), "removed restore leftover");
@@ -474,6 +592,8 @@ struct FsStaging {
     live: LiveData,
     manifest: Manifest,
     roots: Vec<(Component, PathBuf)>,
+    /// Components swapped inside their mount point, entry by entry.
+    inside: Vec<Component>,
     current: Option<(tokio::fs::File, PathBuf, Component)>,
     dir_modes: Vec<(PathBuf, u32)>,
 }
@@ -493,6 +613,34 @@ impl FsStaging {
             path: path.to_owned(),
             reason: reason.to_owned(),
         }
+    }
+
+    /// The owner a restored item gets: that of the live item it replaces,
+    /// else the one recorded in the backup, else that of the live
+    /// component. Restoring as root must not leave the app (running as
+    /// its own user) unable to write its data.
+    fn owner_for(
+        &self,
+        c: Component,
+        path: &ArchivePath,
+        recorded: Option<(u32, u32)>,
+    ) -> Option<(u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        let root = self.live.live(c);
+        let live = match c {
+            Component::Persistence | Component::Config => root.clone(),
+            Component::Memory | Component::Checkpoints => {
+                let mut p = root.clone();
+                p.extend(path.segments().skip(1));
+                p
+            }
+        };
+        let owner_of = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .ok()
+                .map(|m| (m.uid(), m.gid()))
+        };
+        owner_of(&live).or(recorded).or_else(|| owner_of(&root))
     }
 
     /// Where an archive path goes in staging.
@@ -530,6 +678,8 @@ impl EntrySink for FsStaging {
         tokio::fs::create_dir_all(&path)
             .await
             .map_err(|e| source_err(c, &path, e))?;
+        let owner = self.owner_for(c, &entry.path, entry.uid.zip(entry.gid));
+        set_owner(&path, owner).map_err(|e| source_err(c, &path, e))?;
         self.dir_modes.push((path, entry.mode.unwrap_or(DIR_MODE)));
         Ok(())
     }
@@ -572,7 +722,9 @@ impl EntrySink for FsStaging {
         // Staged files must be durable before the swap makes them live.
         fsio::finish_file(file, entry.mode, entry.mtime, true)
             .await
-            .map_err(|e| source_err(c, &path, e))
+            .map_err(|e| source_err(c, &path, e))?;
+        let owner = self.owner_for(c, &entry.path, entry.uid.zip(entry.gid));
+        set_owner(&path, owner).map_err(|e| source_err(c, &path, e))
     }
 }
 
@@ -636,27 +788,39 @@ impl Staging for FsStaging {
 
     async fn commit(self: Box<Self>) -> Result<()> {
         let live = self.live.clone();
-        let journal = Journal {
-            backup_id: self.manifest.id.to_string(),
-            state: JournalState::Swapping,
-            moves: self
-                .roots
-                .iter()
-                .flat_map(|(c, staged)| {
-                    live.live_items(*c)
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, item)| Move {
-                            aside: exists(&item).then(|| sibling(&item, ASIDE)),
-                            staged: (i == 0).then(|| staged.clone()),
-                            live: item,
-                        })
-                })
-                .collect(),
-        };
+        let roots = self.roots.clone();
+        let inside = self.inside.clone();
+        let backup_id = self.manifest.id.to_string();
         let journal_path = live.journal_path();
         let fault = live.fault;
         blocking(move || {
+            let mut journal = Journal {
+                backup_id,
+                state: JournalState::Swapping,
+                moves: Vec::new(),
+                cleanup: Vec::new(),
+            };
+            for (c, staged) in roots {
+                if inside.contains(&c) {
+                    let root = live.live(c);
+                    let aside = root.join(INSIDE_ASIDE);
+                    let err = |p: &Path, e| source_err(c, p, e);
+                    fsio::remove_any(&aside).map_err(|e| err(&aside, e))?;
+                    fsio::create_dir_private(&aside).map_err(|e| err(&aside, e))?;
+                    journal
+                        .moves
+                        .extend(inside_moves(&root, &staged, &aside).map_err(|e| err(&root, e))?);
+                    journal.cleanup.extend([staged, aside]);
+                    continue;
+                }
+                for (i, item) in live.live_items(c).into_iter().enumerate() {
+                    journal.moves.push(Move {
+                        aside: exists(&item).then(|| sibling(&item, ASIDE)),
+                        staged: (i == 0).then(|| staged.clone()),
+                        live: item,
+                    });
+                }
+            }
             swap(&journal_path, &journal, fault)
                 .map_err(|e| source_err(Component::Persistence, &journal_path, e))
         })
@@ -673,6 +837,52 @@ impl Staging for FsStaging {
             Ok(())
         })
         .await
+    }
+}
+
+/// The moves that swap the contents of `root` (a mount point) with those of
+/// `staged` inside it: every entry of either, by name.
+fn inside_moves(root: &Path, staged: &Path, aside: &Path) -> io::Result<Vec<Move>> {
+    let mut names = std::collections::BTreeSet::new();
+    for dir in [root, staged] {
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            if name != INSIDE_STAGED && name != INSIDE_ASIDE {
+                names.insert(name);
+            }
+        }
+    }
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            let live = root.join(&name);
+            let from = staged.join(&name);
+            Move {
+                aside: exists(&live).then(|| aside.join(&name)),
+                staged: exists(&from).then_some(from),
+                live,
+            }
+        })
+        .collect())
+}
+
+/// Gives `path` the owner `owner` when it has another one. Without the
+/// right to (not root), the item stays ours: the only owner we can give.
+fn set_owner(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    let meta = std::fs::symlink_metadata(path)?;
+    if (meta.uid(), meta.gid()) == (uid, gid) {
+        return Ok(());
+    }
+    match std::os::unix::fs::lchown(path, Some(uid), Some(gid)) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            tracing::debug!(path = %path.display(), uid, gid, "cannot give the restored item its owner (not root)");
+            Ok(())
+        }
+        other => other,
     }
 }
 

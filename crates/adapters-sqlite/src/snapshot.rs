@@ -113,10 +113,16 @@ impl ComponentSource for SqliteSource {
                 reason: e.to_string(),
                 source: Some(Box::new(e)),
             })?;
-        let live_mode = tokio::fs::metadata(&self.path)
-            .await
-            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
-            .unwrap_or(0o600);
+        let live = tokio::fs::metadata(&self.path).await.ok();
+        let live_mode = live.as_ref().map_or(0o600, |m| {
+            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777
+        });
+        let owner = live.as_ref().map(|m| {
+            (
+                std::os::unix::fs::MetadataExt::uid(m),
+                std::os::unix::fs::MetadataExt::gid(m),
+            )
+        });
         tracing::info!(
             database = %self.path.display(),
             snapshot_bytes = meta.len(),
@@ -140,6 +146,7 @@ impl ComponentSource for SqliteSource {
                 size: meta.len(),
                 mode: live_mode,
                 mtime,
+                owner,
             }],
             file: copy,
             schema: Some(schema),

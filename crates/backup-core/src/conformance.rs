@@ -82,6 +82,8 @@ pub fn manifest_for(id: &BackupId, archive: Option<&[u8]>, content: &[u8]) -> Ma
         sha256: Sha256Digest::of(content),
         mode: Some(0o600),
         mtime: Some(0),
+        uid: None,
+        gid: None,
     }];
     Manifest {
         version: ManifestVersion::CURRENT,

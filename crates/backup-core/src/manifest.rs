@@ -94,6 +94,12 @@ pub struct FileEntry {
     /// Modification time, Unix seconds (restored; not part of the checksum).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime: Option<i64>,
+    /// Owner's uid (since 1.1; used by a restore as root into an empty location).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Owner's gid (since 1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
 }
 
 /// A directory in the backup.
@@ -105,6 +111,12 @@ pub struct DirEntry {
     /// Unix permission bits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<u32>,
+    /// Owner's uid (since 1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Owner's gid (since 1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
 }
 
 /// A symbolic link in the backup; `target` is relative and stays inside the
@@ -714,6 +726,8 @@ pub(crate) mod tests {
             sha256: Sha256Digest::of(content),
             mode: Some(0o600),
             mtime: Some(1_700_000_000),
+            uid: None,
+            gid: None,
         }
     }
 
@@ -729,6 +743,8 @@ pub(crate) mod tests {
         let dirs = vec![DirEntry {
             path: ArchivePath::parse("memory/empty").unwrap(),
             mode: Some(0o700),
+            uid: None,
+            gid: None,
         }];
         Manifest {
             version: ManifestVersion::CURRENT,
@@ -861,6 +877,8 @@ pub(crate) mod tests {
         let as_dir = [DirEntry {
             path: ArchivePath::parse("memory/a").unwrap(),
             mode: None,
+            uid: None,
+            gid: None,
         }];
         let as_file = [file("memory/a", b"")];
         assert_ne!(

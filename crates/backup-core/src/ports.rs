@@ -228,6 +228,8 @@ pub struct SnapshotEntry {
     pub mode: u32,
     /// Modification time, Unix seconds.
     pub mtime: i64,
+    /// Owner (uid, gid) of the live item, when known.
+    pub owner: Option<(u32, u32)>,
 }
 
 /// A file of a snapshot, opened for reading.

@@ -252,3 +252,28 @@ fn demo_runs_backup_list_verify_change_restore_and_compare() {
         stderr(&again)
     );
 }
+
+#[tokio::test]
+async fn a_plain_backup_recovers_leftovers_first_and_says_so_in_its_json() {
+    let demo = Demo::new(300_000).await;
+    let first = demo.json(&["backup"]);
+    let id = first["id"].as_str().unwrap();
+    // What a killed backup leaves: a temp archive; a killed restore: staging.
+    let temp = demo
+        .backups_dir()
+        .join(format!(".{id}-x.tar.gz.tmp-999999-1"));
+    std::fs::write(&temp, b"partial").unwrap();
+    let staged = demo.layout.root.join(".memory.restore-staged");
+    std::fs::create_dir_all(&staged).unwrap();
+    let out = demo.json(&["backup"]);
+    let recovered = out["recovered"].as_array().expect("recovered in --json");
+    assert!(recovered.len() >= 2, "{out}");
+    assert!(!temp.exists() && !staged.exists());
+    // Nothing to recover: no key at all.
+    let again = demo.json(&["backup"]);
+    assert!(again.get("recovered").is_none(), "{again}");
+    // Labels that could drive a terminal are refused with exit 2.
+    let out = demo.run(&["backup", "--label", "note=\u{1b}[2Jgone"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("label"), "{}", stderr(&out));
+}

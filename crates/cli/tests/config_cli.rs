@@ -107,3 +107,24 @@ fn relative_paths_resolve_against_the_config_file_directory() {
         etc.join("db/synthorg.db").to_str().unwrap()
     );
 }
+
+#[test]
+fn a_backup_path_inside_the_memory_directory_exits_2_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("synthorg.yaml");
+    std::fs::write(
+        &file,
+        "backup:\n  path: ./data/memory/backups\n  sources:\n    memory_dir: ./data/memory\n",
+    )
+    .unwrap();
+    for args in [&["config", "check"][..], &["backup"][..]] {
+        let out = synthorg(dir.path(), args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("backup.path") && err.contains("backup.sources.memory_dir"),
+            "{err}"
+        );
+    }
+    assert!(!dir.path().join("data/memory/backups").exists());
+}

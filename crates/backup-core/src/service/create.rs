@@ -449,6 +449,8 @@ impl BackupService {
                             sha256,
                             mode: Some(entry.mode),
                             mtime: Some(entry.mtime),
+                            uid: entry.owner.map(|o| o.0),
+                            gid: entry.owner.map(|o| o.1),
                         });
                         files_done += 1;
                         bytes_done += size;
@@ -467,6 +469,8 @@ impl BackupService {
                         produced.dirs.push(DirEntry {
                             path: entry.path.clone(),
                             mode: Some(entry.mode),
+                            uid: entry.owner.map(|o| o.0),
+                            gid: entry.owner.map(|o| o.1),
                         });
                     }
                     EntryKind::Symlink(target) => {

@@ -130,6 +130,7 @@ fn memory_source(log: &Log, faults: Faults) -> MockComponentSource {
                 size: 5,
                 mode: 0o600,
                 mtime: 0,
+                owner: None,
             }],
             log: Arc::clone(&log),
             fail_open: faults.open_fails,
