@@ -109,7 +109,7 @@ async fn a_mounted_memory_directory_is_restored_inside_its_mount() {
     let changed = capture(&fx.layout).await;
     // The swap inside the mount fails at every step in turn: rolled back.
     let config = fx.config("");
-    let mut n = 0;
+    let (mut n, mut memory_named) = (0, 0);
     loop {
         let failing = synthorg_api::build_service_with(
             &config,
@@ -120,8 +120,19 @@ async fn a_mounted_memory_directory_is_restored_inside_its_mount() {
                 .fail_swap_after(n),
         )
         .unwrap();
-        if failing.restore(&backup.id, confirmed()).await.is_ok() {
-            break;
+        let err = match failing.restore(&backup.id, confirmed()).await {
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        let text = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(
+            text.matches("injected fault").count(),
+            1,
+            "said once: {text}"
+        );
+        if text.contains("memory source failed") {
+            memory_named += 1;
+            assert!(text.contains(&memory.display().to_string()), "{text}");
         }
         assert_eq!(
             capture(&fx.layout).await,
@@ -132,6 +143,10 @@ async fn a_mounted_memory_directory_is_restored_inside_its_mount() {
         assert!(n < 100);
     }
     assert!(n > 4, "the swap inside the mount moves entry by entry: {n}");
+    assert!(
+        memory_named > 2,
+        "failed moves inside memory/ name memory: {memory_named}"
+    );
     assert_eq!(capture(&fx.layout).await, before);
     mutate(&fx).await;
     service.restore(&backup.id, confirmed()).await.unwrap();

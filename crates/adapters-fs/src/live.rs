@@ -184,12 +184,14 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     parent_of(path).join(format!(".{name}{suffix}"))
 }
 
+/// The reason holds the OS error's text, so it is not also chained as the
+/// source (which would print it twice).
 fn source_err(c: Component, path: &Path, e: io::Error) -> Error {
     Error::Source {
         component: c,
         path: path.display().to_string(),
         reason: fsio::describe(&e),
-        source: Some(Box::new(e)),
+        source: None,
     }
 }
 
@@ -220,11 +222,40 @@ enum JournalState {
 /// One live item and where it goes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Move {
+    /// The component the item belongs to (for error messages).
+    #[serde(default = "default_component")]
+    component: Component,
     live: PathBuf,
     /// Where the live item is moved aside, if it existed before the swap.
     aside: Option<PathBuf>,
     /// The staged item that replaces it (only for the component's main path).
     staged: Option<PathBuf>,
+}
+
+fn default_component() -> Component {
+    Component::Persistence
+}
+
+/// A failed step of the swap: which component, which item.
+#[derive(Debug)]
+struct SwapError {
+    component: Component,
+    path: PathBuf,
+    error: io::Error,
+}
+
+impl SwapError {
+    fn at(component: Component, path: &Path) -> impl FnOnce(io::Error) -> SwapError + '_ {
+        move |error| SwapError {
+            component,
+            path: path.to_path_buf(),
+            error,
+        }
+    }
+
+    fn into_error(self) -> Error {
+        source_err(self.component, &self.path, self.error)
+    }
 }
 
 fn write_journal(path: &Path, journal: &Journal) -> io::Result<()> {
@@ -256,23 +287,27 @@ fn rename_synced(from: &Path, to: &Path) -> io::Result<()> {
     fsio::fsync_dir(parent_of(to))
 }
 
-/// Performs the journaled swap; on a failure midway, rolls back.
-fn swap(journal_path: &Path, journal: &Journal, fault: Option<SwapFault>) -> io::Result<()> {
+/// Performs the journaled swap; on a failure midway, rolls back. The
+/// error names the component and the item whose move failed.
+fn swap(journal_path: &Path, journal: &Journal, fault: Option<SwapFault>) -> Result<(), SwapError> {
+    let at_journal = || SwapError::at(Component::Persistence, journal_path);
     // Aside names must be free before the journal claims them: anything
     // there is a leftover (we hold the operation lock), and rolling back
     // must never mistake it for the live data it moved.
     for m in &journal.moves {
         if let Some(aside) = &m.aside {
-            fsio::remove_any(aside)?;
+            fsio::remove_any(aside).map_err(SwapError::at(m.component, aside))?;
         }
     }
-    write_journal(journal_path, journal)?;
+    write_journal(journal_path, journal).map_err(at_journal())?;
     let mut renames = 0usize;
-    let mut rename = |from: &Path, to: &Path| -> io::Result<()> {
+    let mut rename = |m: &Move, from: &Path, to: &Path| -> Result<(), SwapError> {
         if fault == Some(SwapFault::FailBefore(renames)) {
-            return Err(io::Error::other("injected fault: swap interrupted"));
+            return Err(SwapError::at(m.component, from)(io::Error::other(
+                "injected fault: swap interrupted",
+            )));
         }
-        rename_synced(from, to)?;
+        rename_synced(from, to).map_err(SwapError::at(m.component, from))?;
         if fault == Some(SwapFault::AbortAfter(renames)) {
             tracing::error!(
                 rename = renames,
@@ -283,30 +318,30 @@ fn swap(journal_path: &Path, journal: &Journal, fault: Option<SwapFault>) -> io:
         renames += 1;
         Ok(())
     };
-    let mut forward = || -> io::Result<()> {
+    let mut forward = || -> Result<(), SwapError> {
         for m in &journal.moves {
             if let Some(aside) = &m.aside {
-                rename(&m.live, aside)?;
+                rename(m, &m.live, aside)?;
             }
             if let Some(staged) = &m.staged {
-                rename(staged, &m.live)?;
+                rename(m, staged, &m.live)?;
             }
         }
         Ok(())
     };
     if let Err(e) = forward() {
-        roll_back(journal)?;
-        remove_cleanup(journal)?;
-        std::fs::remove_file(journal_path)?;
-        fsio::fsync_dir(parent_of(journal_path))?;
+        roll_back(journal).map_err(at_journal())?;
+        remove_cleanup(journal).map_err(at_journal())?;
+        std::fs::remove_file(journal_path).map_err(at_journal())?;
+        fsio::fsync_dir(parent_of(journal_path)).map_err(at_journal())?;
         return Err(e);
     }
     let committed = Journal {
         state: JournalState::Committed,
         ..journal.clone()
     };
-    write_journal(journal_path, &committed)?;
-    finish(&committed, journal_path)
+    write_journal(journal_path, &committed).map_err(at_journal())?;
+    finish(&committed, journal_path).map_err(at_journal())
 }
 
 /// Removes the directories of a swap inside a mount point (idempotent).
@@ -807,22 +842,22 @@ impl Staging for FsStaging {
                     let err = |p: &Path, e| source_err(c, p, e);
                     fsio::remove_any(&aside).map_err(|e| err(&aside, e))?;
                     fsio::create_dir_private(&aside).map_err(|e| err(&aside, e))?;
-                    journal
-                        .moves
-                        .extend(inside_moves(&root, &staged, &aside).map_err(|e| err(&root, e))?);
+                    journal.moves.extend(
+                        inside_moves(c, &root, &staged, &aside).map_err(|e| err(&root, e))?,
+                    );
                     journal.cleanup.extend([staged, aside]);
                     continue;
                 }
                 for (i, item) in live.live_items(c).into_iter().enumerate() {
                     journal.moves.push(Move {
+                        component: c,
                         aside: exists(&item).then(|| sibling(&item, ASIDE)),
                         staged: (i == 0).then(|| staged.clone()),
                         live: item,
                     });
                 }
             }
-            swap(&journal_path, &journal, fault)
-                .map_err(|e| source_err(Component::Persistence, &journal_path, e))
+            swap(&journal_path, &journal, fault).map_err(SwapError::into_error)
         })
         .await
     }
@@ -842,7 +877,12 @@ impl Staging for FsStaging {
 
 /// The moves that swap the contents of `root` (a mount point) with those of
 /// `staged` inside it: every entry of either, by name.
-fn inside_moves(root: &Path, staged: &Path, aside: &Path) -> io::Result<Vec<Move>> {
+fn inside_moves(
+    component: Component,
+    root: &Path,
+    staged: &Path,
+    aside: &Path,
+) -> io::Result<Vec<Move>> {
     let mut names = std::collections::BTreeSet::new();
     for dir in [root, staged] {
         for entry in std::fs::read_dir(dir)? {
@@ -858,6 +898,7 @@ fn inside_moves(root: &Path, staged: &Path, aside: &Path) -> io::Result<Vec<Move
             let live = root.join(&name);
             let from = staged.join(&name);
             Move {
+                component,
                 aside: exists(&live).then(|| aside.join(&name)),
                 staged: exists(&from).then_some(from),
                 live,
