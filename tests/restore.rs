@@ -777,3 +777,79 @@ async fn without_a_known_supported_schema_a_backup_newer_than_the_store_is_refus
     assert!(warnings.contains("supported schema unknown"), "{warnings}");
     assert!(!warnings.contains(&i64::MAX.to_string()), "{warnings}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_and_dry_run_run_the_staged_checks_of_a_restore() {
+    use backup_core::manifest::{Summary, tree_checksum};
+    let fx = Fixture::new(300_000).await;
+    let service = fx.service(&fx.config("compression: none"));
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    // A backup whose hashes all match but whose memory database is
+    // corrupt: re-signed after damaging a page (what a bug, a bad disk
+    // under the source or a tampering tool could publish).
+    let dir = fx.layout.backups_dir.join(backup.id.to_string());
+    let db = dir.join("memory/mem0_history.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 8192);
+    for b in &mut bytes[4096..4196] {
+        *b = 0xA5;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let mut m = backup.clone();
+    for f in &mut m.files {
+        if f.path.as_str() == "memory/mem0_history.db" {
+            f.sha256 = backup_core::Sha256Digest::of(&bytes);
+        }
+    }
+    m.checksum = tree_checksum(&m.files, &m.dirs, &m.symlinks);
+    let json = m.to_json().unwrap();
+    std::fs::write(dir.join("manifest.json"), &json).unwrap();
+    std::fs::write(
+        fx.layout.backups_dir.join(format!("{}.summary.json", m.id)),
+        serde_json::to_vec(&Summary::from(&m)).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        fx.layout
+            .backups_dir
+            .join(format!("{}.manifest.json", m.id)),
+        &json,
+    )
+    .unwrap();
+
+    let report = service.verify(&m.id).await.unwrap();
+    assert!(!report.ok, "hashes match, but it would not restore");
+    let problem = report.problem.unwrap();
+    assert!(
+        problem.contains("memory/mem0_history.db") && problem.contains("would not restore"),
+        "{problem}"
+    );
+    let raw = synthorg_tests::raw_bytes(&fx.layout);
+    let dry = RestoreOptions {
+        dry_run: true,
+        ..RestoreOptions::default()
+    };
+    let err = service.restore(&m.id, dry).await.unwrap_err();
+    assert!(matches!(err, Error::Integrity { .. }), "{err}");
+    let err = service.restore(&m.id, confirmed()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Source { .. } | Error::Integrity { .. }),
+        "{err}"
+    );
+    assert_eq!(synthorg_tests::raw_bytes(&fx.layout), raw);
+    // Nothing left in the data directory by the checks.
+    let hidden: Vec<_> = std::fs::read_dir(&fx.layout.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+    // A good backup verifies and dry-runs clean.
+    let good = service.create(Trigger::Manual).await.unwrap();
+    assert!(service.verify(&good.id).await.unwrap().ok);
+    let dry = RestoreOptions {
+        dry_run: true,
+        ..RestoreOptions::default()
+    };
+    service.restore(&good.id, dry).await.unwrap();
+}

@@ -11,6 +11,7 @@
 //! Depends only on `backup-core` and the standard library / tokio; SQLite
 //! specifics arrive through the `FileSnapshotter` port.
 
+mod check;
 mod clock;
 mod dir_source;
 mod export;
@@ -20,6 +21,7 @@ mod live;
 mod lock;
 mod store;
 
+pub use check::ScratchCheck;
 pub use clock::SystemClock;
 pub use dir_source::DirSource;
 pub use export::ExportDir;

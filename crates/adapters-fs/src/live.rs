@@ -24,7 +24,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use backup_core::config::{SourcesConfig, check_yaml};
 use backup_core::manifest::{DirEntry, FileEntry, SymlinkEntry};
-use backup_core::ports::{DatabaseVerifier, EntrySink, RestoreTarget, SCRATCH_PREFIX, Staging};
+use backup_core::ports::{
+    ContentCheck, DatabaseVerifier, EntrySink, RestoreTarget, SCRATCH_PREFIX, Staging,
+};
 use backup_core::{ArchivePath, Component, Error, Manifest, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
@@ -491,6 +493,23 @@ impl RestoreTarget for LiveData {
             Ok(())
         })
         .await
+    }
+
+    async fn content_check(&self, manifest: &Manifest) -> Result<Box<dyn ContentCheck>> {
+        // Next to the live data when there is a data directory (it has room
+        // for the database); else the temp directory (a host that only
+        // verifies backups).
+        let data_dir = parent_of(&self.live(Component::Persistence)).to_path_buf();
+        let near = if data_dir.is_dir() {
+            data_dir
+        } else {
+            std::env::temp_dir()
+        };
+        Ok(Box::new(crate::ScratchCheck::new(
+            &near,
+            self.verifier.clone(),
+            manifest,
+        )?))
     }
 
     async fn stage(

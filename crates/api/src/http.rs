@@ -407,6 +407,10 @@ struct RestoreBody {
     confirm: bool,
     #[serde(default)]
     dry_run: bool,
+    /// With `dry_run`: only the plan (compatibility, what would be
+    /// replaced), without reading the backup's content.
+    #[serde(default)]
+    plan_only: bool,
     #[serde(default)]
     components: Option<Vec<Component>>,
 }
@@ -439,7 +443,12 @@ async fn restore(
         dry_run: body.dry_run,
         components: body.components,
     };
-    match state.service.restore(&id, options).await {
+    let result = if body.plan_only && body.dry_run {
+        state.service.restore_plan(&id, &options).await
+    } else {
+        state.service.restore(&id, options).await
+    };
+    match result {
         Ok(report) => {
             if !report.dry_run {
                 state

@@ -83,7 +83,8 @@ pub fn document() -> Value {
                     "type": "object", "required": ["backup_id"], "additionalProperties": false,
                     "properties": {
                         "backup_id": { "type": "string" }, "confirm": { "type": "boolean", "default": false },
-                        "dry_run": { "type": "boolean", "default": false },
+                        "dry_run": { "type": "boolean", "default": false, "description": "check everything a restore would (compatibility, every hash, staged SQLite integrity and schema, YAML) and touch nothing" },
+                        "plan_only": { "type": "boolean", "default": false, "description": "with dry_run: only compatibility and what would be replaced, without reading the content" },
                         "components": { "type": "array", "items": { "type": "string", "enum": ["persistence", "memory", "config", "checkpoints"] } }
                     } } } } },
                 "responses": {

@@ -467,6 +467,16 @@ pub trait RestoreTarget: Debug + Send + Sync + 'static {
     /// `InUse` naming the file and, where known, the pid.
     async fn check_not_in_use(&self, components: &[Component]) -> Result<()>;
 
+    /// A sink that runs the checks a restore's staging runs (each SQLite
+    /// file's `integrity_check`, the database's schema, the config's YAML)
+    /// on a backup's content as it is read, in a scratch place, without
+    /// touching live data: `verify` and `restore --dry-run` use it, so that
+    /// "intact" means "would restore".
+    ///
+    /// # Errors
+    /// `Source` when the scratch place cannot be created.
+    async fn content_check(&self, manifest: &Manifest) -> Result<Box<dyn ContentCheck>>;
+
     /// Creates an empty staging area for `components` of `manifest`'s backup.
     ///
     /// # Errors
@@ -483,6 +493,18 @@ pub trait RestoreTarget: Debug + Send + Sync + 'static {
     /// # Errors
     /// `Source` when the journal cannot be read or a rename fails.
     async fn recover(&self) -> Result<Vec<String>>;
+}
+
+/// Checks a backup's content as it streams past (see
+/// [`RestoreTarget::content_check`]). A failing check is an `Integrity`
+/// error naming the file in the backup.
+#[async_trait]
+pub trait ContentCheck: EntrySink + Send {
+    /// Ends the check and removes the scratch place.
+    ///
+    /// # Errors
+    /// `Integrity` for a check that could only fail at the end.
+    async fn finish(self: Box<Self>) -> Result<()>;
 }
 
 /// A staging area being filled with a backup's content.

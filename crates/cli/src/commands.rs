@@ -147,6 +147,17 @@ pub(crate) async fn recover(out: &Output, ctx: &Context) -> anyhow::Result<()> {
 }
 
 /// Where a command runs: here, or on a `synthorg serve` (`--server`).
+/// How far a restore command goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The plan only: compatibility and what would be replaced.
+    Plan,
+    /// The plan and every check of the content, touching nothing.
+    DryRun,
+    /// The restore.
+    Restore,
+}
+
 pub(crate) enum Target {
     Local(Box<Context>),
     Remote(crate::remote::Remote),
@@ -164,39 +175,39 @@ pub(crate) async fn restore(
             .map(|c| Component::from(*c))
             .collect::<Vec<_>>()
     });
-    let run = |dry_run: bool| {
+    // `Plan`: what would be replaced, shown before asking (the content
+    // is read once, by the restore itself); `DryRun`: also every check.
+    let run = |mode: Mode| {
         let components = components.clone();
         let id = id.clone();
         async move {
+            let options = RestoreOptions {
+                dry_run: mode != Mode::Restore,
+                confirm: mode == Mode::Restore,
+                components: components.clone(),
+            };
             match target {
                 Target::Local(ctx) => {
-                    let restored = ctx
-                        .service
-                        .with_progress(out.progress())
-                        .restore(
-                            &id,
-                            RestoreOptions {
-                                dry_run,
-                                confirm: !dry_run,
-                                components,
-                            },
-                        )
-                        .await;
+                    let service = ctx.service.with_progress(out.progress());
+                    let restored = match mode {
+                        Mode::Plan => service.restore_plan(&id, &options).await,
+                        Mode::DryRun | Mode::Restore => service.restore(&id, options).await,
+                    };
                     crate::render::note_recovered(ctx.service.take_recovered());
                     Ok(restored?)
                 }
-                Target::Remote(remote) => remote.restore(&id, components, dry_run).await,
+                Target::Remote(remote) => remote.restore(&id, components, mode).await,
             }
         }
     };
-    let plan = run(true).await?;
     if args.dry_run {
-        return out.restore_report(&plan);
+        return out.restore_report(&run(Mode::DryRun).await?);
     }
+    let plan = run(Mode::Plan).await?;
     if !args.yes {
         confirm(out, &plan)?;
     }
-    let report = run(false).await?;
+    let report = run(Mode::Restore).await?;
     out.restore_report(&report)
 }
 

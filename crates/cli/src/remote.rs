@@ -154,14 +154,21 @@ impl Remote {
         out.deleted(id)
     }
 
-    /// The restore report (`dry_run`) or the restore itself (`confirm`).
+    /// The plan, the dry run's report, or the restore itself.
     pub(crate) async fn restore(
         &self,
         id: &BackupId,
         components: Option<Vec<backup_core::Component>>,
-        dry_run: bool,
+        mode: crate::commands::Mode,
     ) -> anyhow::Result<backup_core::RestoreReport> {
-        let body = json!({ "backup_id": id, "confirm": !dry_run, "dry_run": dry_run, "components": components });
+        use crate::commands::Mode;
+        let body = json!({
+            "backup_id": id,
+            "confirm": mode == Mode::Restore,
+            "dry_run": mode != Mode::Restore,
+            "plan_only": mode == Mode::Plan,
+            "components": components,
+        });
         let (_, report) = self
             .send(reqwest::Method::POST, "/restore", Some(body))
             .await?;

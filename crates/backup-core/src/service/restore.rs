@@ -76,6 +76,58 @@ impl BackupService {
     /// when the stored data does not match the manifest; `Source`/`Store`
     /// for I/O failures. In every case the live data is as it was.
     pub async fn restore(&self, id: &BackupId, options: RestoreOptions) -> Result<RestoreReport> {
+        let (manifest, components, mut report) = self.plan(id, &options).await?;
+        if options.dry_run {
+            // Everything a restore's staging would check, in a scratch
+            // place: a dry run that passes means the restore would.
+            self.read_and_check(&manifest).await?;
+            return Ok(report);
+        }
+        if !options.confirm {
+            return Err(Error::NotConfirmed {
+                operation: "restore".into(),
+                id: id.to_string(),
+            });
+        }
+        let guard = self.acquire(Operation::Restore).await?;
+        let result = self
+            .restore_locked(&manifest, &components, &mut report)
+            .await;
+        super::release(guard).await;
+        match &result {
+            Ok(()) => {
+                tracing::info!(backup_id = %id, safety_backup = ?report.safety_backup_id.as_ref().map(ToString::to_string),
+                "restore complete; restart the app")
+            }
+            Err(e) => {
+                tracing::error!(backup_id = %id, error = %e, "restore failed; live data is unchanged")
+            }
+        }
+        result.map(|()| report)
+    }
+
+    /// What a restore would replace, after the compatibility check, without
+    /// reading the backup's content (a dry run also checks that): for
+    /// showing the plan before asking for confirmation.
+    ///
+    /// # Errors
+    /// `NotFound`; `Manifest`; `Incompatible` with every finding; `Store`.
+    pub async fn restore_plan(
+        &self,
+        id: &BackupId,
+        options: &RestoreOptions,
+    ) -> Result<RestoreReport> {
+        let (_, _, mut report) = self.plan(id, options).await?;
+        report.dry_run = true;
+        report.restart_required = false;
+        Ok(report)
+    }
+
+    async fn plan(
+        &self,
+        id: &BackupId,
+        options: &RestoreOptions,
+    ) -> Result<(Manifest, Vec<Component>, RestoreReport)> {
         let target = self.ports.restore_target.as_ref();
         let manifest = self.ports.store.manifest(id).await?;
         if manifest.compression != crate::config::Compression::None {
@@ -155,30 +207,7 @@ impl BackupService {
                 target.live_path(*c)
             ));
         }
-        if options.dry_run {
-            return Ok(report);
-        }
-        if !options.confirm {
-            return Err(Error::NotConfirmed {
-                operation: "restore".into(),
-                id: id.to_string(),
-            });
-        }
-        let guard = self.acquire(Operation::Restore).await?;
-        let result = self
-            .restore_locked(&manifest, &components, &mut report)
-            .await;
-        super::release(guard).await;
-        match &result {
-            Ok(()) => {
-                tracing::info!(backup_id = %id, safety_backup = ?report.safety_backup_id.as_ref().map(ToString::to_string),
-                "restore complete; restart the app")
-            }
-            Err(e) => {
-                tracing::error!(backup_id = %id, error = %e, "restore failed; live data is unchanged")
-            }
-        }
-        result.map(|()| report)
+        Ok((manifest, components, report))
     }
 
     async fn restore_locked(

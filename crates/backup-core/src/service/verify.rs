@@ -3,11 +3,12 @@
 use serde::Serialize;
 
 use super::BackupService;
+use super::read::ReadStats;
 use super::read::read_backup;
 use crate::error::{Error, Result};
 use crate::id::BackupId;
 use crate::manifest::Manifest;
-use crate::ports::{DiscardSink, EntrySink};
+use crate::ports::EntrySink;
 
 /// The outcome of [`BackupService::verify`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -35,17 +36,7 @@ impl BackupService {
     /// the store cannot be read.
     pub async fn verify(&self, id: &BackupId) -> Result<VerifyReport> {
         let manifest = self.ports.store.manifest(id).await?;
-        let mut discard = DiscardSink;
-        let mut sink = Reporting::new(
-            &mut discard,
-            self.progress.clone(),
-            &manifest,
-            super::Phase::Verify,
-        );
-        let read = read_backup(self.ports.store.as_ref(), &manifest, None, &mut sink).await;
-        if read.is_ok() {
-            sink.done();
-        }
+        let read = self.read_and_check(&manifest).await;
         match read {
             Ok(stats) => Ok(VerifyReport {
                 id: id.clone(),
@@ -70,6 +61,30 @@ impl BackupService {
 }
 
 impl BackupService {
+    /// Reads the whole backup through the restore target's content check
+    /// (SQLite integrity and schema, YAML, in a scratch place): what a
+    /// restore's staging would find, without touching live data.
+    pub(crate) async fn read_and_check(&self, manifest: &Manifest) -> Result<ReadStats> {
+        let mut check = self.ports.restore_target.content_check(manifest).await?;
+        let read = {
+            let mut sink = Reporting::new(
+                check.as_mut(),
+                self.progress.clone(),
+                manifest,
+                super::Phase::Verify,
+            );
+            let read = read_backup(self.ports.store.as_ref(), manifest, None, &mut sink).await;
+            if read.is_ok() {
+                sink.done();
+            }
+            read
+        };
+        let finished = check.finish().await;
+        let stats = read?;
+        finished?;
+        Ok(stats)
+    }
+
     /// Reads and verifies the whole backup, passing its content to `sink`
     /// (e.g. an export directory). Returns the manifest and what was read.
     ///
