@@ -91,6 +91,27 @@ impl Scene {
         delay
     }
 
+    /// Starts a backup and SIGKILLs it as soon as a multipart part sits
+    /// on the S3 server.
+    fn kill_backup_mid_upload(&self, server: &Server) {
+        let mut child = self.helper(&["backup"]).spawn().unwrap();
+        let started = Instant::now();
+        while !std::fs::read_dir(&server.root).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".upload_id-")
+        }) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no part was uploaded"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// The listed ids, newest first.
     async fn ids(&self) -> Vec<BackupId> {
         let listed = self.service.list().await.unwrap();
@@ -264,22 +285,7 @@ async fn s3_backup_killed_mid_upload_leaves_no_listed_backup_and_no_multipart_up
     let full = scene.time(&["backup"]);
 
     // Once deterministically while parts are on the server, then at random.
-    let mut child = scene.helper(&["backup"]).spawn().unwrap();
-    let started = Instant::now();
-    while !std::fs::read_dir(&server.root).unwrap().any(|e| {
-        e.unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with(".upload_id-")
-    }) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no part was uploaded"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    scene.kill_backup_mid_upload(&server);
     assert!(
         !multipart_leftovers(&server).is_empty(),
         "the kill left parts behind"
@@ -407,11 +413,7 @@ async fn restore_killed_after_every_rename(next: Next) {
             Vec::<String>::new(),
             "{what}"
         );
-        let hidden: Vec<String> = std::fs::read_dir(&scene.fx.layout.root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|name| name.starts_with('.'))
-            .collect();
+        let hidden = synthorg_tests::hidden_entries(&scene.fx.layout.root);
         assert_eq!(hidden, Vec::<String>::new(), "{what}: leftovers");
         scene.service.delete(&id, true).await.unwrap();
         if status.success() {
@@ -477,22 +479,7 @@ async fn s3_backup_killed_mid_upload_is_cleaned_up_by_the_next_plain_backup() {
     );
     let scene = Scene::new(&s3, "", 9).await;
     scene.fx.add_incompressible_memory(12, 5);
-    let mut child = scene.helper(&["backup"]).spawn().unwrap();
-    let started = Instant::now();
-    while !std::fs::read_dir(&server.root).unwrap().any(|e| {
-        e.unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with(".upload_id-")
-    }) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no part was uploaded"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    scene.kill_backup_mid_upload(&server);
     assert!(!multipart_leftovers(&server).is_empty());
     scene.service.create(Trigger::Manual).await.unwrap();
     assert_eq!(multipart_leftovers(&server), Vec::<String>::new());

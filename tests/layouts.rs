@@ -9,15 +9,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use backup_core::ports::Listed;
-use backup_core::{Component, Error, RestoreOptions, Trigger};
-use synthorg_tests::{Fixture, Mount, capture};
-
-fn confirmed() -> RestoreOptions {
-    RestoreOptions {
-        confirm: true,
-        ..RestoreOptions::default()
-    }
-}
+use backup_core::{Component, Error, Trigger};
+use synthorg_tests::{Fixture, Mount, capture, confirmed};
 
 /// Changes every component through whatever layout it has.
 async fn mutate(fx: &Fixture) {
@@ -76,11 +69,7 @@ async fn symlinked_component_roots_round_trip_and_the_links_survive() {
     }
     // Nothing was left next to the links or the targets.
     for dir in [&fx.layout.root, &elsewhere] {
-        let hidden: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
-            .collect();
+        let hidden = synthorg_tests::hidden_entries(dir);
         assert!(hidden.is_empty(), "{}: {hidden:?}", dir.display());
     }
 }

@@ -113,6 +113,24 @@ impl Drop for Mount {
     }
 }
 
+/// A confirmed restore of every component.
+pub fn confirmed() -> backup_core::RestoreOptions {
+    backup_core::RestoreOptions {
+        confirm: true,
+        ..backup_core::RestoreOptions::default()
+    }
+}
+
+/// Names starting with `.` in `dir`: staging, aside, journal or scratch
+/// leftovers next to the live data.
+pub fn hidden_entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
 /// The running app of the fixtures.
 pub fn running_app() -> RunningApp {
     RunningApp {

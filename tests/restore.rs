@@ -11,12 +11,7 @@ use backup_core::ports::Listed;
 use backup_core::{BackupService, Component, Error, RestoreOptions, RunningApp, Trigger};
 use synthorg_tests::Fixture;
 
-fn confirmed() -> RestoreOptions {
-    RestoreOptions {
-        confirm: true,
-        ..RestoreOptions::default()
-    }
-}
+use synthorg_tests::confirmed;
 
 /// Changes every component of the live data.
 async fn mutate(fx: &Fixture) {
@@ -67,11 +62,7 @@ async fn restore_brings_back_every_component_and_keeps_a_safety_backup() {
     assert_eq!(report.components.len(), 4);
     assert_eq!(synthorg_tests::capture(&fx.layout).await, before);
     // No staging, aside or journal leftovers next to the data.
-    let hidden: Vec<_> = std::fs::read_dir(&fx.layout.root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let hidden = synthorg_tests::hidden_entries(&fx.layout.root);
     assert!(hidden.is_empty(), "{hidden:?}");
 
     // The safety backup holds the state from right before the restore.
@@ -229,11 +220,7 @@ async fn corrupted_or_truncated_backups_are_refused_and_live_data_is_unchanged()
 
     // Neither attempt got as far as a safety backup.
     assert_eq!(service.list().await.unwrap().len(), 1);
-    let hidden: Vec<_> = std::fs::read_dir(&fx.layout.root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let hidden = synthorg_tests::hidden_entries(&fx.layout.root);
     assert!(hidden.is_empty(), "staging left behind: {hidden:?}");
 }
 
@@ -519,11 +506,7 @@ async fn hostile_archives_are_refused_before_live_data_is_touched() {
             raw,
             "{what}: live data touched"
         );
-        let hidden: Vec<_> = std::fs::read_dir(&fx.layout.root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
-            .collect();
+        let hidden = synthorg_tests::hidden_entries(&fx.layout.root);
         assert!(hidden.is_empty(), "{what}: staging left behind: {hidden:?}");
         assert!(!std::path::Path::new("/etc/passwd-synthorg-test").exists());
     }
@@ -838,11 +821,7 @@ async fn verify_and_dry_run_run_the_staged_checks_of_a_restore() {
     );
     assert_eq!(synthorg_tests::raw_bytes(&fx.layout), raw);
     // Nothing left in the data directory by the checks.
-    let hidden: Vec<_> = std::fs::read_dir(&fx.layout.root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let hidden = synthorg_tests::hidden_entries(&fx.layout.root);
     assert!(hidden.is_empty(), "{hidden:?}");
     // A good backup verifies and dry-runs clean.
     let good = service.create(Trigger::Manual).await.unwrap();
