@@ -462,6 +462,8 @@ async fn runtime_backs_up_at_startup_on_schedule_before_migration_and_at_shutdow
         on_shutdown: true,
         schedule: Duration::from_millis(700),
         shutdown_timeout: Duration::from_secs(60),
+        verify_every: None,
+        overdue_check: Duration::from_secs(300),
     };
     let runtime = BackupRuntime::start(
         state.clone(),

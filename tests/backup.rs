@@ -270,7 +270,8 @@ async fn a_failing_source_publishes_nothing_and_leaves_no_leftovers() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n != ".lock")
         .collect();
-    assert!(left.is_empty(), "leftovers: {left:?}");
+    // Only the status record, which now holds the failure.
+    assert_eq!(left, ["_status.json"], "leftovers: {left:?}");
     // No scratch copies left next to the data either.
     let scratch: Vec<_> = std::fs::read_dir(&fx.layout.root)
         .unwrap()
@@ -563,4 +564,89 @@ async fn missing_or_truncated_archives_are_listed_damaged_and_never_counted_as_c
         .collect();
     assert_eq!(complete, vec![b.id, a.id]);
     assert_eq!(listed.len(), 4);
+}
+
+/// The `backup.quiesce` block for shell snippets.
+fn quiesce_yaml(pause: &str, resume: &str) -> String {
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    format!(
+        "quiesce:\n  pause: [sh, -c, {}]\n  resume: [sh, -c, {}]",
+        q(pause),
+        q(resume)
+    )
+}
+
+/// Waits until `path` holds `want` (the resume command runs detached).
+fn wait_for_text(path: &Path, want: &str) -> String {
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(want) {
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiesce_commands_run_pause_then_the_memory_snapshot_then_resume() {
+    let fx = Fixture::new(300_000).await;
+    let log = fx.dir.path().join("quiesce.log");
+    let state = fx.layout.memory_dir.join("writer-state.txt");
+    std::fs::write(&state, "running").unwrap();
+    let pause = format!(
+        "echo pause >> {log}; printf paused > {state}",
+        log = log.display(),
+        state = state.display()
+    );
+    let resume = format!(
+        "echo resume >> {log}; printf running > {state}",
+        log = log.display(),
+        state = state.display()
+    );
+    let service = fx.service(&fx.config(&quiesce_yaml(&pause, &resume)));
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    // The snapshot saw the paused writer; resume ran afterwards.
+    let into = fx.dir.path().join("x");
+    extract(
+        &fx.layout.backups_dir.join(format!("{}.tar.gz", backup.id)),
+        &into,
+        &["xzf"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(into.join("memory/writer-state.txt")).unwrap(),
+        "paused"
+    );
+    assert_eq!(wait_for_text(&log, "resume"), "pause\nresume\n");
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "running");
+
+    // A snapshot that fails while paused: the backup fails, resume runs.
+    std::fs::remove_file(&log).unwrap();
+    let broken = fx.layout.memory_dir.join("broken.db");
+    let mut bytes = b"SQLite format 3\0".to_vec();
+    bytes.extend(std::iter::repeat_n(0x5a, 4096));
+    std::fs::write(&broken, bytes).unwrap();
+    let err = service.create(Trigger::Manual).await.unwrap_err();
+    assert!(err.to_string().contains("broken.db"), "{err}");
+    assert_eq!(wait_for_text(&log, "resume"), "pause\nresume\n");
+    std::fs::remove_file(&broken).unwrap();
+
+    // A pause command that does not exist fails the backup, naming it.
+    let config = fx.config("quiesce:\n  pause: [/nonexistent/pause-writer]\n  resume: [\"true\"]");
+    let err = fx
+        .service(&config)
+        .create(Trigger::Manual)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("/nonexistent/pause-writer"),
+        "{err}"
+    );
+    // Half a quiesce block is a config error naming the key.
+    let e = backup_core::BackupConfig::load(
+        Some("backup:\n  quiesce:\n    pause: [\"true\"]\n    resume: []\n"),
+        &fx.layout.root,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("backup.quiesce"), "{e}");
 }

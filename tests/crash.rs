@@ -168,7 +168,7 @@ fn strays(dir: &Path, ids: &[BackupId]) -> Vec<String> {
     };
     entries
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name != ".lock")
+        .filter(|name| name != ".lock" && name != "_status.json")
         .filter(|name| {
             !ids.iter().any(|id| {
                 let id = id.to_string();
@@ -377,6 +377,8 @@ async fn restore_killed_after_every_rename(next: Next) {
                     on_shutdown: false,
                     schedule: Duration::from_secs(3600),
                     shutdown_timeout: Duration::from_secs(60),
+                    verify_every: None,
+                    overdue_check: Duration::from_secs(300),
                 };
                 let runtime = synthorg_api::BackupRuntime::start(
                     state.clone(),

@@ -113,6 +113,26 @@ impl Drop for Mount {
     }
 }
 
+/// The system clock shifted by an adjustable offset (clock jumps, time
+/// passing without waiting).
+#[derive(Debug, Default)]
+pub struct ShiftedClock(pub std::sync::Mutex<chrono::TimeDelta>);
+
+#[async_trait::async_trait]
+impl backup_core::ports::Clock for ShiftedClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
+            + *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn sleep(&self, duration: std::time::Duration) {
+        tokio::time::sleep(duration).await;
+    }
+}
+
 /// A confirmed restore of every component.
 pub fn confirmed() -> backup_core::RestoreOptions {
     backup_core::RestoreOptions {

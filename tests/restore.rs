@@ -678,26 +678,11 @@ async fn failed_restores_leave_no_safety_backups_to_push_out_real_ones() {
     assert_eq!(ids, vec![next, made[2].clone(), made[1].clone()]);
 }
 
-/// The system clock shifted by an adjustable offset.
-#[derive(Debug, Default)]
-struct ShiftedClock(std::sync::Mutex<chrono::TimeDelta>);
-
-#[async_trait::async_trait]
-impl backup_core::ports::Clock for ShiftedClock {
-    fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        chrono::Utc::now() + *self.0.lock().unwrap()
-    }
-
-    async fn sleep(&self, duration: std::time::Duration) {
-        tokio::time::sleep(duration).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_clock_jump_forward_and_back_new_backups_survive_their_own_retention() {
     let fx = Fixture::new(300_000).await;
     let config = fx.config("retention: { max_count: 3 }");
-    let clock = Arc::new(ShiftedClock::default());
+    let clock = Arc::new(synthorg_tests::ShiftedClock::default());
     let service = synthorg_api::build_service_with_clock(
         &config,
         synthorg_tests::running_app(),

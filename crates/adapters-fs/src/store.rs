@@ -194,6 +194,9 @@ fn id_of_data_name(name: &str) -> Option<BackupId> {
     BackupId::parse(stem).ok()
 }
 
+/// The status record (see `backup_core::status`); not a backup name.
+const STATUS_FILE: &str = "_status.json";
+
 #[async_trait]
 impl BackupStore for LocalFsStore {
     fn location(&self) -> String {
@@ -343,6 +346,23 @@ impl BackupStore for LocalFsStore {
             "discard",
         )
         .await
+    }
+
+    async fn read_status(&self) -> Result<Option<Vec<u8>>> {
+        let path = self.root.join(STATUS_FILE);
+        match fsio::read_capped(&path, MAX_MANIFEST_BYTES).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io_err(&path, "read status", e)),
+        }
+    }
+
+    async fn write_status(&self, bytes: Vec<u8>) -> Result<()> {
+        let path = self.root.join(STATUS_FILE);
+        fsio::write_bytes_atomically(&path, bytes)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.io_err(&path, "write status", e))
     }
 
     async fn cleanup_incomplete(&self) -> Result<Vec<String>> {

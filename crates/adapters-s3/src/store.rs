@@ -43,6 +43,8 @@ const UPLOADS_DIR: &str = "_uploads";
 /// sidecars decide what is listed; a backup missing from the index is read
 /// from its own summary.
 const INDEX_KEY: &str = "_index.json";
+/// The status record (see `backup_core::status`).
+const STATUS_KEY: &str = "_status.json";
 
 /// A [`BackupStore`] on an S3-compatible bucket.
 #[derive(Clone)]
@@ -702,6 +704,24 @@ impl BackupStore for S3Store {
 
     async fn discard(&self, id: &BackupId) -> Result<()> {
         self.delete_data(id).await.map(|_| ())
+    }
+
+    async fn read_status(&self) -> Result<Option<Vec<u8>>> {
+        let key = self.key(STATUS_KEY);
+        match self.read_capped(&key, MAX_MANIFEST_BYTES).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(map_err(&self.location, &key, e)),
+        }
+    }
+
+    async fn write_status(&self, bytes: Vec<u8>) -> Result<()> {
+        let key = self.key(STATUS_KEY);
+        self.store
+            .put(&key, PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| map_err(&self.location, &key, e))
     }
 
     async fn cleanup_incomplete(&self) -> Result<Vec<String>> {

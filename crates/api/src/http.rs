@@ -29,6 +29,7 @@ pub fn admin_router(state: AdminState) -> Router {
     Router::new()
         .route("/backup", post(create_backup))
         .route("/backups", get(list_backups))
+        .route("/status", get(status))
         .route("/backups/{id}", get(show_backup).delete(delete_backup))
         .route("/restore", post(restore))
         .route("/openapi.json", get(openapi))
@@ -469,11 +470,21 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             .backups
             .store(listed.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
+    if let Err(e) = state.status().await {
+        tracing::warn!(error = %e, "cannot evaluate the backup status for /metrics");
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
         .into_response()
+}
+
+async fn status(State(state): State<AdminState>) -> Response {
+    match state.status().await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => ApiError(e).into_response(),
+    }
 }
 
 async fn openapi() -> Json<Value> {

@@ -77,6 +77,22 @@ pub fn document() -> Value {
                         "204": { "description": "Deleted" }, "400": problem("Malformed id"), "401": problem("Missing or invalid token"),
                         "404": problem("Unknown id"), "409": problem("Pinned without force, or another operation is running")
                     } } },
+            "/status": { "get": {
+                "summary": "Backup health: ok | failing | overdue | disabled, the last success, failure and verification, the next scheduled backup",
+                "responses": {
+                    "200": { "description": "The status", "content": { "application/json": { "schema": {
+                        "type": "object", "required": ["status", "schedule_secs"],
+                        "properties": {
+                            "status": { "type": "string", "enum": ["ok", "failing", "overdue", "disabled"] },
+                            "last_success": { "type": ["object", "null"] },
+                            "last_failure": { "type": ["object", "null"] },
+                            "next_scheduled": { "type": ["string", "null"], "format": "date-time" },
+                            "last_verification": { "type": ["object", "null"] },
+                            "schedule_secs": { "type": "integer" }
+                        } } } } },
+                    "401": problem("Missing or invalid token")
+                }
+            } },
             "/restore": { "post": {
                 "summary": "Restore a backup (requires confirm: true); the host must restart afterwards",
                 "requestBody": { "required": true, "content": { "application/json": { "schema": {

@@ -26,6 +26,11 @@ pub struct RuntimeConfig {
     pub schedule: Duration,
     /// Longest the shutdown backup may take.
     pub shutdown_timeout: Duration,
+    /// Time between verifications of the newest backup; `None`: off.
+    pub verify_every: Option<Duration>,
+    /// How often the runtime checks whether backups are overdue (and sends
+    /// `backup.overdue` once per overdue period).
+    pub overdue_check: Duration,
 }
 
 impl From<&BackupConfig> for RuntimeConfig {
@@ -36,6 +41,9 @@ impl From<&BackupConfig> for RuntimeConfig {
             on_shutdown: c.on_shutdown,
             schedule: Duration::from_secs(u64::from(c.schedule_hours) * 3600),
             shutdown_timeout: Duration::from_secs(u64::from(c.shutdown_timeout_secs)),
+            verify_every: (c.verify_every_hours > 0)
+                .then(|| Duration::from_secs(u64::from(c.verify_every_hours) * 3600)),
+            overdue_check: Duration::from_secs(300),
         }
     }
 }
@@ -47,6 +55,7 @@ pub struct BackupRuntime {
     config: RuntimeConfig,
     stop: watch::Sender<bool>,
     scheduler: Option<tokio::task::JoinHandle<()>>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl BackupRuntime {
@@ -72,11 +81,18 @@ impl BackupRuntime {
             );
         }
         let (stop, stopped) = watch::channel(false);
+        let watcher = Some(tokio::spawn(watch_health(
+            state.clone(),
+            config.clone(),
+            Arc::clone(&clock),
+            stopped.clone(),
+        )));
         let scheduler = config
             .enabled
             .then(|| tokio::spawn(schedule(state.clone(), config.schedule, clock, stopped)));
         BackupRuntime {
             state,
+            watcher,
             config,
             stop,
             scheduler,
@@ -114,6 +130,9 @@ impl BackupRuntime {
         if let Some(s) = self.scheduler.take() {
             let _ = s.await;
         }
+        if let Some(w) = self.watcher.take() {
+            let _ = w.await;
+        }
         if self.config.enabled && self.config.on_shutdown {
             let run = self.state.run_backup(Trigger::Shutdown, BTreeMap::new());
             match tokio::time::timeout(self.config.shutdown_timeout, run).await {
@@ -135,6 +154,54 @@ fn log_outcome(trigger: Trigger, result: Result<backup_core::Manifest>) {
         }
         Err(e) => {
             tracing::error!(trigger = %trigger, error = %e, "backup failed; the host keeps running")
+        }
+    }
+}
+
+/// Verifies the newest backup every `verify_every` (not holding the lock
+/// while it reads, so backups are not blocked), and checks every
+/// `overdue_check` whether backups are overdue (`backup.overdue` once per
+/// overdue period). Both only while backups are enabled.
+async fn watch_health(
+    state: AdminState,
+    config: RuntimeConfig,
+    clock: Arc<dyn Clock>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    if !config.enabled {
+        return;
+    }
+    let mut verified_at = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = clock.sleep(config.overdue_check) => {}
+            _ = stopped.changed() => return,
+        }
+        if *stopped.borrow() {
+            return;
+        }
+        if state
+            .service()
+            .notify_if_overdue(true, config.schedule)
+            .await
+        {
+            tracing::error!("no backup succeeded for twice the schedule; backup.overdue sent");
+        }
+        let _ = state.status().await;
+        if let Some(every) = config.verify_every
+            && verified_at.elapsed() >= every
+        {
+            verified_at = std::time::Instant::now();
+            match state.verify_newest().await {
+                Ok(Some(v)) if v.ok => {
+                    tracing::info!(backup_id = %v.backup_id, "scheduled verification passed")
+                }
+                Ok(Some(v)) => {
+                    tracing::error!(backup_id = %v.backup_id, problem = ?v.problem, "scheduled verification failed: the backup would not restore")
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "scheduled verification could not run"),
+            }
         }
     }
 }

@@ -44,6 +44,13 @@ pub struct Metrics {
     pub restores: AtomicU64,
     /// Published backups at the last listing.
     pub backups: AtomicU64,
+    /// `synthorg_backup_status` at the last evaluation (0 ok, 1 failing,
+    /// 2 overdue, 3 disabled).
+    pub status: AtomicU64,
+    /// Unix time of the last verification that passed (0: none).
+    pub last_verify_success: std::sync::atomic::AtomicI64,
+    /// Verifications that failed since start.
+    pub verify_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -95,6 +102,22 @@ impl Metrics {
             per(&|v| v.2.to_string()),
         );
         gauge(
+            "synthorg_backup_status",
+            "0 ok, 1 failing (the last attempt failed), 2 overdue (no success for twice the schedule), 3 disabled.",
+            vec![(
+                String::new(),
+                self.status.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        gauge(
+            "synthorg_backup_last_verify_success_timestamp_seconds",
+            "Unix time of the last verification of a backup that passed (0: none yet).",
+            vec![(
+                String::new(),
+                self.last_verify_success.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        gauge(
             "synthorg_backups",
             "Published backups in the target at the last listing.",
             vec![(
@@ -118,6 +141,11 @@ impl Metrics {
                 "Restores since start.",
                 &self.restores,
             ),
+            (
+                "synthorg_backup_verify_failures_total",
+                "Verifications that found a backup that would not restore, since start.",
+                &self.verify_failures,
+            ),
         ] {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
@@ -134,6 +162,8 @@ pub struct AdminState {
     pub(crate) service: BackupService,
     pub(crate) token: Option<Secret>,
     pub(crate) enabled: bool,
+    /// Time between scheduled backups (for status).
+    pub(crate) schedule: std::time::Duration,
     jobs: Arc<Mutex<Jobs>>,
     pub(crate) metrics: Arc<Metrics>,
 }
@@ -166,9 +196,54 @@ impl AdminState {
             service,
             token,
             enabled,
+            schedule: std::time::Duration::from_secs(6 * 3600),
             jobs: Arc::new(Mutex::new(Jobs::default())),
             metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// The same state with the backup schedule `schedule` (`status` calls
+    /// a backup overdue after twice that); 6 hours unless set.
+    pub fn with_schedule(mut self, schedule: std::time::Duration) -> AdminState {
+        self.schedule = schedule;
+        self
+    }
+
+    /// The status now (see [`BackupService::status`]); updates the
+    /// metrics that derive from it.
+    ///
+    /// # Errors
+    /// `Store` when the backups cannot be listed.
+    pub async fn status(&self) -> Result<backup_core::status::StatusReport> {
+        let report = self.service.status(self.enabled, self.schedule).await?;
+        self.metrics
+            .status
+            .store(u64::from(report.status.code()), Ordering::Relaxed);
+        if let Some(v) = report.last_verification.as_ref().filter(|v| v.ok) {
+            self.metrics
+                .last_verify_success
+                .store(v.timestamp.timestamp(), Ordering::Relaxed);
+        }
+        Ok(report)
+    }
+
+    /// Verifies the newest backup and records the outcome in the metrics
+    /// (the service records it in the store and sends `verify.failed`).
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be read.
+    pub async fn verify_newest(&self) -> Result<Option<backup_core::status::Verification>> {
+        let verification = self.service.verify_newest().await?;
+        if let Some(v) = &verification {
+            if v.ok {
+                self.metrics
+                    .last_verify_success
+                    .store(v.timestamp.timestamp(), Ordering::Relaxed);
+            } else {
+                self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(verification)
     }
 
     /// The service.

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use adapters_fs::{DirSource, FileLock, LiveData, LocalFsStore, SystemClock};
 use adapters_sqlite::{SqliteSnapshotter, SqliteSource};
-use backup_core::ports::{BackupStore, Clock, ComponentSource, NoQuiesce, OperationLock, Quiesce};
+use backup_core::ports::{
+    BackupStore, Clock, ComponentSource, NoNotifier, NoQuiesce, OperationLock, Quiesce,
+};
 use backup_core::{BackupConfig, BackupService, Component, Ports, Result, RunningApp, Settings};
 
 /// Builds the service for `config`: the S3 target of `backup.s3` when
@@ -91,9 +93,17 @@ pub fn build_service_with_clock(
             store,
             lock,
             sources,
-            quiesce: quiesce.unwrap_or_else(|| Arc::new(NoQuiesce)),
+            quiesce: quiesce.unwrap_or_else(|| match &config.quiesce {
+                Some(commands) => Arc::new(crate::CommandQuiesce::new(commands)),
+                None => Arc::new(NoQuiesce),
+            }),
             clock,
             restore_target: Arc::new(live),
+            notifier: if config.notify.is_enabled() {
+                Arc::new(crate::HookNotifier::new(&config.notify))
+            } else {
+                Arc::new(NoNotifier)
+            },
         },
         app,
     )

@@ -123,6 +123,90 @@ impl Default for RetentionConfig {
     }
 }
 
+/// `backup.quiesce`: commands that pause and resume the memory writer
+/// around its snapshot (e.g. a `curl` to the app's own pause endpoint),
+/// for hosts that do not pause it in process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuiesceConfig {
+    /// Run before the memory snapshot; must exit 0 once the writer is paused.
+    pub pause: Vec<String>,
+    /// Run after it, always (also after errors, timeouts, cancellation).
+    pub resume: Vec<String>,
+}
+
+/// The events a notification can be about.
+pub const NOTIFY_EVENTS: [&str; 6] = [
+    "backup.succeeded",
+    "backup.failed",
+    "restore.succeeded",
+    "restore.failed",
+    "verify.failed",
+    "backup.overdue",
+];
+
+/// `backup.notify`: where events go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// Each event is POSTed as JSON to every URL (`http://` or `https://`).
+    pub webhooks: Vec<Secret>,
+    /// A program run with the event's JSON on stdin (argv).
+    pub command: Vec<String>,
+    /// Which events are sent; all by default.
+    pub events: Vec<String>,
+    /// Per-attempt timeout, 1–300 s.
+    #[serde(deserialize_with = "bounded::<_, 1, 300>")]
+    pub timeout_secs: u32,
+    /// Attempts per delivery (with backoff), 1–10.
+    #[serde(deserialize_with = "bounded::<_, 1, 10>")]
+    pub attempts: u32,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            webhooks: Vec::new(),
+            command: Vec::new(),
+            events: NOTIFY_EVENTS.iter().map(|e| (*e).to_owned()).collect(),
+            timeout_secs: 10,
+            attempts: 3,
+        }
+    }
+}
+
+impl NotifyConfig {
+    /// Whether anything is configured to receive events.
+    pub fn is_enabled(&self) -> bool {
+        !self.webhooks.is_empty() || !self.command.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, url) in self.webhooks.iter().enumerate() {
+            let raw = url.expose();
+            let rest = raw
+                .strip_prefix("https://")
+                .or_else(|| raw.strip_prefix("http://"));
+            let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
+            if host.is_none_or(|h| h.is_empty() || h.chars().any(char::is_whitespace)) {
+                return Err(invalid(
+                    &format!("backup.notify.webhooks[{i}]"),
+                    "must be an http:// or https:// URL with a host",
+                ));
+            }
+        }
+        for e in &self.events {
+            if !NOTIFY_EVENTS.contains(&e.as_str()) {
+                return Err(invalid(
+                    "backup.notify.events",
+                    format!("unknown event {e:?}; known: {}", NOTIFY_EVENTS.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `backup.sources`: where the live SynthOrg data is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -280,6 +364,16 @@ pub struct BackupConfig {
     pub sources: SourcesConfig,
     /// S3-compatible target; overrides `path` when present.
     pub s3: Option<S3Config>,
+    /// Commands pausing the memory writer (when no in-process hook is given).
+    #[serde(default)]
+    pub quiesce: Option<QuiesceConfig>,
+    /// Notifications of successes and failures.
+    #[serde(default)]
+    pub notify: NotifyConfig,
+    /// Hours between verifications of the newest backup by the runtime
+    /// (full re-read, re-hash and staged checks); 0 = off. 0–8760.
+    #[serde(deserialize_with = "bounded::<_, 0, 8760>")]
+    pub verify_every_hours: u32,
     /// Longest the memory writer may stay paused for a snapshot. 1–3600 s.
     #[serde(deserialize_with = "bounded::<_, 1, 3600>")]
     pub quiesce_timeout_secs: u32,
@@ -310,6 +404,9 @@ impl Default for BackupConfig {
             quiesce_timeout_secs: 30,
             shutdown_timeout_secs: 300,
             supported_schema: None,
+            quiesce: None,
+            notify: NotifyConfig::default(),
+            verify_every_hours: 24,
         }
     }
 }
@@ -518,7 +615,15 @@ impl BackupConfig {
         if let Some(s3) = &self.s3 {
             s3.validate()?;
         }
-        Ok(())
+        if let Some(q) = &self.quiesce
+            && (q.pause.is_empty() || q.resume.is_empty())
+        {
+            return Err(invalid(
+                "backup.quiesce",
+                "needs both pause and resume, each a non-empty command (argv list)",
+            ));
+        }
+        self.notify.validate()
     }
 
     /// Makes relative paths absolute against `base_dir`. Pure path joining.

@@ -116,6 +116,13 @@ pub fn manifest_for(id: &BackupId, archive: Option<&[u8]>, content: &[u8]) -> Ma
 
 pub async fn put_get_publish_list_delete(target: &dyn Target) {
     let store = target.store();
+    // The status record: absent, then replaced whole, never listed.
+    assert_eq!(store.read_status().await.unwrap(), None);
+    store.write_status(b"{\"a\":1}".to_vec()).await.unwrap();
+    store.write_status(b"{}".to_vec()).await.unwrap();
+    assert_eq!(store.read_status().await.unwrap(), Some(b"{}".to_vec()));
+    assert!(store.list().await.unwrap().is_empty());
+    assert!(store.cleanup_incomplete().await.unwrap().is_empty());
     let id = BackupId::new(ts(1_800_000_000), Trigger::Manual, 1);
     let archive = b"pretend this is a tar.gz".to_vec();
     let object = ObjectName::Archive(Compression::Gzip);

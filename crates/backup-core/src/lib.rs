@@ -25,6 +25,7 @@ pub mod path;
 pub mod ports;
 pub mod retention;
 pub mod service;
+pub mod status;
 
 pub use compat::{CompatReport, Finding, RunningApp};
 pub use config::{BackupConfig, Compression, ConfigError};

@@ -135,6 +135,18 @@ pub trait BackupStore: Debug + Send + Sync + 'static {
     /// `Store` when objects exist but cannot be removed.
     async fn discard(&self, id: &BackupId) -> Result<()>;
 
+    /// The status record (`_status.json` at the location), if any.
+    ///
+    /// # Errors
+    /// `Store` when it exists but cannot be read.
+    async fn read_status(&self) -> Result<Option<Vec<u8>>>;
+
+    /// Replaces the status record atomically. Callers hold the lock.
+    ///
+    /// # Errors
+    /// `Store` naming the key.
+    async fn write_status(&self, bytes: Vec<u8>) -> Result<()>;
+
     /// Removes leftovers of interrupted backups (objects without a sidecar,
     /// temp files) and returns what was removed. Must not remove objects of
     /// a backup that is being written by a lock holder: callers hold the
@@ -358,6 +370,24 @@ impl Quiesce for NoQuiesce {
     }
 
     fn resume(&self) {}
+}
+
+/// Delivers events (webhooks, a command). Never fails and never fails the
+/// operation: delivery problems are the notifier's to log. Bounded in time
+/// by the notifier's own timeouts and retries.
+#[async_trait]
+pub trait Notifier: Debug + Send + Sync + 'static {
+    /// Delivers `event` to every configured receiver that wants it.
+    async fn notify(&self, event: &crate::status::Event);
+}
+
+/// A [`Notifier`] that sends nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoNotifier;
+
+#[async_trait]
+impl Notifier for NoNotifier {
+    async fn notify(&self, _: &crate::status::Event) {}
 }
 
 /// Time, so that the domain never reads the clock itself.

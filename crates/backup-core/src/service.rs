@@ -8,6 +8,7 @@
 mod create;
 mod read;
 mod restore;
+mod status;
 #[cfg(test)]
 mod tests;
 mod verify;
@@ -29,6 +30,7 @@ use crate::ports::{
     RestoreTarget,
 };
 use crate::retention::{self, Action, Candidate, Decision, RetentionPolicy};
+use crate::status::EventKind;
 
 pub use restore::{Replaced, RestoreOptions, RestoreReport};
 pub use verify::VerifyReport;
@@ -148,6 +150,8 @@ pub struct Ports {
     pub clock: Arc<dyn Clock>,
     /// The live data a restore replaces.
     pub restore_target: Arc<dyn RestoreTarget>,
+    /// Where events go.
+    pub notifier: Arc<dyn crate::ports::Notifier>,
 }
 
 /// Create, list, show, verify, delete and prune backups.
@@ -286,17 +290,32 @@ impl BackupService {
         let service = self.clone();
         let task_id = id.clone();
         let run = async move {
+            let started = std::time::Instant::now();
             let result = service
                 .create_as(&task_id, sequence, timestamp, &options)
                 .await;
-            if result.is_ok()
-                && let Err(e) = service
-                    .apply_retention(false, std::slice::from_ref(&task_id))
-                    .await
-            {
-                tracing::error!(error = %e, "retention after backup failed; the backup itself is fine");
+            match &result {
+                Ok(_) => {
+                    if let Err(e) = service
+                        .apply_retention(false, std::slice::from_ref(&task_id))
+                        .await
+                    {
+                        tracing::error!(error = %e, "retention after backup failed; the backup itself is fine");
+                    }
+                }
+                Err(e) => service.record_failure(trigger, e).await,
             }
             release(guard).await;
+            let event = match &result {
+                Ok(m) => service.event(EventKind::BackupSucceeded, Some(m), started, None),
+                Err(e) => {
+                    let mut ev = service.event(EventKind::BackupFailed, None, started, Some(e));
+                    ev.backup_id = Some(task_id.clone());
+                    ev.trigger = Some(trigger);
+                    ev
+                }
+            };
+            service.ports.notifier.notify(&event).await;
             result
         };
         Ok(PendingBackup {

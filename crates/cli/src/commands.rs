@@ -19,6 +19,10 @@ use crate::{Cli, CliTrigger, CreateArgs, Exit, RestoreArgs, config_file, exit};
 /// The service built from the loaded config.
 pub(crate) struct Context {
     pub(crate) service: BackupService,
+    /// `backup.enabled`.
+    pub(crate) enabled: bool,
+    /// `backup.schedule_hours`.
+    pub(crate) schedule_hours: u32,
 }
 
 impl Context {
@@ -26,7 +30,11 @@ impl Context {
         let loaded = config_file::load(cli.config.as_deref())?;
         let app = running_app(&loaded.config).await?;
         let service = synthorg_api::build_service(&loaded.config, app, None)?;
-        Ok(Context { service })
+        Ok(Context {
+            service,
+            enabled: loaded.config.enabled,
+            schedule_hours: loaded.config.schedule_hours,
+        })
     }
 }
 
@@ -93,6 +101,17 @@ pub(crate) async fn list(out: &Output, ctx: &Context, limit: Option<usize>) -> a
         listed.truncate(n);
     }
     out.list(&listed)
+}
+
+pub(crate) async fn status(out: &Output, ctx: &Context) -> anyhow::Result<()> {
+    let report = ctx
+        .service
+        .status(
+            ctx.enabled,
+            std::time::Duration::from_secs(u64::from(ctx.schedule_hours) * 3600),
+        )
+        .await?;
+    out.status(&report)
 }
 
 pub(crate) async fn show(out: &Output, ctx: &Context, id: &str) -> anyhow::Result<()> {
@@ -400,7 +419,12 @@ pub(crate) async fn serve(cli: &Cli, args: &crate::ServeArgs) -> anyhow::Result<
     let config = loaded.config;
     let app = running_app(&config).await?;
     let service = synthorg_api::build_service(&config, app, None)?;
-    let state = AdminState::new(service, token, config.enabled);
+    let state = AdminState::new(service, token, config.enabled).with_schedule(
+        args.schedule_secs.map_or_else(
+            || std::time::Duration::from_secs(u64::from(config.schedule_hours) * 3600),
+            |s| std::time::Duration::from_secs(s.max(1)),
+        ),
+    );
     let mut runtime_config = RuntimeConfig::from(&config);
     if let Some(secs) = args.schedule_secs {
         runtime_config.schedule = std::time::Duration::from_secs(secs.max(1));

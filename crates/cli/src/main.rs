@@ -100,6 +100,9 @@ enum BackupCommand {
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
     },
+    /// Backup health: ok, failing, overdue or disabled, with the last
+    /// success, failure and verification (exit 0 only when ok).
+    Status,
     /// Show a backup's manifest.
     Show {
         /// Backup id.
@@ -403,6 +406,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 None => commands::create(&out, &ctx, &args.create).await,
                 Some(BackupCommand::Create(create)) => commands::create(&out, &ctx, create).await,
                 Some(BackupCommand::List { limit }) => commands::list(&out, &ctx, *limit).await,
+                Some(BackupCommand::Status) => commands::status(&out, &ctx).await,
                 Some(BackupCommand::Show { id }) => commands::show(&out, &ctx, id).await,
                 Some(BackupCommand::Verify { id }) => commands::verify(&out, &ctx, id).await,
                 Some(BackupCommand::Delete { id, force }) => {
@@ -453,6 +457,7 @@ async fn remote(cli: &Cli, out: &render::Output) -> anyhow::Result<()> {
                 remote.create(out, trigger, &labels?).await
             }
             Some(BackupCommand::List { limit }) => remote.list(out, *limit).await,
+            Some(BackupCommand::Status) => remote.status(out).await,
             Some(BackupCommand::Show { id: raw }) => remote.show(out, &id(raw)?).await,
             Some(BackupCommand::Delete { id: raw, force }) => {
                 remote.delete(out, &id(raw)?, *force).await

@@ -107,6 +107,14 @@ impl Remote {
         }
     }
 
+    /// `GET /status`, rendered as locally.
+    pub(crate) async fn status(&self, out: &Output) -> anyhow::Result<()> {
+        let (_, body) = self.send(reqwest::Method::GET, "/status", None).await?;
+        let report: backup_core::status::StatusReport =
+            serde_json::from_value(body).context("reading the status")?;
+        out.status(&report)
+    }
+
     pub(crate) async fn list(&self, out: &Output, limit: Option<usize>) -> anyhow::Result<()> {
         let mut items = Vec::new();
         let mut cursor: Option<String> = None;

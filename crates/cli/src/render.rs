@@ -377,6 +377,67 @@ impl Output {
         Ok(())
     }
 
+    /// The status; exit 3 unless it is `ok` (so that a cron job or a
+    /// monitoring check can act on it).
+    pub(crate) fn status(&self, r: &backup_core::status::StatusReport) -> anyhow::Result<()> {
+        use backup_core::status::Health;
+        if self.json {
+            print_json(&serde_json::to_value(r)?)?;
+        } else {
+            let word = match r.status {
+                Health::Ok => "ok",
+                Health::Failing => "failing: the last backup attempt failed",
+                Health::Overdue => "overdue: no backup succeeded for twice the schedule",
+                Health::Disabled => "disabled (backup.enabled is false)",
+            };
+            println!("status:            {word}");
+            match &r.last_success {
+                Some(s) => println!(
+                    "last success:      {} ({}, {})",
+                    s.id,
+                    age(s.timestamp),
+                    bytes(s.size_bytes)
+                ),
+                None => println!("last success:      none"),
+            }
+            if let Some(f) = &r.last_failure {
+                println!(
+                    "last failure:      {} {} ({}): {}",
+                    f.timestamp.to_rfc3339(),
+                    f.trigger,
+                    age(f.timestamp),
+                    printable(&f.error)
+                );
+            }
+            if let Some(n) = r.next_scheduled {
+                println!("next scheduled:    {}", n.to_rfc3339());
+            }
+            match &r.last_verification {
+                Some(v) if v.ok => println!(
+                    "last verification: {} ok ({})",
+                    v.backup_id,
+                    age(v.timestamp)
+                ),
+                Some(v) => println!(
+                    "last verification: {} FAILED ({}): {}",
+                    v.backup_id,
+                    age(v.timestamp),
+                    printable(v.problem.as_deref().unwrap_or(""))
+                ),
+                None => println!("last verification: none"),
+            }
+        }
+        if r.status == Health::Ok {
+            Ok(())
+        } else {
+            Err(crate::Exit {
+                code: crate::exit::REFUSED,
+                message: format!("backup status is {:?}", r.status).to_lowercase(),
+            }
+            .into())
+        }
+    }
+
     pub(crate) fn recovered(&self, done: &[String]) -> anyhow::Result<()> {
         if self.json {
             return print_json(&json!({ "actions": done }));

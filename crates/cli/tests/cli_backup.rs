@@ -277,3 +277,30 @@ async fn a_plain_backup_recovers_leftovers_first_and_says_so_in_its_json() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("label"), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn status_is_ok_after_a_backup_and_failing_after_a_failed_one() {
+    let demo = Demo::new(300_000).await;
+    let out = demo.run(&["backup", "status", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "no backup yet: overdue");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "overdue");
+    let id = demo.json(&["backup"])["id"].as_str().unwrap().to_owned();
+    let report = demo.json(&["backup", "status"]);
+    assert_eq!(report["status"], "ok");
+    assert_eq!(report["last_success"]["id"], id.as_str());
+    // A broken database: the backup fails, the status says so.
+    let db = &demo.layout.database;
+    let saved = demo.dir.path().join("saved.db");
+    std::fs::rename(db, &saved).unwrap();
+    std::fs::write(db, b"garbage").unwrap();
+    assert!(!demo.run(&["backup"]).status.success());
+    let out = demo.run(&["backup", "status"]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = stdout(&out);
+    assert!(
+        text.contains("failing") && text.contains("SQLite"),
+        "{text}"
+    );
+    std::fs::rename(&saved, db).unwrap();
+}

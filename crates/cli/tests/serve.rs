@@ -148,6 +148,16 @@ async fn remote_mode_drives_a_running_server() {
     assert!(table.contains(&id) && table.contains("startup"), "{table}");
     let out = remote(&["backup", "show", &id, "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // The status: the same JSON remotely and locally on the same store.
+    let out = remote(&["backup", "status", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let remote_status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut local_status = demo.json(&["backup", "status"]);
+    assert_eq!(remote_status["status"], "ok");
+    // The schedule differs only if serve was started with another one.
+    local_status["schedule_secs"] = remote_status["schedule_secs"].clone();
+    local_status["next_scheduled"] = remote_status["next_scheduled"].clone();
+    assert_eq!(remote_status, local_status);
 
     std::fs::write(&demo.layout.company_config, b"company: {name: changed}\n").unwrap();
     let out = remote(&["restore", &id, "--only", "config"]);

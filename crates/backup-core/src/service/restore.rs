@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::id::{BackupId, Component, Trigger};
 use crate::manifest::Manifest;
 use crate::ports::{Operation, Staging};
+use crate::status::EventKind;
 
 /// Options of [`BackupService::restore`].
 #[derive(Debug, Clone, Default)]
@@ -89,11 +90,17 @@ impl BackupService {
                 id: id.to_string(),
             });
         }
+        let started = std::time::Instant::now();
         let guard = self.acquire(Operation::Restore).await?;
         let result = self
             .restore_locked(&manifest, &components, &mut report)
             .await;
         super::release(guard).await;
+        let event = match &result {
+            Ok(()) => self.event(EventKind::RestoreSucceeded, Some(&manifest), started, None),
+            Err(e) => self.event(EventKind::RestoreFailed, Some(&manifest), started, Some(e)),
+        };
+        self.ports.notifier.notify(&event).await;
         match &result {
             Ok(()) => {
                 tracing::info!(backup_id = %id, safety_backup = ?report.safety_backup_id.as_ref().map(ToString::to_string),

@@ -210,6 +210,15 @@ impl BackupStore for FakeStore {
         Ok(())
     }
 
+    async fn read_status(&self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    async fn write_status(&self, _: Vec<u8>) -> Result<()> {
+        push(&self.log, "status");
+        Ok(())
+    }
+
     async fn cleanup_incomplete(&self) -> Result<Vec<String>> {
         push(&self.log, "cleanup");
         Ok(vec![])
@@ -287,6 +296,7 @@ fn service(log: &Log, faults: Faults, listed: Vec<Listed>, max_count: u32) -> Ba
             sleep: faults.pause_hangs.then_some(Duration::from_millis(0)),
         }),
         restore_target: Arc::new(recovering_target(log, faults.recover_fails)),
+        notifier: Arc::new(crate::ports::NoNotifier),
     };
     let app = RunningApp {
         version: semver::Version::new(1, 0, 0),

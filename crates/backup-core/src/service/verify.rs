@@ -35,7 +35,14 @@ impl BackupService {
     /// `NotFound`; `Manifest` when the sidecar is damaged; `Store` when
     /// the store cannot be read.
     pub async fn verify(&self, id: &BackupId) -> Result<VerifyReport> {
-        let manifest = self.ports.store.manifest(id).await?;
+        let started = std::time::Instant::now();
+        let manifest = match self.ports.store.manifest(id).await {
+            Err(e @ Error::Manifest { .. }) => {
+                self.notify_verify_failed(id, &e.to_string(), started).await;
+                return Err(e);
+            }
+            other => other?,
+        };
         let read = self.read_and_check(&manifest).await;
         match read {
             Ok(stats) => Ok(VerifyReport {
@@ -47,6 +54,7 @@ impl BackupService {
             }),
             Err(e @ (Error::Integrity { .. } | Error::Manifest { .. })) => {
                 tracing::error!(backup_id = %id, error = %e, "backup failed verification");
+                self.notify_verify_failed(id, &e.to_string(), started).await;
                 Ok(VerifyReport {
                     id: id.clone(),
                     ok: false,
