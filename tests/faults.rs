@@ -30,8 +30,8 @@ async fn disk_full_during_backup_leaves_no_partial_backup() {
     assert!(service.list().await.unwrap().is_empty());
     assert_eq!(
         names(&mount.0),
-        vec![".lock".to_owned()],
-        "only the lock file"
+        vec![".lock".to_owned(), "_status.json".to_owned()],
+        "only the lock file and the status record of the failure"
     );
     assert_eq!(capture(&fx.layout).await, before);
 }

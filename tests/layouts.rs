@@ -260,7 +260,9 @@ async fn data_owned_by_the_app_user_keeps_its_owner_when_root_restores() {
     let mode = std::fs::metadata(&fx.layout.memory_dir).unwrap().mode() & 0o777;
     assert_ne!(mode, 0o700, "the memory directory keeps its recorded mode");
 
-    // Into an empty location (disaster recovery): the recorded owner.
+    // Into an empty location (disaster recovery): the recorded owner,
+    // also for the data directory the restore creates (the app creates
+    // its -wal and -shm there).
     for p in [&fx.layout.memory_dir, &fx.layout.checkpoints_dir] {
         std::fs::remove_dir_all(p).unwrap();
     }
@@ -268,6 +270,25 @@ async fn data_owned_by_the_app_user_keeps_its_owner_when_root_restores() {
     std::fs::remove_file(&fx.layout.company_config).unwrap();
     service.restore(&backup.id, confirmed()).await.unwrap();
     check("restore into an empty location");
+    let elsewhere = fx.dir.path().join("new-host/data");
+    let yaml = format!(
+        "backup:\n  path: {}\n  sources:\n    database: {}/synthorg.db\n    memory_dir: {}/memory\n    company_config: {}/company.yaml\n    checkpoints_dir: {}/checkpoints\n",
+        fx.layout.backups_dir.display(),
+        elsewhere.display(),
+        elsewhere.display(),
+        elsewhere.display(),
+        elsewhere.display()
+    );
+    let config = backup_core::BackupConfig::load(Some(&yaml), fx.dir.path()).unwrap();
+    let fresh = fx.service(&config);
+    fresh.restore(&backup.id, confirmed()).await.unwrap();
+    let meta = std::fs::metadata(&elsewhere).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (1000, 1000),
+        "created data directory"
+    );
+    assert_eq!(meta.mode() & 0o777 & 0o700, 0o700);
 }
 
 fn is_root() -> bool {

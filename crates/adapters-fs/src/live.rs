@@ -519,7 +519,9 @@ impl RestoreTarget for LiveData {
     ) -> Result<Box<dyn Staging>> {
         let me = self.clone();
         let comps = components.to_vec();
+        let recorded = manifest.clone();
         let (roots, inside) = blocking(move || {
+            let manifest = recorded;
             let (mut roots, mut inside) = (Vec::new(), Vec::new());
             for c in comps {
                 let live = me.live(c);
@@ -543,8 +545,15 @@ impl RestoreTarget for LiveData {
                     }
                 }
                 // A data directory that does not exist yet gets the usual
-                // mode (umask), not the backup store's private 0700.
-                std::fs::create_dir_all(parent_of(&live)).map_err(|e| source_err(c, &live, e))?;
+                // mode (umask), not the backup store's private 0700, and
+                // the owner the backup recorded for the component (as root
+                // into an empty location): the app must be able to create
+                // its database's -wal and -shm next to it.
+                let parent = parent_of(&live).to_path_buf();
+                if !parent.exists() {
+                    std::fs::create_dir_all(&parent).map_err(|e| source_err(c, &live, e))?;
+                    set_owner(&parent, recorded_owner(&manifest, c)).map_err(|e| source_err(c, &parent, e))?;
+                }
                 fsio::remove_any(&staged).map_err(|e| source_err(c, &staged, e))?;
                 if matches!(c, Component::Memory | Component::Checkpoints) {
                     fsio::create_dir_private(&staged).map_err(|e| source_err(c, &staged, e))?;
@@ -924,6 +933,24 @@ fn inside_moves(
             }
         })
         .collect())
+}
+
+/// The owner the manifest recorded for a component's root item.
+fn recorded_owner(manifest: &Manifest, c: Component) -> Option<(u32, u32)> {
+    let root = c.archive_root();
+    let file = manifest
+        .files
+        .iter()
+        .find(|f| {
+            f.path.component() == Some(c) && (f.path.as_str() == root || c == Component::Config)
+        })
+        .and_then(|f| f.uid.zip(f.gid));
+    let dir = manifest
+        .dirs
+        .iter()
+        .find(|d| d.path.as_str() == root.trim_end_matches('/'))
+        .and_then(|d| d.uid.zip(d.gid));
+    file.or(dir)
 }
 
 /// Gives `path` the owner `owner` when it has another one. Without the

@@ -21,6 +21,7 @@ pub mod digest;
 pub mod error;
 pub mod id;
 pub mod manifest;
+pub mod memory;
 pub mod path;
 pub mod ports;
 pub mod retention;

@@ -6,6 +6,8 @@
 //! backup id and returned as typed errors; nothing here panics or exits.
 
 mod create;
+#[cfg(test)]
+mod memory_tests;
 mod read;
 mod restore;
 mod status;
@@ -303,7 +305,7 @@ impl BackupService {
                         tracing::error!(error = %e, "retention after backup failed; the backup itself is fine");
                     }
                 }
-                Err(e) => service.record_failure(trigger, e).await,
+                Err(e) => service.record_failure(trigger, sequence, e).await,
             }
             release(guard).await;
             let event = match &result {

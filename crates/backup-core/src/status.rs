@@ -75,6 +75,10 @@ pub struct Failure {
     pub trigger: Trigger,
     /// Why.
     pub error: String,
+    /// The creation sequence the failed backup would have had (one past
+    /// every backup listed then); 0 when unknown.
+    #[serde(default)]
+    pub sequence: u64,
 }
 
 /// The last verification.
@@ -179,7 +183,10 @@ pub fn evaluate(
         timestamp: s.timestamp,
         size_bytes: s.size_bytes,
     });
-    let failing = match (&record.last_failure, &last_success) {
+    // By creation order where known, so that a clock that jumped cannot
+    // hide a failure behind a success dated in the future.
+    let failing = match (&record.last_failure, newest) {
+        (Some(f), Some(s)) if f.sequence > 0 && s.sequence > 0 => f.sequence > s.sequence,
         (Some(f), Some(s)) => f.timestamp > s.timestamp,
         (Some(_), None) => true,
         (None, _) => false,
@@ -226,6 +233,7 @@ mod tests {
             timestamp: DateTime::from_timestamp(secs, 0).unwrap(),
             trigger: Trigger::Scheduled,
             error: "disk full".into(),
+            sequence: 0,
         }
     }
 
@@ -261,6 +269,21 @@ mod tests {
             Health::Disabled
         );
         assert_eq!(Health::Failing.code(), 1);
+        // Creation order wins over clocks: a failure after a success dated
+        // in the future is still a failure.
+        let mut future = summary(t + 86_400);
+        future.sequence = 4;
+        let after = StatusRecord {
+            last_failure: Some(Failure {
+                sequence: 5,
+                ..failure(t)
+            }),
+            ..StatusRecord::default()
+        };
+        assert_eq!(
+            evaluate(&after, Some(&future), at(t), true, six).status,
+            Health::Failing
+        );
     }
 
     #[test]

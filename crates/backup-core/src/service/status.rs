@@ -64,11 +64,12 @@ impl BackupService {
     }
 
     /// Records a failed backup in the status record (under the lock).
-    pub(crate) async fn record_failure(&self, trigger: Trigger, error: &Error) {
+    pub(crate) async fn record_failure(&self, trigger: Trigger, sequence: u64, error: &Error) {
         let failure = Failure {
             timestamp: self.ports.clock.now(),
             trigger,
             error: error.to_string(),
+            sequence,
         };
         self.update_record(|r| r.last_failure = Some(failure)).await;
     }

@@ -22,21 +22,21 @@ use crate::ports::{
 };
 use crate::retention::RetentionPolicy;
 
-type Log = Arc<Mutex<Vec<String>>>;
+pub(super) type Log = Arc<Mutex<Vec<String>>>;
 
-fn push(log: &Log, event: &str) {
+pub(super) fn push(log: &Log, event: &str) {
     log.lock().unwrap().push(event.to_owned());
 }
 
-fn events(log: &Log) -> Vec<String> {
+pub(super) fn events(log: &Log) -> Vec<String> {
     log.lock().unwrap().clone()
 }
 
 /// A clock at a fixed time whose sleeps complete after `sleep` (never, for
 /// `None`), so that timeouts fire only when a test wants them to.
 #[derive(Debug)]
-struct FakeClock {
-    sleep: Option<Duration>,
+pub(super) struct FakeClock {
+    pub(super) sleep: Option<Duration>,
 }
 
 #[async_trait]
@@ -95,7 +95,7 @@ impl Snapshot for FakeSnapshot {
 
 /// What a scenario changes.
 #[derive(Default, Clone, Copy)]
-struct Faults {
+pub(super) struct Faults {
     snapshot_fails: bool,
     open_fails: bool,
     put_fails: bool,
@@ -105,7 +105,7 @@ struct Faults {
     recover_fails: bool,
 }
 
-fn memory_source(log: &Log, faults: Faults) -> MockComponentSource {
+pub(super) fn memory_source(log: &Log, faults: Faults) -> MockComponentSource {
     let mut source = MockComponentSource::new();
     source.expect_component().return_const(Component::Memory);
     source.expect_needs_quiesce().return_const(true);
@@ -227,9 +227,9 @@ impl BackupStore for FakeStore {
 
 /// A writer that pauses at once, or never reaches a safe point (`hang`).
 #[derive(Debug)]
-struct FakeQuiesce {
-    log: Log,
-    hang: bool,
+pub(super) struct FakeQuiesce {
+    pub(super) log: Log,
+    pub(super) hang: bool,
 }
 
 #[async_trait]
