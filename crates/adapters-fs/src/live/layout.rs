@@ -1,0 +1,171 @@
+//! Where live data really is and who owns it: symlinked roots, mount
+//! points, SQLite companions, owners of restored items.
+
+use super::*;
+
+/// A staged SQLite file is a consistent copy taken through SQLite, complete
+/// by itself. Backups made before 1.1 also stored the live file's `-wal`,
+/// `-shm` and `-journal` raw next to it; SQLite would replay those over
+/// the copy and corrupt it, so they are removed from staging (the copy is
+/// the backed-up state).
+pub(super) fn drop_stale_companions(c: Component, file: &Path) -> Result<()> {
+    for stale in with_companions(file).into_iter().skip(1) {
+        if exists(&stale) {
+            fsio::remove_any(&stale).map_err(|e| source_err(c, &stale, e))?;
+            tracing::warn!(path = %stale.display(),
+                "removed a stale SQLite companion stored next to its consistent copy");
+        }
+    }
+    Ok(())
+}
+
+/// A SQLite file and its `-wal`, `-shm` and `-journal` companions.
+pub(super) fn with_companions(main: &Path) -> Vec<PathBuf> {
+    let mut items = vec![main.to_path_buf()];
+    for suffix in crate::dir_source::SQLITE_COMPANIONS {
+        let mut p = main.as_os_str().to_owned();
+        p.push(suffix);
+        items.push(PathBuf::from(p));
+    }
+    items
+}
+
+/// `path`, or what it points to when it is a symlink (followed to the end;
+/// a dangling link resolves to its target's path).
+pub(super) fn resolve_link(path: &Path) -> PathBuf {
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) {
+        return path.to_path_buf();
+    }
+    std::fs::canonicalize(path).unwrap_or_else(|_| match std::fs::read_link(path) {
+        Ok(target) => parent_of(path).join(target),
+        Err(_) => path.to_path_buf(),
+    })
+}
+
+pub(super) fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// `<dir>/.<name><suffix>`.
+pub(super) fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parent_of(path).join(format!(".{name}{suffix}"))
+}
+
+/// Whether `path` is a mount point: on another device than its parent, or
+/// listed in `/proc/self/mountinfo` (bind mounts of the same device).
+pub(super) fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let parent = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    if let Some(parent) = &parent
+        && std::fs::metadata(parent).is_ok_and(|p| p.dev() != meta.dev())
+    {
+        return true;
+    }
+    let Ok(canonical) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|mount| Path::new(&unescape_mountinfo(mount)) == canonical)
+}
+
+/// Mount points in mountinfo escape space, tab, newline and backslash as
+/// three octal digits.
+pub(super) fn unescape_mountinfo(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The owner the manifest recorded for a component's root item.
+pub(super) fn recorded_owner(manifest: &Manifest, c: Component) -> Option<(u32, u32)> {
+    let root = c.archive_root();
+    let file = manifest
+        .files
+        .iter()
+        .find(|f| {
+            f.path.component() == Some(c) && (f.path.as_str() == root || c == Component::Config)
+        })
+        .and_then(|f| f.uid.zip(f.gid));
+    let dir = manifest
+        .dirs
+        .iter()
+        .find(|d| d.path.as_str() == root.trim_end_matches('/'))
+        .and_then(|d| d.uid.zip(d.gid));
+    file.or(dir)
+}
+
+/// Gives `path` the owner `owner` when it has another one. Without the
+/// right to (not root), the item stays ours: the only owner we can give.
+pub(super) fn set_owner(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    let meta = std::fs::symlink_metadata(path)?;
+    if (meta.uid(), meta.gid()) == (uid, gid) {
+        return Ok(());
+    }
+    match std::os::unix::fs::lchown(path, Some(uid), Some(gid)) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            tracing::debug!(path = %path.display(), uid, gid, "cannot give the restored item its owner (not root)");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+pub(super) fn read_header(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(100);
+    std::fs::File::open(path)?.take(100).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Regular files under `root`.
+pub(super) fn sqlite_candidates(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                stack.push(entry.path());
+            } else if ft.is_file() {
+                out.push(entry.path());
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,265 @@
+//! [`FsStaging`]: a staging area next to the live data (or inside a
+//! mounted component), filled with a backup's verified content.
+
+use super::*;
+
+/// A staging area being filled.
+pub(super) struct FsStaging {
+    pub(super) live: LiveData,
+    pub(super) manifest: Manifest,
+    pub(super) roots: Vec<(Component, PathBuf)>,
+    /// Components swapped inside their mount point, entry by entry.
+    pub(super) inside: Vec<Component>,
+    pub(super) current: Option<(tokio::fs::File, PathBuf, Component)>,
+    pub(super) dir_modes: Vec<(PathBuf, u32)>,
+}
+
+impl FsStaging {
+    fn root(&self, c: Component) -> Result<&Path> {
+        self.roots
+            .iter()
+            .find(|(rc, _)| *rc == c)
+            .map(|(_, p)| p.as_path())
+            .ok_or_else(|| self.refuse(c.archive_root(), "component is not being restored"))
+    }
+
+    fn refuse(&self, path: &str, reason: &str) -> Error {
+        Error::Integrity {
+            id: self.manifest.id.to_string(),
+            path: path.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// The owner a restored item gets: that of the live item it replaces,
+    /// else the one recorded in the backup, else that of the live
+    /// component. Restoring as root must not leave the app (running as
+    /// its own user) unable to write its data.
+    fn owner_for(
+        &self,
+        c: Component,
+        path: &ArchivePath,
+        recorded: Option<(u32, u32)>,
+    ) -> Option<(u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        let root = self.live.live(c);
+        let live = match c {
+            Component::Persistence | Component::Config => root.clone(),
+            Component::Memory | Component::Checkpoints => {
+                let mut p = root.clone();
+                p.extend(path.segments().skip(1));
+                p
+            }
+        };
+        let owner_of = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .ok()
+                .map(|m| (m.uid(), m.gid()))
+        };
+        owner_of(&live).or(recorded).or_else(|| owner_of(&root))
+    }
+
+    /// Where an archive path goes in staging.
+    fn staged_path(&self, path: &ArchivePath) -> Result<(Component, PathBuf)> {
+        let c = path
+            .component()
+            .ok_or_else(|| self.refuse(path.as_str(), "outside every component"))?;
+        let root = self.root(c)?.to_path_buf();
+        let mut segments = path.segments().skip(1);
+        match c {
+            Component::Persistence => Ok((c, root)),
+            Component::Config => match (segments.next(), segments.next()) {
+                (Some(_name), None) => Ok((c, root)),
+                _ => Err(self.refuse(
+                    path.as_str(),
+                    "config/ must hold exactly one file, the company config",
+                )),
+            },
+            Component::Memory | Component::Checkpoints => {
+                let mut p = root;
+                p.extend(segments);
+                Ok((c, p))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EntrySink for FsStaging {
+    async fn dir(&mut self, entry: &DirEntry) -> Result<()> {
+        if entry.path.component() == Some(Component::Config) {
+            return Ok(()); // the config component is staged as its one file
+        }
+        let (c, path) = self.staged_path(&entry.path)?;
+        tokio::fs::create_dir_all(&path)
+            .await
+            .map_err(|e| source_err(c, &path, e))?;
+        let owner = self.owner_for(c, &entry.path, entry.uid.zip(entry.gid));
+        set_owner(&path, owner).map_err(|e| source_err(c, &path, e))?;
+        self.dir_modes.push((path, entry.mode.unwrap_or(DIR_MODE)));
+        Ok(())
+    }
+
+    async fn symlink(&mut self, entry: &SymlinkEntry) -> Result<()> {
+        let (c, path) = self.staged_path(&entry.path)?;
+        if contained_target(&entry.path, Path::new(&entry.target)).is_none() {
+            return Err(self.refuse(entry.path.as_str(), "symlink points outside its component"));
+        }
+        create_symlink(&entry.target, &path)
+            .await
+            .map_err(|e| source_err(c, &path, e))
+    }
+
+    async fn file_start(&mut self, entry: &FileEntry) -> Result<()> {
+        let (c, path) = self.staged_path(&entry.path)?;
+        let file = fsio::create_new_file(&path)
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => self.refuse(entry.path.as_str(), "written twice"),
+                _ => source_err(c, &path, e),
+            })?;
+        self.current = Some((file, path, c));
+        Ok(())
+    }
+
+    async fn file_data(&mut self, data: &[u8]) -> Result<()> {
+        let Some((file, path, c)) = self.current.as_mut() else {
+            return Err(Error::Cancelled("file data outside a file".into()));
+        };
+        file.write_all(data)
+            .await
+            .map_err(|e| source_err(*c, path, e))
+    }
+
+    async fn file_end(&mut self, entry: &FileEntry) -> Result<()> {
+        let Some((file, path, c)) = self.current.take() else {
+            return Err(Error::Cancelled("file end outside a file".into()));
+        };
+        // Staged files must be durable before the swap makes them live.
+        fsio::finish_file(file, entry.mode, entry.mtime, true)
+            .await
+            .map_err(|e| source_err(c, &path, e))?;
+        let owner = self.owner_for(c, &entry.path, entry.uid.zip(entry.gid));
+        set_owner(&path, owner).map_err(|e| source_err(c, &path, e))
+    }
+}
+
+#[async_trait]
+impl Staging for FsStaging {
+    async fn verify(&mut self) -> Result<()> {
+        for (c, root) in self.roots.clone() {
+            match c {
+                Component::Persistence => {
+                    if !exists(&root) {
+                        return Err(self.refuse("synthorg.db", "missing from the backup"));
+                    }
+                    if let Some(v) = &self.live.verifier {
+                        v.verify(c, &root, self.manifest.db_schema_version).await?;
+                    }
+                }
+                Component::Config => {
+                    if !exists(&root) {
+                        return Err(
+                            self.refuse("config/", "the company config is missing from the backup")
+                        );
+                    }
+                    let text = fsio::read_capped(&root, MAX_CONFIG_BYTES as usize)
+                        .await
+                        .map_err(|e| source_err(c, &root, e))?;
+                    let text = String::from_utf8(text)
+                        .map_err(|_| self.refuse("config/", "company config is not UTF-8"))?;
+                    check_yaml(&text).map_err(|e| Error::Integrity {
+                        id: self.manifest.id.to_string(),
+                        path: "config/".into(),
+                        reason: format!("company config does not parse as YAML: {e}"),
+                    })?;
+                }
+                Component::Memory => {
+                    if let Some(v) = self.live.verifier.clone() {
+                        for file in sqlite_candidates(&root).map_err(|e| source_err(c, &root, e))? {
+                            let header = read_header(&file).map_err(|e| source_err(c, &file, e))?;
+                            if v.handles(&header) {
+                                drop_stale_companions(c, &file)?;
+                                v.verify(c, &file, None).await?;
+                            }
+                        }
+                    }
+                }
+                Component::Checkpoints => {}
+            }
+        }
+        // Directory modes last (deepest first), so that read-only
+        // directories did not stop their files from being written.
+        let mut modes = std::mem::take(&mut self.dir_modes);
+        modes.sort_by_key(|(dir, _)| std::cmp::Reverse(dir.components().count()));
+        blocking(move || {
+            for (dir, mode) in modes {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(|e| source_err(Component::Memory, &dir, e))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        let live = self.live.clone();
+        let roots = self.roots.clone();
+        let inside = self.inside.clone();
+        let backup_id = self.manifest.id.to_string();
+        let journal_path = live.journal_path();
+        let fault = live.fault;
+        blocking(move || {
+            let mut journal = Journal {
+                backup_id,
+                state: JournalState::Swapping,
+                moves: Vec::new(),
+                cleanup: Vec::new(),
+            };
+            for (c, staged) in roots {
+                if inside.contains(&c) {
+                    let root = live.live(c);
+                    let aside = root.join(INSIDE_ASIDE);
+                    let err = |p: &Path, e| source_err(c, p, e);
+                    fsio::remove_any(&aside).map_err(|e| err(&aside, e))?;
+                    fsio::create_dir_private(&aside).map_err(|e| err(&aside, e))?;
+                    journal.moves.extend(
+                        inside_moves(c, &root, &staged, &aside).map_err(|e| err(&root, e))?,
+                    );
+                    journal.cleanup.extend([staged, aside]);
+                    continue;
+                }
+                for (i, item) in live.live_items(c).into_iter().enumerate() {
+                    journal.moves.push(Move {
+                        component: c,
+                        aside: exists(&item).then(|| sibling(&item, ASIDE)),
+                        staged: (i == 0).then(|| staged.clone()),
+                        live: item,
+                    });
+                }
+            }
+            swap(&journal_path, &journal, fault).map_err(SwapError::into_error)
+        })
+        .await
+    }
+
+    async fn discard(self: Box<Self>) -> Result<()> {
+        let roots = self.roots.clone();
+        drop(self);
+        blocking(move || {
+            for (c, root) in roots {
+                fsio::remove_any(&root).map_err(|e| source_err(c, &root, e))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Creates a symlink (and its parent directories).
+pub(crate) async fn create_symlink(target: &str, path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    tokio::fs::symlink(target, path).await
+}
