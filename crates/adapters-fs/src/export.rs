@@ -129,14 +129,14 @@ impl EntrySink for ExportDir {
 
     async fn file_data(&mut self, data: &[u8]) -> Result<()> {
         let Some((file, path)) = self.current.as_mut() else {
-            return Err(Error::Cancelled("file data outside a file".into()));
+            return Err(Error::Internal("file data outside a file".into()));
         };
         file.write_all(data).await.map_err(|e| err(path, e))
     }
 
     async fn file_end(&mut self, entry: &FileEntry) -> Result<()> {
         let Some((file, path)) = self.current.take() else {
-            return Err(Error::Cancelled("file end outside a file".into()));
+            return Err(Error::Internal("file end outside a file".into()));
         };
         // Like `tar x`, an export is not fsynced file by file (it is
         // renamed into place only once complete); restore staging is.

@@ -159,7 +159,7 @@ fn source_err(c: Component, path: &Path, e: io::Error) -> Error {
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Error::Cancelled(format!("restore task: {e}")))?
+        .map_err(|e| Error::Internal(format!("restore task: {e}")))?
 }
 
 #[async_trait]

@@ -157,6 +157,10 @@ pub enum Error {
     /// The operation was cancelled; nothing partial was published.
     #[error("{0} was cancelled")]
     Cancelled(String),
+    /// A fault that is nobody's input: a task that panicked, a poisoned
+    /// lock, a broken internal invariant. Nothing partial was published.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// How an error should be treated by the CLI (exit codes) and the API
@@ -195,7 +199,8 @@ impl Error {
             Error::Source { .. }
             | Error::Store { .. }
             | Error::Timeout { .. }
-            | Error::Cancelled(_) => ErrorKind::Failed,
+            | Error::Cancelled(_)
+            | Error::Internal(_) => ErrorKind::Failed,
         }
     }
 
@@ -219,6 +224,7 @@ impl Error {
             Error::Store { .. } => "store_failed",
             Error::Timeout { .. } => "timeout",
             Error::Cancelled(_) => "cancelled",
+            Error::Internal(_) => "internal",
         }
     }
 }

@@ -124,7 +124,7 @@ impl EntrySink for FsStaging {
 
     async fn file_data(&mut self, data: &[u8]) -> Result<()> {
         let Some((file, path, c)) = self.current.as_mut() else {
-            return Err(Error::Cancelled("file data outside a file".into()));
+            return Err(Error::Internal("file data outside a file".into()));
         };
         file.write_all(data)
             .await
@@ -133,7 +133,7 @@ impl EntrySink for FsStaging {
 
     async fn file_end(&mut self, entry: &FileEntry) -> Result<()> {
         let Some((file, path, c)) = self.current.take() else {
-            return Err(Error::Cancelled("file end outside a file".into()));
+            return Err(Error::Internal("file end outside a file".into()));
         };
         // Staged files must be durable before the swap makes them live.
         fsio::finish_file(file, entry.mode, entry.mtime, true)

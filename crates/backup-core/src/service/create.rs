@@ -135,7 +135,7 @@ impl Sink<'_> {
                 let (hasher, done) = state
                     .lock()
                     .map(|s| (s.0.clone(), s.1))
-                    .map_err(|_| Error::Cancelled("hashing state poisoned".into()))?;
+                    .map_err(|_| Error::Internal("hashing state poisoned".into()))?;
                 if done != declared || written != declared {
                     return Err(changed(done));
                 }
@@ -285,7 +285,7 @@ impl BackupService {
                 (Ok(m), Ok(written)) => {
                     let stats = stats
                         .lock()
-                        .map_err(|_| Error::Cancelled("archive statistics poisoned".into()))?;
+                        .map_err(|_| Error::Internal("archive statistics poisoned".into()))?;
                     if written != stats.size {
                         return Err(Error::Store {
                             location: store.location(),
@@ -340,7 +340,7 @@ impl BackupService {
             0o600,
             timestamp.timestamp(),
         )
-        .map_err(|e| Error::Cancelled(format!("manifest header: {e}")))?;
+        .map_err(|e| Error::Internal(format!("manifest header: {e}")))?;
         let pad = archive::padding(json.len() as u64);
         sink.send(Bytes::from(header)).await?;
         sink.send(Bytes::from(json)).await?;
@@ -365,7 +365,7 @@ impl BackupService {
                 .sources
                 .iter()
                 .find(|s| s.component() == *component)
-                .ok_or_else(|| Error::Cancelled(format!("no source for {component}")))?;
+                .ok_or_else(|| Error::Internal(format!("no source for {component}")))?;
             if source.needs_quiesce() {
                 let quiesce = self.ports.quiesce.as_ref();
                 let limit = self.settings.quiesce_timeout;

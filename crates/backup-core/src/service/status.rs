@@ -56,7 +56,7 @@ impl BackupService {
         change(&mut record);
         let written = match serde_json::to_vec_pretty(&record) {
             Ok(bytes) => self.ports.store.write_status(bytes).await,
-            Err(e) => Err(Error::Cancelled(format!("status record: {e}"))),
+            Err(e) => Err(Error::Internal(format!("status record: {e}"))),
         };
         if let Err(e) = written {
             tracing::warn!(error = %e, "cannot write the status record");
