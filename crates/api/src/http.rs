@@ -289,18 +289,7 @@ struct ListQuery {
 }
 
 fn item(l: &Listed) -> Value {
-    match l {
-        Listed::Complete(m) => json!({
-            "id": m.id, "status": "complete", "trigger": m.trigger, "timestamp": m.timestamp,
-            "size_bytes": m.size_bytes,
-            "stored_bytes": m.stored_bytes,
-            "components": m.components, "absent": m.absent, "compression": m.compression,
-            "pinned": m.is_pinned(),
-        }),
-        Listed::Damaged { id, reason } => json!({
-            "id": id, "status": "damaged", "trigger": id.trigger(), "timestamp": id.timestamp(), "reason": reason, "error": reason,
-        }),
-    }
+    serde_json::to_value(backup_core::ports::ListItem::from(l)).unwrap_or(Value::Null)
 }
 
 async fn list_backups(

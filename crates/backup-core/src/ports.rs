@@ -52,6 +52,74 @@ pub enum Listed {
     },
 }
 
+/// One entry of `backup list --json` and of `GET /backups`: the same
+/// shape locally and remotely.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ListItem {
+    /// The backup.
+    pub id: BackupId,
+    /// `complete` or `damaged` (the API also lists `running` backups).
+    pub status: String,
+    /// Why it was taken.
+    pub trigger: crate::id::Trigger,
+    /// When it was taken.
+    pub timestamp: DateTime<Utc>,
+    /// Data size (complete backups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// Size as stored (complete backups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
+    /// Components held (complete backups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub components: Option<Vec<Component>>,
+    /// Components whose source did not exist.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absent: Vec<Component>,
+    /// How it is stored (complete backups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    /// Whether retention leaves it alone (complete backups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<bool>,
+    /// Why it is damaged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl From<&Listed> for ListItem {
+    fn from(l: &Listed) -> ListItem {
+        match l {
+            Listed::Complete(m) => ListItem {
+                id: m.id.clone(),
+                status: "complete".into(),
+                trigger: m.trigger,
+                timestamp: m.timestamp,
+                size_bytes: Some(m.size_bytes),
+                stored_bytes: Some(m.stored_bytes),
+                components: Some(m.components.clone()),
+                absent: m.absent.clone(),
+                compression: Some(m.compression),
+                pinned: Some(m.is_pinned()),
+                reason: None,
+            },
+            Listed::Damaged { id, reason } => ListItem {
+                id: id.clone(),
+                status: "damaged".into(),
+                trigger: id.trigger(),
+                timestamp: id.timestamp(),
+                size_bytes: None,
+                stored_bytes: None,
+                components: None,
+                absent: Vec::new(),
+                compression: None,
+                pinned: None,
+                reason: Some(reason.clone()),
+            },
+        }
+    }
+}
+
 impl Listed {
     /// The backup's id.
     pub fn id(&self) -> &BackupId {

@@ -95,27 +95,7 @@ fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
 
 /// A list item as JSON (the documented schema of `backup list --json`).
 fn listed_json(l: &Listed) -> serde_json::Value {
-    match l {
-        Listed::Complete(m) => json!({
-            "id": m.id,
-            "status": "complete",
-            "trigger": m.trigger,
-            "timestamp": m.timestamp,
-            "size_bytes": m.size_bytes,
-            "stored_bytes": m.stored_bytes,
-            "components": m.components,
-            "absent": m.absent,
-            "compression": m.compression,
-            "pinned": m.is_pinned(),
-        }),
-        Listed::Damaged { id, reason } => json!({
-            "id": id,
-            "status": "damaged",
-            "trigger": id.trigger(),
-            "timestamp": id.timestamp(),
-            "reason": reason,
-        }),
-    }
+    serde_json::to_value(backup_core::ports::ListItem::from(l)).unwrap_or_default()
 }
 
 impl Output {
@@ -252,13 +232,7 @@ impl Output {
             let components = format!("{components}{absent}");
             let status = match (text("status").as_str(), item["pinned"].as_bool()) {
                 ("complete", Some(true)) => "complete (pinned)".to_owned(),
-                ("damaged", _) => format!(
-                    "damaged: {}",
-                    item["reason"]
-                        .as_str()
-                        .or(item["error"].as_str())
-                        .unwrap_or("")
-                ),
+                ("damaged", _) => format!("damaged: {}", item["reason"].as_str().unwrap_or("")),
                 (s, _) => s.to_owned(),
             };
             println!(

@@ -144,6 +144,8 @@ async fn remote_mode_drives_a_running_server() {
             .iter()
             .any(|i| i["id"] == id.as_str())
     );
+    // The same JSON locally and remotely (one ListItem type on both sides).
+    assert_eq!(items, demo.json(&["backup", "list"]), "list --json parity");
     let table = String::from_utf8_lossy(&remote(&["backup", "list"]).stdout).into_owned();
     assert!(table.contains(&id) && table.contains("startup"), "{table}");
     let out = remote(&["backup", "show", &id, "--json"]);
