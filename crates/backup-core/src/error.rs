@@ -179,6 +179,33 @@ pub enum ErrorKind {
     Failed,
 }
 
+impl ErrorKind {
+    /// The kind of an error from its stable [`Error::code`], e.g. in a
+    /// problem+json answer, so that a remote client treats it as the
+    /// server did. `None` for codes that are not the domain's (HTTP-level
+    /// ones such as `unauthorized`).
+    pub fn of_code(code: &str) -> Option<ErrorKind> {
+        Some(match code {
+            "invalid_config" | "invalid_id" | "invalid_path" | "invalid_label" => {
+                ErrorKind::Invalid
+            }
+            "not_found" => ErrorKind::NotFound,
+            "busy" => ErrorKind::Busy,
+            "bad_manifest"
+            | "incompatible"
+            | "integrity"
+            | "not_confirmed"
+            | "pinned"
+            | "in_use"
+            | "idempotency_mismatch" => ErrorKind::Refused,
+            "source_failed" | "store_failed" | "timeout" | "cancelled" | "internal" => {
+                ErrorKind::Failed
+            }
+            _ => return None,
+        })
+    }
+}
+
 impl Error {
     /// The treatment class of this error.
     pub fn kind(&self) -> ErrorKind {
@@ -232,6 +259,66 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_code_maps_back_to_its_kind() {
+        let errors = [
+            Error::InvalidId(IdError::Empty),
+            Error::InvalidLabel {
+                label: "k".into(),
+                reason: "r".into(),
+            },
+            Error::NotFound {
+                id: "x".into(),
+                location: "l".into(),
+            },
+            Error::Busy {
+                operation: "o".into(),
+                holder: "h".into(),
+            },
+            Error::Integrity {
+                id: "x".into(),
+                path: "p".into(),
+                reason: "r".into(),
+            },
+            Error::NotConfirmed {
+                operation: "o".into(),
+                id: "x".into(),
+            },
+            Error::Pinned { id: "x".into() },
+            Error::InUse {
+                component: Component::Persistence,
+                path: "p".into(),
+                holder: "h".into(),
+            },
+            Error::IdempotencyMismatch {
+                key: "k".into(),
+                id: "x".into(),
+            },
+            Error::Source {
+                component: Component::Memory,
+                path: "p".into(),
+                reason: "r".into(),
+                source: None,
+            },
+            Error::Store {
+                location: "l".into(),
+                key: "k".into(),
+                reason: "r".into(),
+                source: None,
+            },
+            Error::Timeout {
+                what: "w".into(),
+                secs: 1,
+            },
+            Error::Cancelled("c".into()),
+            Error::Internal("i".into()),
+        ];
+        for e in errors {
+            assert_eq!(ErrorKind::of_code(e.code()), Some(e.kind()), "{}", e.code());
+        }
+        assert_eq!(ErrorKind::of_code("unauthorized"), None);
+    }
 
     #[test]
     fn messages_name_what_is_concerned() {

@@ -14,7 +14,7 @@ mod render;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use backup_core::{Component, ErrorKind};
+use backup_core::Component;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// Backup and restore for SynthOrg.
@@ -212,6 +212,17 @@ mod exit {
     pub(crate) const USAGE: u8 = 2;
     pub(crate) const REFUSED: u8 = 3;
     pub(crate) const BUSY: u8 = 4;
+
+    /// The documented exit code of an error kind.
+    pub(crate) fn of_kind(kind: backup_core::ErrorKind) -> u8 {
+        use backup_core::ErrorKind;
+        match kind {
+            ErrorKind::Invalid => USAGE,
+            ErrorKind::Refused => REFUSED,
+            ErrorKind::Busy => BUSY,
+            ErrorKind::NotFound | ErrorKind::Failed => FAILED,
+        }
+    }
 }
 
 /// An error that already carries its exit code (e.g. verify found damage).
@@ -353,12 +364,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         .chain()
         .find_map(|c| c.downcast_ref::<backup_core::Error>())
     {
-        return match core.kind() {
-            ErrorKind::Invalid => exit::USAGE,
-            ErrorKind::Refused => exit::REFUSED,
-            ErrorKind::Busy => exit::BUSY,
-            ErrorKind::NotFound | ErrorKind::Failed => exit::FAILED,
-        };
+        return exit::of_kind(core.kind());
     }
     if e.chain().any(|c| {
         c.is::<backup_core::ConfigError>()

@@ -190,13 +190,12 @@ fn problem(status: u16, body: &Value) -> anyhow::Error {
     let detail = body["detail"]
         .as_str()
         .map_or_else(|| body.to_string(), str::to_owned);
-    let exit_code = match (status, code) {
-        (_, "busy") => exit::BUSY,
-        (401, _) | (400, _) | (413, _) => exit::USAGE,
-        (_, "incompatible" | "not_confirmed" | "pinned" | "integrity" | "bad_manifest") => {
-            exit::REFUSED
-        }
-        _ => exit::FAILED,
+    // The server's error kind, from the stable code, as a local error of
+    // that kind would exit; HTTP-level answers by status.
+    let exit_code = match backup_core::ErrorKind::of_code(code) {
+        Some(kind) => crate::exit::of_kind(kind),
+        None if matches!(status, 400 | 401 | 413 | 422) => exit::USAGE,
+        None => exit::FAILED,
     };
     Exit {
         code: exit_code,

@@ -178,6 +178,13 @@ async fn remote_mode_drives_a_running_server() {
         b"company: {name: changed}\n"
     );
 
+    // The database open in another process: refused, exit 3 as locally.
+    let conn = synthorg_cli::state::open(&demo.layout.database).await.unwrap();
+    let out = remote(&["restore", &id, "--yes"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("in_use"), "{}", stderr(&out));
+    sqlx::Connection::close(conn).await.unwrap();
+
     let out = remote(&["backup", "delete", &id]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = remote(&["backup", "show", &id]);
