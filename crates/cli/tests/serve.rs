@@ -179,7 +179,9 @@ async fn remote_mode_drives_a_running_server() {
     );
 
     // The database open in another process: refused, exit 3 as locally.
-    let conn = synthorg_cli::state::open(&demo.layout.database).await.unwrap();
+    let conn = synthorg_cli::state::open(&demo.layout.database)
+        .await
+        .unwrap();
     let out = remote(&["restore", &id, "--yes"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("in_use"), "{}", stderr(&out));
