@@ -6,205 +6,18 @@
 //! context chain and map to documented exit codes: 0 ok, 1 failed,
 //! 2 usage/config/invalid input, 3 refused, 4 busy.
 
+mod args;
 mod commands;
 mod config_file;
+mod process;
 mod remote;
 mod render;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use backup_core::Component;
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser};
 
-/// Backup and restore for SynthOrg.
-#[derive(Debug, Parser)]
-#[command(name = "synthorg", version, about, propagate_version = true)]
-struct Cli {
-    /// Config file (default: $SYNTHORG_CONFIG, else ./synthorg.yaml if present, else built-in defaults).
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Print results as JSON on stdout.
-    #[arg(long, global = true)]
-    json: bool,
-    /// More log output on stderr (-v info, -vv debug).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
-    verbose: u8,
-    /// Only errors on stderr.
-    #[arg(short, long, global = true)]
-    quiet: bool,
-    /// Send backup create/list/show/delete/restore to a running `synthorg serve`, e.g. http://127.0.0.1:8080.
-    #[arg(long, global = true, env = "SYNTHORG_SERVER", value_name = "URL")]
-    server: Option<String>,
-    /// Bearer token for --server (default: $SYNTHORG_TOKEN, else $SYNTHORG_API_TOKEN).
-    #[arg(long, global = true, value_name = "TOKEN")]
-    token: Option<String>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Create, list, inspect, verify, delete, prune, restore and export backups.
-    Backup(BackupArgs),
-    /// Restore a backup (alias of `backup restore`).
-    Restore(RestoreArgs),
-    /// Roll back or finish an interrupted restore and remove leftovers of interrupted backups.
-    Recover,
-    /// Run the admin REST API with the backup lifecycle (startup, scheduled and shutdown backups).
-    Serve(ServeArgs),
-    /// Create a demo data directory and run backup, list, verify, change, restore and compare on it.
-    Demo(DemoArgs),
-    /// Inspect the configuration.
-    #[command(subcommand)]
-    Config(ConfigCommand),
-    /// Print shell completions.
-    Completions {
-        /// The shell.
-        shell: clap_complete::Shell,
-    },
-}
-
-#[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true)]
-struct BackupArgs {
-    #[command(subcommand)]
-    command: Option<BackupCommand>,
-    #[command(flatten)]
-    create: CreateArgs,
-}
-
-#[derive(Debug, Args)]
-struct CreateArgs {
-    /// Why the backup is taken.
-    #[arg(long, value_enum, default_value_t = CliTrigger::Manual)]
-    trigger: CliTrigger,
-    /// A label stored in the manifest, KEY=VALUE (repeatable).
-    #[arg(long = "label", value_name = "KEY=VALUE")]
-    labels: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum CliTrigger {
-    Manual,
-    PreMigration,
-}
-
-#[derive(Debug, Subcommand)]
-enum BackupCommand {
-    /// Create a backup and print its id (the default).
-    Create(CreateArgs),
-    /// List backups, newest first.
-    List {
-        /// Show at most N backups.
-        #[arg(long, value_name = "N")]
-        limit: Option<usize>,
-    },
-    /// Backup health: ok, failing, overdue or disabled, with the last
-    /// success, failure and verification (exit 0 only when ok).
-    Status,
-    /// Show a backup's manifest.
-    Show {
-        /// Backup id.
-        id: String,
-    },
-    /// Re-read a backup completely and check every hash; exit 0 only if intact.
-    Verify {
-        /// Backup id.
-        id: String,
-    },
-    /// Delete a backup.
-    Delete {
-        /// Backup id.
-        id: String,
-        /// Also delete a pinned pre-migration backup.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Apply the retention policy now.
-    Prune {
-        /// Only show what would be pruned.
-        #[arg(long)]
-        dry_run: bool,
-    },
-    /// Restore a backup into the live data (stop SynthOrg first).
-    Restore(RestoreArgs),
-    /// Verify a backup and extract it into a new directory, without touching live data.
-    Export {
-        /// Backup id.
-        id: String,
-        /// Destination directory (must not exist or be empty).
-        dir: PathBuf,
-    },
-}
-
-#[derive(Debug, Args)]
-struct RestoreArgs {
-    /// Backup id.
-    id: String,
-    /// Only check compatibility and show what would be replaced.
-    #[arg(long)]
-    dry_run: bool,
-    /// Do not ask for confirmation (required when stdin is not a terminal).
-    #[arg(long, short = 'y')]
-    yes: bool,
-    /// Restore only these components.
-    #[arg(long, value_enum, num_args = 1.., value_name = "COMPONENT")]
-    only: Vec<CliComponent>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum CliComponent {
-    Persistence,
-    Memory,
-    Config,
-    Checkpoints,
-}
-
-impl From<CliComponent> for Component {
-    fn from(c: CliComponent) -> Component {
-        match c {
-            CliComponent::Persistence => Component::Persistence,
-            CliComponent::Memory => Component::Memory,
-            CliComponent::Config => Component::Config,
-            CliComponent::Checkpoints => Component::Checkpoints,
-        }
-    }
-}
-
-#[derive(Debug, Args)]
-struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port; the address is printed).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: std::net::SocketAddr,
-    /// Serve without a bearer token (only on a loopback address).
-    #[arg(long)]
-    insecure_no_auth: bool,
-    /// Seconds between scheduled backups, overriding backup.schedule_hours (testing).
-    #[arg(long, hide = true)]
-    schedule_secs: Option<u64>,
-}
-
-#[derive(Debug, Args)]
-struct DemoArgs {
-    /// Where to create the demo data (must not hold a SynthOrg database yet).
-    #[arg(long, default_value = "synthorg-demo")]
-    dir: PathBuf,
-    /// Approximate size of the generated data, e.g. 20MB, 600MB, 2GiB.
-    #[arg(long, default_value = "20MB", value_parser = synthorg_cli::demo::parse_size)]
-    size: u64,
-    /// Only generate the data directory (for benchmarks), then stop.
-    #[arg(long)]
-    generate_only: bool,
-}
-
-#[derive(Debug, Subcommand)]
-enum ConfigCommand {
-    /// Load and validate the configuration; exit 2 naming the bad key if invalid.
-    Check,
-    /// Print the effective configuration (file, then env overrides; secrets hidden).
-    Show,
-}
+pub(crate) use args::*;
 
 /// Documented exit codes.
 mod exit {
@@ -233,74 +46,8 @@ pub(crate) struct Exit {
     pub(crate) message: String,
 }
 
-/// glibc's malloc raises its mmap threshold to the size of each large
-/// block freed; after that the pipeline's 1 MiB members and 8 MiB upload
-/// parts come from arenas that fragment (bench/run, same data: peak RSS of
-/// a gzip backup 55 -> 25 MiB, of an S3 upload 112 -> 50 MiB with a fixed
-/// threshold). The threshold is fixed only through the environment, read
-/// when the process starts, so the process re-executes itself once with it
-/// set (no unsafe `mallopt`; mimalloc was measured too and used more).
-/// An explicit setting is kept; if exec fails, it runs on as it is.
-fn fix_malloc_threshold() {
-    use std::os::unix::process::CommandExt;
-    const VAR: &str = "MALLOC_MMAP_THRESHOLD_";
-    if std::env::var_os(VAR).is_some() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut args = std::env::args_os();
-    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-    // Only returns on failure.
-    let _ = std::process::Command::new(&exe)
-        .arg0(arg0)
-        .args(args)
-        .env(VAR, "131072")
-        .exec();
-}
-
-/// The variable that sets how many CPUs `synthorg` uses (0: all).
-const CPUS_VAR: &str = "SYNTHORG_BACKUP_CPUS";
-
-/// Keeps the process (and every thread it starts later) on all the CPUs it
-/// may use but one, so that a backup never takes the CPU from the app's
-/// writers: with both cores busy a committing writer waited up to a
-/// scheduler tick (perf sched), p99 0.2 -> 2.2-3.3 ms, and neither `nice`
-/// nor SCHED_IDLE helped; on one core of two, p99 stayed at 0.16 ms and the
-/// backup took 8 % longer (bench/run). `SYNTHORG_BACKUP_CPUS=N` uses N
-/// (0: all).
-fn limit_cpus() -> Result<(), String> {
-    use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
-    let wanted =
-        match std::env::var(CPUS_VAR) {
-            Ok(v) => Some(v.trim().parse::<usize>().map_err(|_| {
-                format!("{CPUS_VAR}: expected a number of CPUs (0 = all), got {v:?}")
-            })?),
-            Err(_) => None,
-        };
-    let Ok(allowed) = sched_getaffinity(None) else {
-        return Ok(());
-    };
-    let cpus: Vec<usize> = (0..CpuSet::MAX_CPU)
-        .filter(|&c| allowed.is_set(c))
-        .collect();
-    let use_cpus = wanted.unwrap_or_else(|| cpus.len().saturating_sub(1).max(1));
-    if use_cpus == 0 || use_cpus >= cpus.len() {
-        return Ok(());
-    }
-    let mut set = CpuSet::new();
-    // The highest-numbered ones: CPU 0 usually takes the most interrupts.
-    for &cpu in cpus.iter().rev().take(use_cpus) {
-        set.set(cpu);
-    }
-    // Best effort: a refused affinity (some sandboxes) leaves all CPUs.
-    let _ = sched_setaffinity(None, &set);
-    Ok(())
-}
-
 fn main() -> ExitCode {
-    fix_malloc_threshold();
+    process::fix_malloc_threshold();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -310,7 +57,7 @@ fn main() -> ExitCode {
         }
     };
     // Before the runtime starts its threads: they inherit the affinity.
-    if let Err(e) = limit_cpus() {
+    if let Err(e) = process::limit_cpus() {
         eprintln!("error: {e}");
         return ExitCode::from(exit::USAGE);
     }
