@@ -1,6 +1,6 @@
 //! [`LocalFsStore`]: backups in a local directory.
 //!
-//! Layout (DESIGN.md):
+//! Layout (docs/ARCHITECTURE.md):
 //! ```text
 //! <root>/<id>.tar.gz | <id>.tar.zst   archive of a compressed backup
 //! <root>/<id>/...                      directory form (compression none)

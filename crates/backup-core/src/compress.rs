@@ -23,7 +23,8 @@ use crate::ports::ByteStream;
 pub const BLOCK_SIZE: usize = 1024 * 1024;
 
 /// Default gzip level: level 3 keeps most of level 6's ratio at more than
-/// twice its speed (DESIGN.md measurements).
+/// twice its speed (zlib-rs, one core, realistic tar stream: level 3
+/// 154 MB/s at ratio 0.219, level 6 29 MB/s at 0.173).
 pub const DEFAULT_GZIP_LEVEL: u32 = 3;
 /// Default zstd level.
 pub const DEFAULT_ZSTD_LEVEL: u32 = 3;

@@ -1,4 +1,4 @@
-//! Restore: validated, all-or-nothing, crash-safe (DESIGN.md protocol).
+//! Restore: validated, all-or-nothing, crash-safe (protocol in docs/ARCHITECTURE.md).
 //!
 //! 1. Read the sidecar manifest and run the compatibility rules; any error
 //!    stops here, before anything is downloaded. `dry_run` stops here too
