@@ -248,6 +248,11 @@ const KNOWN_FIELDS: &[&str] = &[
     "labels",
 ];
 
+const KNOWN_FILE_FIELDS: &[&str] = &["path", "size", "sha256", "mode", "mtime", "uid", "gid"];
+const KNOWN_DIR_FIELDS: &[&str] = &["path", "mode", "uid", "gid"];
+const KNOWN_SYMLINK_FIELDS: &[&str] = &["path", "target"];
+const KNOWN_ARCHIVE_FIELDS: &[&str] = &["sha256", "size_bytes", "members"];
+
 impl Manifest {
     /// Parses and validates a manifest.
     ///
@@ -279,6 +284,21 @@ impl Manifest {
             let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
             if let Some(obj) = value.as_object_mut() {
                 obj.retain(|k, _| KNOWN_FIELDS.contains(&k.as_str()));
+                // A newer minor may add fields to entries too.
+                for (list, known) in [
+                    ("files", KNOWN_FILE_FIELDS),
+                    ("dirs", KNOWN_DIR_FIELDS),
+                    ("symlinks", KNOWN_SYMLINK_FIELDS),
+                ] {
+                    if let Some(entries) = obj.get_mut(list).and_then(|v| v.as_array_mut()) {
+                        for entry in entries.iter_mut().filter_map(|e| e.as_object_mut()) {
+                            entry.retain(|k, _| known.contains(&k.as_str()));
+                        }
+                    }
+                }
+                if let Some(archive) = obj.get_mut("archive").and_then(|v| v.as_object_mut()) {
+                    archive.retain(|k, _| KNOWN_ARCHIVE_FIELDS.contains(&k.as_str()));
+                }
             }
             serde_json::from_value(value)?
         } else {
@@ -822,7 +842,17 @@ pub(crate) mod tests {
         ));
         v["version"] = "1.9".into();
         assert!(Manifest::from_json(v.to_string().as_bytes()).is_ok());
+        // ...and unknown fields inside entries (a 1.9 file's new attribute).
+        v["files"][0]["xattrs"] = serde_json::json!({"user.a": "b"});
+        v["dirs"][0]["acl"] = "x".into();
+        v["archive"]["codec_params"] = 3.into();
+        let parsed = Manifest::from_json(v.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.files, sample("2026-03-15T14-30-00_manual").files);
+        v["version"] = MANIFEST_MINOR_STRING.into();
+        assert!(Manifest::from_json(v.to_string().as_bytes()).is_err());
     }
+
+    const MANIFEST_MINOR_STRING: &str = "1.1";
 
     #[test]
     fn validate_catches_each_inconsistency() {
