@@ -255,11 +255,31 @@ async fn prune_killed_at_any_moment_removes_whole_backups_only() {
 }
 
 /// Files of the S3 server that belong to multipart uploads.
+///
+/// One case is left out, the window the README documents: a kill in the one
+/// round trip between CreateMultipartUpload and the PUT of its marker
+/// leaves an upload that no marker records and that holds no part (s3s-fs:
+/// `.upload-<id>.json` without `.upload_id-<id>.part-*`); object_store
+/// cannot list uploads, so only a bucket lifecycle rule removes it. Every
+/// upload that holds data was recorded first and must be gone.
 fn multipart_leftovers(server: &Server) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(&server.root)
+    let names: Vec<String> = std::fs::read_dir(&server.root)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".upload"))
+        .collect();
+    let unrecorded_and_empty = |n: &str| {
+        n.strip_prefix(".upload-")
+            .and_then(|r| r.strip_suffix(".json"))
+            .is_some_and(|id| {
+                !names
+                    .iter()
+                    .any(|p| p.starts_with(&format!(".upload_id-{id}.part-")))
+            })
+    };
+    let mut out: Vec<String> = names
+        .iter()
+        .filter(|n| n.starts_with(".upload") && !unrecorded_and_empty(n))
+        .cloned()
         .collect();
     out.extend(
         server
