@@ -21,8 +21,23 @@ use tokio::io::AsyncWriteExt;
 
 /// Bytes needed to recognise a SQLite file.
 const HEADER: usize = 16;
-/// Largest company config checked (as in staging).
-const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest company config accepted (checks and staging alike).
+const MAX_CONFIG_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a company config file would not load, if it would not: not UTF-8,
+/// or not YAML. The one check of staging and of the content check.
+///
+/// # Errors
+/// When the file cannot be read (or is larger than 16 MiB).
+pub(crate) async fn company_config_problem(path: &Path) -> std::io::Result<Option<String>> {
+    let text = crate::fsio::read_capped(path, MAX_CONFIG_BYTES).await?;
+    let Ok(text) = String::from_utf8(text) else {
+        return Ok(Some("company config is not UTF-8".into()));
+    };
+    Ok(check_yaml(&text)
+        .err()
+        .map(|e| format!("company config does not parse as YAML: {e}")))
+}
 
 /// What happens to the file being read.
 enum Current {
@@ -102,20 +117,13 @@ impl ScratchCheck {
     async fn check(&self, entry: &FileEntry, path: &Path) -> Result<()> {
         let c = entry.path.component().unwrap_or(Component::Persistence);
         match c {
-            Component::Config => {
-                let text = crate::fsio::read_capped(path, MAX_CONFIG_BYTES as usize)
-                    .await
-                    .map_err(|e| self.io(entry, &e))?;
-                let text = String::from_utf8(text).map_err(|_| {
-                    self.fail(entry.path.as_str(), "company config is not UTF-8".into())
-                })?;
-                check_yaml(&text).map_err(|e| {
-                    self.fail(
-                        entry.path.as_str(),
-                        format!("company config does not parse as YAML: {e}"),
-                    )
-                })
-            }
+            Component::Config => match company_config_problem(path)
+                .await
+                .map_err(|e| self.io(entry, &e))?
+            {
+                Some(reason) => Err(self.fail(entry.path.as_str(), reason)),
+                None => Ok(()),
+            },
             _ => {
                 let Some(v) = &self.verifier else {
                     return Ok(());

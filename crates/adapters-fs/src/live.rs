@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use backup_core::config::{SourcesConfig, check_yaml};
+use backup_core::config::SourcesConfig;
 use backup_core::manifest::{DirEntry, FileEntry, SymlinkEntry};
 use backup_core::ports::{
     ContentCheck, DatabaseVerifier, EntrySink, RestoreTarget, SCRATCH_PREFIX, Staging,
@@ -56,8 +56,6 @@ const ASIDE: &str = ".restore-aside";
 /// contents are swapped instead.
 const INSIDE_STAGED: &str = ".synthorg-restore-staged";
 const INSIDE_ASIDE: &str = ".synthorg-restore-aside";
-/// Largest company config accepted when verifying a staged one.
-const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The live data directory layout, from `backup.sources`.
 #[derive(Debug, Clone)]

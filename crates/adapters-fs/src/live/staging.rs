@@ -163,16 +163,12 @@ impl Staging for FsStaging {
                             self.refuse("config/", "the company config is missing from the backup")
                         );
                     }
-                    let text = fsio::read_capped(&root, MAX_CONFIG_BYTES as usize)
+                    let problem = crate::check::company_config_problem(&root)
                         .await
                         .map_err(|e| source_err(c, &root, e))?;
-                    let text = String::from_utf8(text)
-                        .map_err(|_| self.refuse("config/", "company config is not UTF-8"))?;
-                    check_yaml(&text).map_err(|e| Error::Integrity {
-                        id: self.manifest.id.to_string(),
-                        path: "config/".into(),
-                        reason: format!("company config does not parse as YAML: {e}"),
-                    })?;
+                    if let Some(reason) = problem {
+                        return Err(self.refuse("config/", &reason));
+                    }
                 }
                 Component::Memory => {
                     if let Some(v) = self.live.verifier.clone() {
