@@ -4,50 +4,20 @@
 //! does not verify. Fast, no filesystem.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::tests::{FakeClock, FakeQuiesce, Faults, Log, events, memory_source, push};
-use super::{BackupService, Ports, RestoreOptions, Settings};
+use super::tests::{FakeClock, FakeQuiesce, Faults, Log, events, memory_source, push, settings};
+use super::{BackupService, Ports, RestoreOptions};
 use crate::compat::RunningApp;
 use crate::config::Compression;
 use crate::error::{Error, Result};
-use crate::id::{Component, Trigger};
+use crate::id::Trigger;
 use crate::manifest::{DirEntry, FileEntry, Manifest, SymlinkEntry};
 use crate::memory::{InMemoryLock, InMemoryStore};
-use crate::ports::{ContentCheck, EntrySink, Listed, MockRestoreTarget, NoNotifier, Staging};
-use crate::retention::RetentionPolicy;
-
-/// A content check that accepts everything (the filesystem adapter's
-/// SQLite and YAML checks are tested end to end).
-struct Accept;
-
-#[async_trait]
-impl EntrySink for Accept {
-    async fn dir(&mut self, _: &DirEntry) -> Result<()> {
-        Ok(())
-    }
-    async fn symlink(&mut self, _: &SymlinkEntry) -> Result<()> {
-        Ok(())
-    }
-    async fn file_start(&mut self, _: &FileEntry) -> Result<()> {
-        Ok(())
-    }
-    async fn file_data(&mut self, _: &[u8]) -> Result<()> {
-        Ok(())
-    }
-    async fn file_end(&mut self, _: &FileEntry) -> Result<()> {
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl ContentCheck for Accept {
-    async fn finish(self: Box<Self>) -> Result<()> {
-        Ok(())
-    }
-}
+use crate::ports::{
+    ContentCheck, DiscardSink, EntrySink, Listed, MockRestoreTarget, NoNotifier, Staging,
+};
 
 /// A staging area that records what it receives and whether it commits.
 struct Recording(Log);
@@ -91,8 +61,9 @@ impl Staging for Recording {
 fn target(log: &Log) -> MockRestoreTarget {
     let mut t = MockRestoreTarget::new();
     t.expect_recover().returning(|| Ok(vec![]));
+    // The filesystem adapter's SQLite and YAML checks are tested end to end.
     t.expect_content_check()
-        .returning(|_| Ok(Box::new(Accept) as Box<dyn ContentCheck>));
+        .returning(|_| Ok(Box::new(DiscardSink) as Box<dyn ContentCheck>));
     t.expect_live_path().returning(|c| format!("/live/{c}"));
     t.expect_check_not_in_use().returning(|_| Ok(()));
     t.expect_is_present().returning(|_| true);
@@ -103,20 +74,7 @@ fn target(log: &Log) -> MockRestoreTarget {
 }
 
 fn service(store: &InMemoryStore, log: &Log, compression: Compression) -> BackupService {
-    let settings = Settings {
-        compression,
-        compression_level: Some(1),
-        include: vec![Component::Memory],
-        retention: RetentionPolicy {
-            max_count: 10,
-            max_age_days: 3650,
-            keep_daily: None,
-            keep_weekly: None,
-            keep_monthly: None,
-            keep_pre_restore: 3,
-        },
-        quiesce_timeout: Duration::from_secs(30),
-    };
+    let settings = settings(compression, 10);
     let ports = Ports {
         store: Arc::new(store.clone()),
         lock: Arc::new(InMemoryLock::new()),

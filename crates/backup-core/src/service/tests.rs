@@ -247,6 +247,24 @@ impl Quiesce for FakeQuiesce {
     }
 }
 
+/// Settings of the test services: memory only, fast compression.
+pub(super) fn settings(compression: Compression, max_count: u32) -> Settings {
+    Settings {
+        compression,
+        compression_level: Some(1),
+        include: vec![Component::Memory],
+        retention: RetentionPolicy {
+            max_count,
+            max_age_days: 3650,
+            keep_daily: None,
+            keep_weekly: None,
+            keep_monthly: None,
+            keep_pre_restore: 3,
+        },
+        quiesce_timeout: Duration::from_secs(30),
+    }
+}
+
 /// A service over fakes and mocks that record every call in `log`.
 /// `listed` is what the store lists (before this backup).
 fn service(log: &Log, faults: Faults, listed: Vec<Listed>, max_count: u32) -> BackupService {
@@ -273,20 +291,7 @@ fn service(log: &Log, faults: Faults, listed: Vec<Listed>, max_count: u32) -> Ba
         hang: faults.pause_hangs,
     };
 
-    let settings = Settings {
-        compression: Compression::Gzip,
-        compression_level: Some(1),
-        include: vec![Component::Memory],
-        retention: RetentionPolicy {
-            max_count,
-            max_age_days: 3650,
-            keep_daily: None,
-            keep_weekly: None,
-            keep_monthly: None,
-            keep_pre_restore: 3,
-        },
-        quiesce_timeout: Duration::from_secs(30),
-    };
+    let settings = settings(Compression::Gzip, max_count);
     let ports = Ports {
         store: Arc::new(store),
         lock: Arc::new(lock),
