@@ -150,9 +150,10 @@ async fn failures_and_successes_are_notified_and_the_status_follows_them() {
         service.status(true, SIX_HOURS).await.unwrap().status,
         Health::Overdue
     );
-    assert!(service.notify_if_overdue(true, SIX_HOURS).await);
+    let overdue = service.status(true, SIX_HOURS).await.unwrap();
+    assert!(service.notify_if_overdue(&overdue).await);
     assert!(
-        !service.notify_if_overdue(true, SIX_HOURS).await,
+        !service.notify_if_overdue(&overdue).await,
         "once per overdue period"
     );
     receiver.event("backup.overdue").await;

@@ -180,14 +180,12 @@ async fn watch_health(
         if *stopped.borrow() {
             return;
         }
-        if state
-            .service()
-            .notify_if_overdue(true, config.schedule)
-            .await
+        // One evaluation a tick: it also updates the status metrics.
+        if let Ok(report) = state.status().await
+            && state.service().notify_if_overdue(&report).await
         {
             tracing::error!("no backup succeeded for twice the schedule; backup.overdue sent");
         }
-        let _ = state.status().await;
         if let Some(every) = config.verify_every
             && verified_at.elapsed() >= every
         {

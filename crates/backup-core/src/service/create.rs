@@ -388,9 +388,11 @@ impl BackupService {
                     .await?;
             }
         }
-        if produced.absent.len() == components.len() {
+        if let Some(first) = components.first()
+            && produced.absent.len() == components.len()
+        {
             return Err(Error::Source {
-                component: components[0],
+                component: *first,
                 path: "(every configured source)".into(),
                 reason: format!(
                     "nothing to back up: no source of {} exists",

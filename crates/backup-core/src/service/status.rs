@@ -85,17 +85,10 @@ impl BackupService {
         schedule: std::time::Duration,
     ) -> Result<StatusReport> {
         let listed = self.ports.store.list().await?;
-        let newest = listed
-            .iter()
-            .filter_map(|l| match l {
-                Listed::Complete(s) => Some(s.as_ref()),
-                Listed::Damaged { .. } => None,
-            })
-            .max_by_key(|s| (s.sequence, s.timestamp, s.id.clone()));
         let record = self.read_record().await;
         Ok(evaluate(
             &record,
-            newest,
+            newest_complete(&listed),
             self.ports.clock.now(),
             enabled,
             schedule,
@@ -111,15 +104,7 @@ impl BackupService {
     /// `Store` when the store cannot be read.
     pub async fn verify_newest(&self) -> Result<Option<Verification>> {
         let listed = self.ports.store.list().await?;
-        let Some(id) = listed
-            .iter()
-            .filter_map(|l| match l {
-                Listed::Complete(s) => Some(s.as_ref()),
-                Listed::Damaged { .. } => None,
-            })
-            .max_by_key(|s| (s.sequence, s.timestamp, s.id.clone()))
-            .map(|s| s.id.clone())
-        else {
+        let Some(id) = newest_complete(&listed).map(|s| s.id.clone()) else {
             return Ok(None);
         };
         let report = self.verify(&id).await?;
@@ -147,13 +132,10 @@ impl BackupService {
         }
     }
 
-    /// Sends `backup.overdue` once per overdue period: when the status is
-    /// overdue and no notice was sent since the last success. Returns
-    /// whether it sent one.
-    pub async fn notify_if_overdue(&self, enabled: bool, schedule: std::time::Duration) -> bool {
-        let Ok(report) = self.status(enabled, schedule).await else {
-            return false;
-        };
+    /// Sends `backup.overdue` once per overdue period: when `report` (from
+    /// [`status`](Self::status)) is overdue and no notice was sent since
+    /// the last success. Returns whether it sent one.
+    pub async fn notify_if_overdue(&self, report: &StatusReport) -> bool {
         if report.status != crate::status::Health::Overdue {
             return false;
         }
@@ -177,7 +159,7 @@ impl BackupService {
             size_bytes: report.last_success.as_ref().map(|s| s.size_bytes),
             error: Some(format!(
                 "no backup succeeded for more than {} s (twice the schedule)",
-                2 * schedule.as_secs()
+                2 * report.schedule_secs
             )),
         };
         self.ports.notifier.notify(&event).await;
@@ -202,4 +184,15 @@ impl BackupService {
         };
         self.ports.notifier.notify(&event).await;
     }
+}
+
+/// The newest complete backup, by creation order.
+fn newest_complete(listed: &[Listed]) -> Option<&crate::manifest::Summary> {
+    listed
+        .iter()
+        .filter_map(|l| match l {
+            Listed::Complete(s) => Some(s.as_ref()),
+            Listed::Damaged { .. } => None,
+        })
+        .max_by_key(|s| (s.sequence, s.timestamp, s.id.clone()))
 }
