@@ -188,8 +188,6 @@ impl RestoreTarget for LiveData {
                     }
                 }
                 if let Some(holder) = crate::in_use::find_holder(&files) {
-                    tracing::error!(component = %c, path = %holder.path.display(), holder = %holder,
-                        "restore refused: live data is open in a process");
                     return Err(Error::InUse {
                         component: c,
                         path: holder.path.display().to_string(),
