@@ -1,7 +1,7 @@
 //! Local-disk adapter of synthorg-backup.
 //!
-//! - [`LocalFsStore`]: a `BackupStore` on a directory, with durable atomic
-//!   writes and the sidecar manifest published last.
+//! - [`LocalDir`]: a backup directory's objects (durable atomic writes);
+//!   [`LocalFsStore`] is the core's store layout over it.
 //! - [`FileLock`]: the cross-process operation lock (`flock`).
 //! - [`DirSource`]: the memory, config and checkpoints components.
 //! - [`LiveData`]: the restore target: staging, journaled swap, recovery.
@@ -27,4 +27,4 @@ pub use dir_source::DirSource;
 pub use export::ExportDir;
 pub use live::{LiveData, SwapFault};
 pub use lock::{FileLock, FileLockGuard, LOCK_FILE};
-pub use store::LocalFsStore;
+pub use store::{LocalDir, LocalFsStore};

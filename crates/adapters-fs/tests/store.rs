@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use adapters_fs::{FileLock, LocalFsStore};
+use adapters_fs::{FileLock, LocalDir, LocalFsStore};
 use async_trait::async_trait;
 use backup_core::conformance::{self, Target};
 use backup_core::ports::{BackupStore, ObjectName, Operation, OperationLock};
@@ -25,7 +25,7 @@ impl Local {
     fn new(root: &Path) -> Local {
         Local {
             root: root.to_path_buf(),
-            store: Arc::new(LocalFsStore::open(root).unwrap()),
+            store: Arc::new(LocalDir::store(root).unwrap()),
         }
     }
 }
@@ -71,7 +71,7 @@ async fn local_store_passes_the_conformance_suite() {
 async fn backup_directory_and_files_are_private() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("a/b/backups");
-    let store = LocalFsStore::open(&root).unwrap();
+    let store = LocalDir::store(&root).unwrap();
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&root), 0o700);
     let id = id(1_800_000_000);
@@ -99,7 +99,7 @@ async fn backup_directory_and_files_are_private() {
 #[tokio::test]
 async fn a_failed_stream_leaves_no_partial_object() {
     let dir = tempfile::tempdir().unwrap();
-    let store = LocalFsStore::open(dir.path()).unwrap();
+    let store = LocalDir::store(dir.path()).unwrap();
     let id = id(1_800_000_000);
     let failing = futures::stream::iter(vec![
         Ok(bytes::Bytes::from_static(b"some data")),
@@ -121,7 +121,7 @@ async fn a_failed_stream_leaves_no_partial_object() {
 #[tokio::test]
 async fn leftover_temp_files_of_a_crash_are_cleaned_up() {
     let dir = tempfile::tempdir().unwrap();
-    let store = LocalFsStore::open(dir.path()).unwrap();
+    let store = LocalDir::store(dir.path()).unwrap();
     let id = id(1_800_000_000);
     std::fs::write(dir.path().join(format!(".{id}.tar.gz.tmp-999-0")), b"half").unwrap();
     std::fs::write(
@@ -218,7 +218,7 @@ async fn disk_full_is_a_clear_error_and_leaves_nothing_behind() {
     let Some(mount) = Mount::tmpfs(&dir.path().join("small"), "size=1m") else {
         return;
     };
-    let store = LocalFsStore::open(&mount.0).unwrap();
+    let store = LocalDir::store(&mount.0).unwrap();
     let id = id(1_800_000_000);
     let big =
         futures::stream::iter((0..40).map(|_| Ok(bytes::Bytes::from(vec![7u8; 100_000])))).boxed();
@@ -241,7 +241,7 @@ async fn a_read_only_backup_path_is_a_clear_error() {
     let Some(mount) = Mount::tmpfs(&dir.path().join("ro"), "ro,size=1m") else {
         return;
     };
-    let store = LocalFsStore::open(&mount.0).unwrap();
+    let store = LocalDir::store(&mount.0).unwrap();
     let err = store
         .put(
             &id(1_800_000_000),
@@ -251,6 +251,6 @@ async fn a_read_only_backup_path_is_a_clear_error() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("read-only"), "{err}");
-    let err = LocalFsStore::open(mount.0.join("sub")).unwrap_err();
+    let err = LocalDir::store(mount.0.join("sub")).unwrap_err();
     assert!(err.to_string().contains("read-only"), "{err}");
 }

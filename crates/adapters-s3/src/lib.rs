@@ -1,4 +1,5 @@
-//! S3 adapter of synthorg-backup: [`S3Store`] and [`S3Lock`] on any
+//! S3 adapter of synthorg-backup: [`S3Store`] (the core's store layout over
+//! [`S3Prefix`]) and [`S3Lock`] on any
 //! S3-compatible server (AWS, MinIO, Garage) through `object_store`.
 //!
 //! [`connect`] builds both from the `backup.s3` config: bucket, prefix,
@@ -15,6 +16,7 @@ mod store;
 use std::sync::Arc;
 
 use backup_core::config::S3Config;
+use backup_core::layout::Layout;
 use backup_core::{Error, Result};
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::{ObjectStore, RetryConfig};
 
 pub use lock::{DEFAULT_LEASE, S3Lock, S3LockGuard};
-pub use store::{PARTS_IN_FLIGHT, S3Store};
+pub use store::{PARTS_IN_FLIGHT, S3Prefix, S3Store};
 
 /// The store and the lock for `config`.
 ///
@@ -57,7 +59,7 @@ pub fn connect(config: &S3Config) -> Result<(S3Store, S3Lock)> {
     })?;
     let s3 = Arc::new(s3);
     let part_size = config.part_size_mib as usize * 1024 * 1024;
-    let store = S3Store::new(Arc::clone(&s3), location.clone(), &config.prefix, part_size);
-    let lock = S3Lock::new(s3 as Arc<dyn ObjectStore>, store.key(".lock"), location);
-    Ok((store, lock))
+    let objects = S3Prefix::new(Arc::clone(&s3), location.clone(), &config.prefix, part_size);
+    let lock = S3Lock::new(s3 as Arc<dyn ObjectStore>, objects.key(".lock"), location);
+    Ok((Layout::new(objects), lock))
 }

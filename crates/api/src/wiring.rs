@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use adapters_fs::{DirSource, FileLock, LiveData, LocalFsStore, SystemClock};
+use adapters_fs::{DirSource, FileLock, LiveData, LocalDir, SystemClock};
 use adapters_sqlite::{SqliteSnapshotter, SqliteSource};
 use backup_core::ports::{
     BackupStore, Clock, ComponentSource, NoNotifier, NoQuiesce, OperationLock, Quiesce,
@@ -59,8 +59,8 @@ pub fn build_service_with_clock(
             (Arc::new(store), Arc::new(lock))
         }
         None => {
-            let store = LocalFsStore::open(&config.path)?;
-            let lock = FileLock::in_dir(store.root());
+            let store = LocalDir::store(&config.path)?;
+            let lock = FileLock::in_dir(store.space().root());
             (Arc::new(store), Arc::new(lock))
         }
     };

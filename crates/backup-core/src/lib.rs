@@ -20,6 +20,7 @@ pub mod conformance;
 pub mod digest;
 pub mod error;
 pub mod id;
+pub mod layout;
 pub mod manifest;
 pub mod memory;
 pub mod path;

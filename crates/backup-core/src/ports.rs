@@ -225,6 +225,89 @@ pub trait BackupStore: Debug + Send + Sync + 'static {
     async fn cleanup_incomplete(&self) -> Result<Vec<String>>;
 }
 
+/// One listing of an [`ObjectSpace`]'s root.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootListing {
+    /// Objects directly at the root, with their sizes in bytes.
+    pub objects: Vec<(String, u64)>,
+    /// Directories (common prefixes) directly at the root.
+    pub dirs: Vec<String>,
+}
+
+/// The answer of [`ObjectSpace::read_small`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Small {
+    /// The object's bytes.
+    Found(Vec<u8>),
+    /// No such object.
+    Missing,
+    /// The object is larger than the limit (its size).
+    TooLarge(u64),
+}
+
+/// Raw named objects: what a store medium offers, under which
+/// [`Layout`](crate::layout::Layout) implements the store layout and its
+/// commit protocol once. Names are `/`-separated and come only from the
+/// layout (validated ids and archive paths).
+#[async_trait]
+pub trait ObjectSpace: Debug + Send + Sync + 'static {
+    /// Where the objects are, for messages; never contains secrets.
+    fn location(&self) -> String;
+
+    /// What is directly at the root.
+    ///
+    /// # Errors
+    /// `Store` when the root cannot be listed.
+    async fn list_root(&self) -> Result<RootListing>;
+
+    /// A small object, refused above `limit` bytes.
+    ///
+    /// # Errors
+    /// `Store` when it exists but cannot be read.
+    async fn read_small(&self, name: &str, limit: usize) -> Result<Small>;
+
+    /// Replaces a small object atomically; durable when it returns.
+    ///
+    /// # Errors
+    /// `Store` naming the object.
+    async fn write_small(&self, name: &str, bytes: Vec<u8>) -> Result<()>;
+
+    /// Writes an object from a stream, atomically (no partial object under
+    /// `name`, even when the future is dropped) and durably; returns the
+    /// bytes written.
+    ///
+    /// # Errors
+    /// `Store` naming the object.
+    async fn put(&self, name: &str, data: ByteStream) -> Result<u64>;
+
+    /// Reads an object; `None` when it does not exist.
+    ///
+    /// # Errors
+    /// `Store` when it exists but cannot be opened.
+    async fn get(&self, name: &str) -> Result<Option<ByteStream>>;
+
+    /// Removes an object, or a directory and everything under it; whether
+    /// anything existed. Durable when it returns.
+    ///
+    /// # Errors
+    /// `Store` naming the object.
+    async fn remove(&self, name: &str) -> Result<bool>;
+
+    /// Removes what interrupted writes of this space left (temp files,
+    /// unfinished uploads): those of backup `id`, or all when `None`;
+    /// returns what was removed.
+    ///
+    /// # Errors
+    /// `Store` when leftovers exist but cannot be removed.
+    async fn remove_partial(&self, id: Option<&BackupId>) -> Result<Vec<String>>;
+
+    /// Whether the layout keeps its listing cache (`_index.json`) here:
+    /// worth it where reading one object per backup is slow (S3).
+    fn keeps_index(&self) -> bool {
+        false
+    }
+}
+
 /// What a mutating operation is, for lock holders and `Busy` messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {

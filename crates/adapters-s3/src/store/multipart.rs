@@ -1,4 +1,4 @@
-//! Multipart uploads of [`S3Store`](super::S3Store): equal-size parts, a
+//! Multipart uploads of [`S3Prefix`](super::S3Prefix): equal-size parts, a
 //! bounded number in flight, and an upload marker per upload from its
 //! creation until it is completed or aborted, so that the uploads of a
 //! killed process are aborted by the next `cleanup_incomplete`.
@@ -78,11 +78,14 @@ impl Drop for Upload {
     }
 }
 
-impl S3Store {
-    /// The marker of an upload to `key` for backup `id`.
-    pub(super) fn marker_key(&self, id: &BackupId, key: &Path) -> Path {
+impl S3Prefix {
+    /// The marker of an upload of object `name` (stored at `key`), under
+    /// the backup it belongs to.
+    pub(super) fn marker_key(&self, name: &str, key: &Path) -> Path {
         let digest = backup_core::Sha256Digest::of(key.as_ref().as_bytes());
-        self.key(&format!("{UPLOADS_DIR}/{id}/{digest}.json"))
+        let owner = backup_core::layout::data_owner(name)
+            .map_or_else(|| "other".to_owned(), |id| id.to_string());
+        self.key(&format!("{UPLOADS_DIR}/{owner}/{digest}.json"))
     }
 
     /// Reads up to `part_size` bytes of `data` into one payload; `true`
@@ -117,7 +120,7 @@ impl S3Store {
     }
 
     /// Starts a multipart upload of `key` and records it in its marker.
-    pub(super) async fn start_upload(&self, id: &BackupId, key: &Path) -> Result<Upload> {
+    pub(super) async fn start_upload(&self, name: &str, key: &Path) -> Result<Upload> {
         let upload_id = self
             .multipart
             .create_multipart(key)
@@ -128,7 +131,7 @@ impl S3Store {
             multipart: Arc::clone(&self.multipart),
             key: key.clone(),
             id: upload_id.clone(),
-            marker: self.marker_key(id, key),
+            marker: self.marker_key(name, key),
             done: false,
         };
         let marker = serde_json::to_vec(&UploadMarker {
@@ -196,11 +199,10 @@ impl S3Store {
         let markers = self.keys_under(&dir).await?;
         let mut aborted = Vec::new();
         for marker in markers {
-            let recorded = self
-                .read_capped(&marker, 64 * 1024)
-                .await
-                .ok()
-                .and_then(|b| serde_json::from_slice::<UploadMarker>(&b).ok());
+            let recorded = match self.read_capped(&marker, 64 * 1024).await {
+                Ok(Small::Found(b)) => serde_json::from_slice::<UploadMarker>(&b).ok(),
+                _ => None,
+            };
             if let Some(m) = recorded {
                 let key = Path::from(m.key.as_str());
                 match self.multipart.abort_multipart(&key, &m.upload_id).await {
@@ -217,10 +219,7 @@ impl S3Store {
                     Err(e) => return Err(map_err(&self.location, &key, e)),
                 }
             }
-            match self.store.delete(&marker).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(map_err(&self.location, &marker, e)),
-            }
+            self.delete_key(&marker).await?;
         }
         Ok(aborted)
     }

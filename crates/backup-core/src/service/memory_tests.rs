@@ -107,7 +107,7 @@ fn confirmed() -> RestoreOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_verifies_and_restores_through_staging_then_commits() {
-    let (store, log) = (InMemoryStore::new(), Log::default());
+    let (store, log) = (InMemoryStore::default(), Log::default());
     let service = service(&store, &log, Compression::Gzip);
     let m = service.create(Trigger::Manual).await.unwrap();
     assert!(service.verify(&m.id).await.unwrap().ok);
@@ -121,13 +121,13 @@ async fn a_backup_verifies_and_restores_through_staging_then_commits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_member_fails_verification_and_never_commits() {
-    let (store, log) = (InMemoryStore::new(), Log::default());
+    let (store, log) = (InMemoryStore::default(), Log::default());
     let service = service(&store, &log, Compression::Gzip);
     let m = service.create(Trigger::Manual).await.unwrap();
-    let mut bytes = store.get_raw(&archive_name(&m)).unwrap().to_vec();
+    let mut bytes = store.space().get_raw(&archive_name(&m)).unwrap().to_vec();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
-    store.put_raw(&archive_name(&m), &bytes);
+    store.space().put_raw(&archive_name(&m), &bytes);
     let report = service.verify(&m.id).await.unwrap();
     assert!(!report.ok);
     let err = service.restore(&m.id, confirmed()).await.unwrap_err();
@@ -139,13 +139,15 @@ async fn a_damaged_member_fails_verification_and_never_commits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_and_missing_archives_are_damaged_in_listings_and_refused() {
-    let (store, log) = (InMemoryStore::new(), Log::default());
+    let (store, log) = (InMemoryStore::default(), Log::default());
     let service = service(&store, &log, Compression::Gzip);
     let cut = service.create(Trigger::Manual).await.unwrap();
     let gone = service.create(Trigger::Manual).await.unwrap();
-    let bytes = store.get_raw(&archive_name(&cut)).unwrap();
-    store.put_raw(&archive_name(&cut), &bytes[..bytes.len() - 10]);
-    store.put_raw(&archive_name(&gone), b"");
+    let bytes = store.space().get_raw(&archive_name(&cut)).unwrap();
+    store
+        .space()
+        .put_raw(&archive_name(&cut), &bytes[..bytes.len() - 10]);
+    store.space().put_raw(&archive_name(&gone), b"");
     let listed = service.list().await.unwrap();
     assert!(
         listed.iter().all(|l| matches!(l, Listed::Damaged { .. })),
@@ -160,12 +162,17 @@ async fn truncated_and_missing_archives_are_damaged_in_listings_and_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_of_another_backup_is_refused_before_anything_is_read() {
-    let (store, log) = (InMemoryStore::new(), Log::default());
+    let (store, log) = (InMemoryStore::default(), Log::default());
     let service = service(&store, &log, Compression::None);
     let a = service.create(Trigger::Manual).await.unwrap();
     let b = service.create(Trigger::Manual).await.unwrap();
-    let other = store.get_raw(&format!("{}.manifest.json", a.id)).unwrap();
-    store.put_raw(&format!("{}.manifest.json", b.id), &other);
+    let other = store
+        .space()
+        .get_raw(&format!("{}.manifest.json", a.id))
+        .unwrap();
+    store
+        .space()
+        .put_raw(&format!("{}.manifest.json", b.id), &other);
     let err = service.restore(&b.id, confirmed()).await.unwrap_err();
     assert!(
         matches!(err, Error::Manifest { .. }) && err.to_string().contains(&a.id.to_string()),
@@ -174,7 +181,7 @@ async fn a_sidecar_of_another_backup_is_refused_before_anything_is_read() {
     assert!(!events(&log).iter().any(|e| e.starts_with("stage")));
     // The directory form: a file of the backup removed.
     let gone = format!("{}/memory/a.txt", a.id);
-    assert!(store.get_raw(&gone).is_some());
-    store.put_raw(&gone, b"hellX");
+    assert!(store.space().get_raw(&gone).is_some());
+    store.space().put_raw(&gone, b"hellX");
     assert!(!service.verify(&a.id).await.unwrap().ok);
 }

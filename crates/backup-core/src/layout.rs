@@ -1,0 +1,434 @@
+//! [`Layout`]: the store layout and its commit protocol, once, over any
+//! [`ObjectSpace`] (a local directory, an S3 prefix, memory).
+//!
+//! Object names (docs/ARCHITECTURE.md "Store layout"):
+//! ```text
+//! <id>.tar.gz | <id>.tar.zst   archive of a compressed backup
+//! <id>/<path>, <id>/manifest.json   directory form (compression none)
+//! <id>.summary.json            small summary (listing reads this)
+//! <id>.manifest.json           sidecar manifest, written last = commit point
+//! _status.json                 status record (see `status`)
+//! _index.json                  listing cache, when the space asks for it
+//! ```
+//! Publish writes the summary, then the sidecar; a backup exists exactly
+//! when its sidecar does. Listing reads summaries (falling back to the
+//! sidecar), marks a backup whose data is missing or of another size as
+//! damaged, and ignores foreign names. Delete removes the sidecar first.
+//! Cleanup removes data without a sidecar and the space's own partial
+//! writes. Each space keeps only what is its own: atomic writes (local
+//! fsync + rename; S3 multipart uploads and their markers).
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::config::Compression;
+use crate::error::{Error, Result};
+use crate::id::BackupId;
+use crate::manifest::{Found, MAX_MANIFEST_BYTES, Manifest, ManifestError, Summary};
+use crate::path::MANIFEST_FILE;
+use crate::ports::{BackupStore, ByteStream, Listed, ObjectName, ObjectSpace, RootListing, Small};
+
+/// Suffix of the sidecar manifest, the commit point.
+pub const SIDECAR_SUFFIX: &str = ".manifest.json";
+/// Suffix of the summary object.
+pub const SUMMARY_SUFFIX: &str = ".summary.json";
+/// The status record.
+pub const STATUS_NAME: &str = "_status.json";
+/// The listing cache: the summaries of all published backups in one
+/// object, so that listing is one LIST and one GET. Derived data: the
+/// sidecars decide what is listed; a backup missing from it is read from
+/// its own summary, and every publish/delete rewrites it whole.
+pub const INDEX_NAME: &str = "_index.json";
+/// Summaries read concurrently when listing.
+const LIST_CONCURRENCY: usize = 16;
+
+/// The object name of `object` of backup `id`.
+pub fn object_name(id: &BackupId, object: &ObjectName) -> String {
+    match object {
+        ObjectName::Archive(Compression::Zstd) => format!("{id}.tar.zst"),
+        ObjectName::Archive(_) => format!("{id}.tar.gz"),
+        ObjectName::File(path) => format!("{id}/{path}"),
+        ObjectName::InnerManifest => format!("{id}/{MANIFEST_FILE}"),
+    }
+}
+
+/// The backup a data name (archive, summary, directory or an object in
+/// it) belongs to; `None` for sidecars and foreign names.
+pub fn data_owner(name: &str) -> Option<BackupId> {
+    let (top, nested) = match name.split_once('/') {
+        Some((top, _)) => (top, true),
+        None => (name, false),
+    };
+    let stem = if nested {
+        top
+    } else {
+        [".tar.gz", ".tar.zst", SUMMARY_SUFFIX]
+            .iter()
+            .find_map(|s| top.strip_suffix(s))
+            .unwrap_or(top)
+    };
+    BackupId::parse(stem).ok()
+}
+
+/// The top-level names a backup's data may occupy (the directory form as
+/// its directory name).
+fn data_names(id: &BackupId) -> [String; 4] {
+    [
+        format!("{id}.tar.gz"),
+        format!("{id}.tar.zst"),
+        format!("{id}{SUMMARY_SUFFIX}"),
+        id.to_string(),
+    ]
+}
+
+impl RootListing {
+    /// The ids that have a sidecar.
+    fn published(&self) -> Vec<BackupId> {
+        self.objects
+            .iter()
+            .filter_map(|(n, _)| n.strip_suffix(SIDECAR_SUFFIX))
+            .filter_map(|stem| BackupId::parse(stem).ok())
+            .collect()
+    }
+
+    /// What the listing holds of a backup's data.
+    fn found(&self, summary: &Summary) -> Found {
+        let id = &summary.id;
+        match summary.compression {
+            Compression::None if self.dirs.contains(&id.to_string()) => Found::Directory,
+            Compression::None => Found::Nothing,
+            c => {
+                let name = object_name(id, &ObjectName::Archive(c));
+                self.objects
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(Found::Nothing, |(_, size)| Found::Archive { size: *size })
+            }
+        }
+    }
+}
+
+/// A [`BackupStore`]: the layout and protocol over an [`ObjectSpace`].
+#[derive(Debug, Clone, Default)]
+pub struct Layout<S> {
+    space: S,
+}
+
+impl<S: ObjectSpace> Layout<S> {
+    /// The store over `space`.
+    pub fn new(space: S) -> Layout<S> {
+        Layout { space }
+    }
+
+    /// The object space underneath.
+    pub fn space(&self) -> &S {
+        &self.space
+    }
+
+    fn not_found(&self, id: String) -> Error {
+        Error::NotFound {
+            id,
+            location: self.space.location(),
+        }
+    }
+
+    /// The sidecar, parsed and validated.
+    async fn read_sidecar(&self, id: &BackupId) -> Result<Manifest> {
+        let name = format!("{id}{SIDECAR_SUFFIX}");
+        match self.space.read_small(&name, MAX_MANIFEST_BYTES).await? {
+            Small::Found(bytes) => Manifest::from_sidecar(&bytes, id),
+            Small::Missing => Err(self.not_found(id.to_string())),
+            Small::TooLarge(size) => Err(Error::Manifest {
+                id: id.to_string(),
+                source: ManifestError::TooLarge { size },
+            }),
+        }
+    }
+
+    /// The summary object, or (missing or unreadable) the sidecar's.
+    async fn read_summary(&self, id: &BackupId) -> Result<Summary> {
+        let name = format!("{id}{SUMMARY_SUFFIX}");
+        if let Ok(Small::Found(bytes)) = self.space.read_small(&name, MAX_MANIFEST_BYTES).await
+            && let Ok(summary) = Summary::from_json(&bytes, id)
+        {
+            return Ok(summary);
+        }
+        self.read_sidecar(id).await.map(|m| Summary::from(&m))
+    }
+
+    /// The summaries in the listing cache, by id; empty when the space
+    /// keeps none or it is missing or unreadable.
+    async fn read_index(&self) -> HashMap<BackupId, Summary> {
+        if !self.space.keeps_index() {
+            return HashMap::new();
+        }
+        let bytes = match self.space.read_small(INDEX_NAME, MAX_MANIFEST_BYTES).await {
+            Ok(Small::Found(b)) => b,
+            Ok(_) => return HashMap::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "backup index unreadable; reading summaries one by one");
+                return HashMap::new();
+            }
+        };
+        let Ok(entries) = serde_json::from_slice::<Vec<Summary>>(&bytes) else {
+            tracing::warn!(store = %self.space.location(), "backup index is not valid; reading summaries one by one");
+            return HashMap::new();
+        };
+        entries
+            .into_iter()
+            // The same rules as a summary object of its own.
+            .filter(|s| s.check(&s.id).is_ok())
+            .map(|s| (s.id.clone(), s))
+            .collect()
+    }
+
+    /// Rewrites the listing cache: its entries `change`d, entries of
+    /// backups that are gone dropped, published backups missing from it
+    /// read and added (it heals itself). Called under the operation lock;
+    /// a failure only makes listing slower, so it is logged.
+    async fn update_index(&self, change: impl FnOnce(&mut HashMap<BackupId, Summary>)) {
+        if !self.space.keeps_index() {
+            return;
+        }
+        let mut index = self.read_index().await;
+        change(&mut index);
+        let published: HashSet<BackupId> = match self.space.list_root().await {
+            Ok(listing) => listing.published().into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot update the backup index");
+                return;
+            }
+        };
+        index.retain(|id, _| published.contains(id));
+        let missing: Vec<BackupId> = published
+            .iter()
+            .filter(|id| !index.contains_key(*id))
+            .cloned()
+            .collect();
+        let found: Vec<Summary> = futures::stream::iter(missing)
+            .map(|id| async move { self.read_summary(&id).await.ok() })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .filter_map(|s| async move { s })
+            .collect()
+            .await;
+        index.extend(found.into_iter().map(|s| (s.id.clone(), s)));
+        let mut entries: Vec<&Summary> = index.values().collect();
+        entries.sort_by(|a, b| b.id.cmp(&a.id));
+        let written = match serde_json::to_vec(&entries) {
+            Ok(json) => self.space.write_small(INDEX_NAME, json).await,
+            Err(e) => Err(Error::Internal(format!(
+                "serializing the backup index: {e}"
+            ))),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot update the backup index");
+        }
+    }
+
+    /// Removes `id`'s data; whether any existed.
+    async fn remove_data(&self, id: &BackupId) -> Result<bool> {
+        let mut existed = false;
+        for name in data_names(id) {
+            existed |= self.space.remove(&name).await?;
+        }
+        Ok(existed)
+    }
+
+    /// One listed entry: the summary, damaged when its data is not what it
+    /// records.
+    fn judge(&self, summary: Summary, listing: &RootListing) -> Listed {
+        match summary.damage(listing.found(&summary)) {
+            None => Listed::Complete(Box::new(summary)),
+            Some(reason) => {
+                tracing::warn!(backup_id = %summary.id, reason = %reason, "damaged backup");
+                Listed::Damaged {
+                    id: summary.id,
+                    reason,
+                }
+            }
+        }
+    }
+}
+
+/// A serialization failure of our own types (never input).
+fn manifest_err(id: &BackupId, e: serde_json::Error) -> Error {
+    Error::Manifest {
+        id: id.to_string(),
+        source: e.into(),
+    }
+}
+
+#[async_trait]
+impl<S: ObjectSpace> BackupStore for Layout<S> {
+    fn location(&self) -> String {
+        self.space.location()
+    }
+
+    async fn list(&self) -> Result<Vec<Listed>> {
+        let listing = self.space.list_root().await?;
+        let mut index = self.read_index().await;
+        let mut out = Vec::new();
+        let mut unindexed = Vec::new();
+        for id in listing.published() {
+            match index.remove(&id) {
+                Some(summary) => out.push(self.judge(summary, &listing)),
+                None => unindexed.push(id),
+            }
+        }
+        let listing = &listing;
+        let read: Vec<Option<Listed>> = futures::stream::iter(unindexed)
+            .map(|id| async move {
+                match self.read_summary(&id).await {
+                    Ok(summary) => Ok(Some(self.judge(summary, listing))),
+                    Err(Error::NotFound { .. }) => Ok(None), // deleted meanwhile
+                    Err(e @ Error::Manifest { .. }) => {
+                        tracing::warn!(backup_id = %id, error = %e, "damaged backup sidecar");
+                        Ok(Some(Listed::Damaged {
+                            id,
+                            reason: e.to_string(),
+                        }))
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .try_collect()
+            .await?;
+        out.extend(read.into_iter().flatten());
+        out.sort_by(|a, b| b.id().cmp(a.id()));
+        Ok(out)
+    }
+
+    async fn manifest(&self, id: &BackupId) -> Result<Manifest> {
+        self.read_sidecar(id).await
+    }
+
+    async fn put(&self, id: &BackupId, object: &ObjectName, data: ByteStream) -> Result<u64> {
+        self.space.put(&object_name(id, object), data).await
+    }
+
+    async fn get(&self, id: &BackupId, object: &ObjectName) -> Result<ByteStream> {
+        let name = object_name(id, object);
+        self.space
+            .get(&name)
+            .await?
+            .ok_or_else(|| self.not_found(format!("{id} ({name})")))
+    }
+
+    async fn publish(&self, manifest: &Manifest) -> Result<()> {
+        let id = &manifest.id;
+        let summary = Summary::from(manifest);
+        let json = serde_json::to_vec(&summary).map_err(|e| manifest_err(id, e))?;
+        self.space
+            .write_small(&format!("{id}{SUMMARY_SUFFIX}"), json)
+            .await?;
+        let sidecar = manifest.to_json().map_err(|source| Error::Manifest {
+            id: id.to_string(),
+            source,
+        })?;
+        self.space
+            .write_small(&format!("{id}{SIDECAR_SUFFIX}"), sidecar)
+            .await?;
+        self.update_index(|index| {
+            index.insert(summary.id.clone(), summary);
+        })
+        .await;
+        Ok(())
+    }
+
+    async fn delete(&self, id: &BackupId) -> Result<()> {
+        let had_sidecar = self.space.remove(&format!("{id}{SIDECAR_SUFFIX}")).await?;
+        let had_data = self.remove_data(id).await?;
+        if had_sidecar {
+            self.update_index(|index| {
+                index.remove(id);
+            })
+            .await;
+        }
+        if had_sidecar || had_data {
+            Ok(())
+        } else {
+            Err(self.not_found(id.to_string()))
+        }
+    }
+
+    async fn discard(&self, id: &BackupId) -> Result<()> {
+        self.remove_data(id).await?;
+        self.space.remove_partial(Some(id)).await.map(|_| ())
+    }
+
+    async fn read_status(&self) -> Result<Option<Vec<u8>>> {
+        match self
+            .space
+            .read_small(STATUS_NAME, MAX_MANIFEST_BYTES)
+            .await?
+        {
+            Small::Found(bytes) => Ok(Some(bytes)),
+            Small::Missing => Ok(None),
+            Small::TooLarge(size) => Err(Error::Store {
+                location: self.space.location(),
+                key: STATUS_NAME.to_owned(),
+                reason: format!("{size} bytes, more than {MAX_MANIFEST_BYTES}"),
+                source: None,
+            }),
+        }
+    }
+
+    async fn write_status(&self, bytes: Vec<u8>) -> Result<()> {
+        self.space.write_small(STATUS_NAME, bytes).await
+    }
+
+    async fn cleanup_incomplete(&self) -> Result<Vec<String>> {
+        let mut removed = self.space.remove_partial(None).await?;
+        let listing = self.space.list_root().await?;
+        let published: HashSet<BackupId> = listing.published().into_iter().collect();
+        let names = listing
+            .objects
+            .iter()
+            .map(|(n, _)| n)
+            .chain(listing.dirs.iter());
+        for name in names {
+            let Some(id) = data_owner(name) else { continue };
+            if published.contains(&id) {
+                continue;
+            }
+            if self.space.remove(name).await? {
+                tracing::warn!(store = %self.space.location(), leftover = %name, "removed incomplete backup leftover");
+                removed.push(name.clone());
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::Trigger;
+    use chrono::TimeZone;
+
+    #[test]
+    fn data_names_belong_to_their_backup_and_sidecars_do_not() {
+        let ts = chrono::Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+        let id = BackupId::new(ts, Trigger::Manual, 1);
+        for name in [
+            format!("{id}.tar.gz"),
+            format!("{id}.tar.zst"),
+            format!("{id}{SUMMARY_SUFFIX}"),
+            id.to_string(),
+            format!("{id}/db/synthorg.db"),
+        ] {
+            assert_eq!(data_owner(&name), Some(id.clone()), "{name}");
+        }
+        for name in [
+            format!("{id}{SIDECAR_SUFFIX}"),
+            "README.txt".to_owned(),
+            STATUS_NAME.to_owned(),
+            format!("{id}.tar.gz.tmp"),
+        ] {
+            assert_eq!(data_owner(&name), None, "{name}");
+        }
+    }
+}
