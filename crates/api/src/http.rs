@@ -2,8 +2,6 @@
 //! RFC 9457 problem+json with a stable `code`, bearer-token auth compared
 //! in constant time.
 
-use std::collections::BTreeMap;
-
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -11,10 +9,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use backup_core::ports::Listed;
-use backup_core::{BackupId, Component, Error, ErrorKind, RestoreOptions, Trigger};
+use backup_core::wire::{
+    BackupState, CreateRequest, Health, ListItem, ListPage, Problem, RestoreRequest, Started,
+};
+use backup_core::{BackupId, Error, ErrorKind, RestoreOptions, Trigger};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::state::{AdminState, Job};
 
@@ -48,7 +48,11 @@ pub fn app(state: AdminState) -> Router {
     Router::new()
         .route(
             "/healthz",
-            get(|| async { Json(json!({ "status": "ok" })) }),
+            get(|| async {
+                Json(Health {
+                    status: "ok".into(),
+                })
+            }),
         )
         .merge(metrics)
         .nest("/api/v1/admin", admin_router(state))
@@ -63,13 +67,15 @@ pub fn app(state: AdminState) -> Router {
 
 /// An RFC 9457 problem response.
 fn problem(status: StatusCode, code: &str, detail: String) -> Response {
-    let body = json!({
-        "type": format!("https://synthorg.dev/problems/{code}"),
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": status.as_u16(),
-        "code": code,
-        "detail": detail,
-    });
+    problem_response(status, &problem_body(status, code, detail))
+}
+
+fn problem_body(status: StatusCode, code: &str, detail: String) -> Problem {
+    let title = status.canonical_reason().unwrap_or("error");
+    Problem::new(status.as_u16(), title, code, detail)
+}
+
+fn problem_response(status: StatusCode, body: &Problem) -> Response {
     let mut response = (status, Json(body)).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -126,21 +132,9 @@ impl IntoResponse for ApiError {
             );
         }
         if let Error::Incompatible { report, .. } = &e {
-            let mut response = problem(status, e.code(), e.to_string());
-            if let Ok(findings) = serde_json::to_value(report) {
-                *response.body_mut() = axum::body::Body::from(
-                    json!({
-                        "type": "https://synthorg.dev/problems/incompatible",
-                        "title": "Unprocessable Entity",
-                        "status": 422,
-                        "code": "incompatible",
-                        "detail": e.to_string(),
-                        "compatibility": findings,
-                    })
-                    .to_string(),
-                );
-            }
-            return response;
+            let mut body = problem_body(status, e.code(), e.to_string());
+            body.compatibility = Some(report.clone());
+            return problem_response(status, &body);
         }
         problem(status, e.code(), e.to_string())
     }
@@ -205,15 +199,6 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateBody {
-    #[serde(default)]
-    trigger: Option<String>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
-
 async fn create_backup(
     State(state): State<AdminState>,
     headers: HeaderMap,
@@ -232,8 +217,8 @@ async fn create_backup(
             };
             return problem(status, code, rejection.body_text());
         }
-        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => CreateBody::default(),
-        Ok(bytes) => match serde_json::from_slice::<CreateBody>(&bytes) {
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => CreateRequest::default(),
+        Ok(bytes) => match serde_json::from_slice::<CreateRequest>(&bytes) {
             Ok(b) => b,
             Err(e) => {
                 return problem(
@@ -270,7 +255,12 @@ async fn create_backup(
             };
             let mut response = (
                 StatusCode::ACCEPTED,
-                Json(json!({ "id": started.id, "status": status, "status_url": url, "repeated": started.repeated })),
+                Json(Started {
+                    id: started.id.clone(),
+                    status: status.to_owned(),
+                    status_url: url.clone(),
+                    repeated: started.repeated,
+                }),
             )
                 .into_response();
             if let Ok(v) = HeaderValue::from_str(&url) {
@@ -286,10 +276,6 @@ async fn create_backup(
 struct ListQuery {
     limit: Option<usize>,
     cursor: Option<String>,
-}
-
-fn item(l: &Listed) -> Value {
-    serde_json::to_value(backup_core::ports::ListItem::from(l)).unwrap_or(Value::Null)
 }
 
 async fn list_backups(
@@ -310,30 +296,29 @@ async fn list_backups(
         .metrics
         .backups
         .store(listed.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let mut items: Vec<(BackupId, Value)> = state
+    let mut items: Vec<ListItem> = state
         .running()
         .into_iter()
-        .map(|(id, progress)| {
-            let v = json!({ "id": id, "status": "running", "trigger": id.trigger(), "timestamp": id.timestamp(), "progress": progress });
-            (id, v)
-        })
-        .chain(listed.iter().map(|l| (l.id().clone(), item(l))))
+        .map(|(id, progress)| ListItem::running(&id, progress))
+        .chain(listed.iter().map(ListItem::from))
         .collect();
-    items.sort_by(|a, b| b.0.cmp(&a.0));
-    items.dedup_by(|a, b| a.0 == b.0);
-    let mut page: Vec<(BackupId, Value)> = items
+    items.sort_by(|a, b| b.id.cmp(&a.id));
+    items.dedup_by(|a, b| a.id == b.id);
+    let mut page: Vec<ListItem> = items
         .into_iter()
-        .filter(|(id, _)| cursor.as_ref().is_none_or(|c| id < c))
+        .filter(|item| cursor.as_ref().is_none_or(|c| item.id < *c))
         .take(limit + 1)
         .collect();
-    let next = (page.len() > limit).then(|| {
-        page.truncate(limit);
-        page.last().map(|(id, _)| id.to_string())
-    });
-    Ok(Json(json!({
-        "items": page.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
-        "next_cursor": next.flatten(),
-    }))
+    let next_cursor = (page.len() > limit)
+        .then(|| {
+            page.truncate(limit);
+            page.last().map(|item| item.id.to_string())
+        })
+        .flatten();
+    Ok(Json(ListPage {
+        items: page,
+        next_cursor,
+    })
     .into_response())
 }
 
@@ -342,28 +327,35 @@ async fn show_backup(
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    match state.job(&id) {
-        Some(Job::Running(progress)) => {
-            return Ok(
-                Json(json!({ "id": id, "status": "running", "progress": progress }))
-                    .into_response(),
-            );
-        }
-        Some(Job::Failed(error)) => {
-            return Ok(
-                Json(json!({ "id": id, "status": "failed", "error": error })).into_response(),
-            );
-        }
-        None => {}
-    }
-    match state.service.show(&id).await {
-        Ok(m) => Ok(Json(json!({ "id": id, "status": "complete", "manifest": m })).into_response()),
-        Err(e @ Error::Manifest { .. }) => Ok(Json(
-            json!({ "id": id, "status": "damaged", "error": e.to_string() }),
-        )
-        .into_response()),
-        Err(e) => Err(e.into()),
-    }
+    let state_of = |status: &str| BackupState {
+        id: id.clone(),
+        status: status.to_owned(),
+        manifest: None,
+        progress: None,
+        error: None,
+    };
+    let answer = match state.job(&id) {
+        Some(Job::Running(progress)) => BackupState {
+            progress,
+            ..state_of("running")
+        },
+        Some(Job::Failed(error)) => BackupState {
+            error: Some(error),
+            ..state_of("failed")
+        },
+        None => match state.service.show(&id).await {
+            Ok(m) => BackupState {
+                manifest: Some(Box::new(m)),
+                ..state_of("complete")
+            },
+            Err(e @ Error::Manifest { .. }) => BackupState {
+                error: Some(e.to_string()),
+                ..state_of("damaged")
+            },
+            Err(e) => return Err(e.into()),
+        },
+    };
+    Ok(Json(answer).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -389,25 +381,9 @@ async fn delete_backup(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RestoreBody {
-    backup_id: String,
-    #[serde(default)]
-    confirm: bool,
-    #[serde(default)]
-    dry_run: bool,
-    /// With `dry_run`: only the plan (compatibility, what would be
-    /// replaced), without reading the backup's content.
-    #[serde(default)]
-    plan_only: bool,
-    #[serde(default)]
-    components: Option<Vec<Component>>,
-}
-
 async fn restore(
     State(state): State<AdminState>,
-    body: Result<Json<RestoreBody>, JsonRejection>,
+    body: Result<Json<RestoreRequest>, JsonRejection>,
 ) -> Response {
     if !state.enabled {
         return disabled();

@@ -28,6 +28,7 @@ pub mod ports;
 pub mod retention;
 pub mod service;
 pub mod status;
+pub mod wire;
 
 pub use compat::{CompatReport, Finding, RunningApp};
 pub use config::{BackupConfig, Compression, ConfigError};

@@ -67,7 +67,7 @@ impl From<&BackupConfig> for Settings {
 }
 
 /// A progress report of a running operation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Progress {
     /// The backup concerned.
     pub id: BackupId,
@@ -84,7 +84,7 @@ pub struct Progress {
 }
 
 /// Phases reported by [`Progress`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "phase", content = "component")]
 pub enum Phase {
     /// Snapshotting and archiving one component.

@@ -1,12 +1,16 @@
 //! Remote mode: `--server URL` sends the commands to a running
-//! `synthorg serve` instead of acting locally. Same output and exit codes as
-//! local mode; problem+json codes map onto them.
+//! `synthorg serve` instead of acting locally. Requests and answers are the
+//! typed bodies of `backup_core::wire`, rendered by the same code as local
+//! results, so the output is the same; problem+json codes map onto the
+//! local exit codes through `ErrorKind`.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use backup_core::BackupId;
-use serde_json::{Value, json};
+use backup_core::wire::{BackupState, CreateRequest, ListPage, Problem, RestoreRequest, Started};
+use serde::Serialize;
+use serde::de::{DeserializeOwned, IgnoredAny};
 
 use crate::render::Output;
 use crate::{Exit, exit};
@@ -17,6 +21,9 @@ pub(crate) struct Remote {
     token: Option<String>,
     http: reqwest::Client,
 }
+
+/// No request body.
+const NO_BODY: Option<&()> = None;
 
 impl Remote {
     pub(crate) fn new(server: &str, token: Option<String>) -> anyhow::Result<Remote> {
@@ -35,19 +42,21 @@ impl Remote {
         Ok(Remote { base, token, http })
     }
 
-    async fn send(
+    /// One request; the answer parsed as `T`, a problem+json answer as the
+    /// error it stands for.
+    async fn send<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<(u16, Value)> {
+        body: Option<&(impl Serialize + Sync)>,
+    ) -> anyhow::Result<T> {
         let url = format!("{}/api/v1/admin{path}", self.base);
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
         if let Some(b) = body {
-            req = req.json(&b);
+            req = req.json(b);
         }
         let res = req
             .send()
@@ -55,15 +64,12 @@ impl Remote {
             .with_context(|| format!("cannot reach {url}"))?;
         let status = res.status().as_u16();
         let text = res.text().await.context("reading the answer")?;
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
         if status >= 400 {
-            return Err(problem(status, &value));
+            return Err(problem(status, &text));
         }
-        Ok((status, value))
+        // An empty answer (204) reads as JSON null.
+        let text = if text.is_empty() { "null" } else { &text };
+        serde_json::from_str(text).with_context(|| format!("reading the answer of {url}"))
     }
 
     /// `backup`: starts it, waits for it, prints like local mode.
@@ -73,32 +79,27 @@ impl Remote {
         trigger: &str,
         labels: &std::collections::BTreeMap<String, String>,
     ) -> anyhow::Result<()> {
-        let (_, started) = self
-            .send(
-                reqwest::Method::POST,
-                "/backup",
-                Some(json!({ "trigger": trigger, "labels": labels })),
-            )
+        let request = CreateRequest {
+            trigger: Some(trigger.to_owned()),
+            labels: labels.clone(),
+        };
+        let started: Started = self
+            .send(reqwest::Method::POST, "/backup", Some(&request))
             .await?;
-        let id = started["id"].as_str().unwrap_or_default().to_owned();
+        let id = started.id;
         loop {
-            let (_, status) = self
-                .send(reqwest::Method::GET, &format!("/backups/{id}"), None)
+            let state: BackupState = self
+                .send(reqwest::Method::GET, &format!("/backups/{id}"), NO_BODY)
                 .await?;
-            match status["status"].as_str() {
-                Some("running") => tokio::time::sleep(Duration::from_millis(200)).await,
-                Some("complete") => {
-                    let manifest: backup_core::Manifest =
-                        serde_json::from_value(status["manifest"].clone())
-                            .context("reading the manifest")?;
-                    return out.created(&manifest);
-                }
+            match (state.status.as_str(), state.manifest) {
+                ("running", _) => tokio::time::sleep(Duration::from_millis(200)).await,
+                ("complete", Some(manifest)) => return out.created(&manifest),
                 _ => {
                     return Err(Exit {
                         code: exit::FAILED,
                         message: format!(
                             "backup {id} failed: {}",
-                            status["error"].as_str().unwrap_or("see the server log")
+                            state.error.as_deref().unwrap_or("see the server log")
                         ),
                     }
                     .into());
@@ -109,9 +110,8 @@ impl Remote {
 
     /// `GET /status`, rendered as locally.
     pub(crate) async fn status(&self, out: &Output) -> anyhow::Result<()> {
-        let (_, body) = self.send(reqwest::Method::GET, "/status", None).await?;
         let report: backup_core::status::StatusReport =
-            serde_json::from_value(body).context("reading the status")?;
+            self.send(reqwest::Method::GET, "/status", NO_BODY).await?;
         out.status(&report)
     }
 
@@ -124,9 +124,9 @@ impl Remote {
             if let Some(c) = &cursor {
                 path.push_str(&format!("&cursor={c}"));
             }
-            let (_, page) = self.send(reqwest::Method::GET, &path, None).await?;
-            items.extend(page["items"].as_array().cloned().unwrap_or_default());
-            cursor = page["next_cursor"].as_str().map(str::to_owned);
+            let page: ListPage = self.send(reqwest::Method::GET, &path, NO_BODY).await?;
+            items.extend(page.items);
+            cursor = page.next_cursor;
             if cursor.is_none() || limit.is_some_and(|l| items.len() >= l) {
                 break;
             }
@@ -135,13 +135,13 @@ impl Remote {
     }
 
     pub(crate) async fn show(&self, out: &Output, id: &BackupId) -> anyhow::Result<()> {
-        let (_, status) = self
-            .send(reqwest::Method::GET, &format!("/backups/{id}"), None)
+        let state: BackupState = self
+            .send(reqwest::Method::GET, &format!("/backups/{id}"), NO_BODY)
             .await?;
-        match serde_json::from_value::<backup_core::Manifest>(status["manifest"].clone()) {
-            Ok(m) => out.manifest(&m),
-            Err(_) => {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+        match state.manifest {
+            Some(m) => out.manifest(&m),
+            None => {
+                println!("{}", serde_json::to_string_pretty(&state)?);
                 Ok(())
             }
         }
@@ -153,12 +153,13 @@ impl Remote {
         id: &BackupId,
         force: bool,
     ) -> anyhow::Result<()> {
-        self.send(
-            reqwest::Method::DELETE,
-            &format!("/backups/{id}?force={force}"),
-            None,
-        )
-        .await?;
+        let _: IgnoredAny = self
+            .send(
+                reqwest::Method::DELETE,
+                &format!("/backups/{id}?force={force}"),
+                NO_BODY,
+            )
+            .await?;
         out.deleted(id)
     }
 
@@ -170,29 +171,27 @@ impl Remote {
         mode: crate::commands::Mode,
     ) -> anyhow::Result<backup_core::RestoreReport> {
         use crate::commands::Mode;
-        let body = json!({
-            "backup_id": id,
-            "confirm": mode == Mode::Restore,
-            "dry_run": mode != Mode::Restore,
-            "plan_only": mode == Mode::Plan,
-            "components": components,
-        });
-        let (_, report) = self
-            .send(reqwest::Method::POST, "/restore", Some(body))
-            .await?;
-        serde_json::from_value(report).context("reading the restore report")
+        let request = RestoreRequest {
+            backup_id: id.to_string(),
+            confirm: mode == Mode::Restore,
+            dry_run: mode != Mode::Restore,
+            plan_only: mode == Mode::Plan,
+            components,
+        };
+        self.send(reqwest::Method::POST, "/restore", Some(&request))
+            .await
     }
 }
 
 /// A problem+json answer as an error with the documented exit code.
-fn problem(status: u16, body: &Value) -> anyhow::Error {
-    let code = body["code"].as_str().unwrap_or("");
-    let detail = body["detail"]
-        .as_str()
-        .map_or_else(|| body.to_string(), str::to_owned);
+fn problem(status: u16, text: &str) -> anyhow::Error {
+    let (code, detail) = match serde_json::from_str::<Problem>(text) {
+        Ok(p) => (p.code, p.detail),
+        Err(_) => (String::new(), text.to_owned()),
+    };
     // The server's error kind, from the stable code, as a local error of
     // that kind would exit; HTTP-level answers by status.
-    let exit_code = match backup_core::ErrorKind::of_code(code) {
+    let exit_code = match backup_core::ErrorKind::of_code(&code) {
         Some(kind) => crate::exit::of_kind(kind),
         None if matches!(status, 400 | 401 | 413 | 422) => exit::USAGE,
         None => exit::FAILED,

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use backup_core::ports::Listed;
 use backup_core::retention::{Action, Decision};
 use backup_core::service::ProgressFn;
+use backup_core::wire::{
+    ConfigOk, Deleted, Exported, ListItem, Note, PruneItem, Pruned, Recovered,
+};
 use backup_core::{BackupConfig, BackupId, Manifest, RestoreReport, VerifyReport};
-use serde_json::json;
 
 /// How to print.
 #[derive(Debug, Clone, Copy)]
@@ -76,26 +78,23 @@ pub(crate) fn printable(text: &str) -> String {
         .collect()
 }
 
-fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+/// Prints one wire value (`backup_core::wire` or a domain report) as
+/// pretty JSON, with the recovery actions of this run added to an object.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let value = serde_json::to_value(value)?;
     let recovered = std::mem::take(
         &mut *RECOVERED
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
     match value {
-        serde_json::Value::Object(map) if !recovered.is_empty() => {
-            let mut map = map.clone();
-            map.insert("recovered".into(), json!(recovered));
+        serde_json::Value::Object(mut map) if !recovered.is_empty() => {
+            map.insert("recovered".into(), serde_json::to_value(recovered)?);
             println!("{}", serde_json::to_string_pretty(&map)?);
         }
-        _ => println!("{}", serde_json::to_string_pretty(value)?),
+        value => println!("{}", serde_json::to_string_pretty(&value)?),
     }
     Ok(())
-}
-
-/// A list item as JSON (the documented schema of `backup list --json`).
-fn listed_json(l: &Listed) -> serde_json::Value {
-    serde_json::to_value(backup_core::ports::ListItem::from(l)).unwrap_or_default()
 }
 
 impl Output {
@@ -148,7 +147,9 @@ impl Output {
 
     pub(crate) fn note(&self, text: &str) -> anyhow::Result<()> {
         if self.json {
-            print_json(&json!({ "note": text }))
+            print_json(&Note {
+                note: text.to_owned(),
+            })
         } else {
             println!("{text}");
             Ok(())
@@ -157,7 +158,10 @@ impl Output {
 
     pub(crate) fn config_ok(&self, source: &str) -> anyhow::Result<()> {
         if self.json {
-            print_json(&json!({ "ok": true, "source": source }))
+            print_json(&ConfigOk {
+                ok: true,
+                source: source.to_owned(),
+            })
         } else {
             println!("configuration OK ({source})");
             Ok(())
@@ -165,12 +169,12 @@ impl Output {
     }
 
     pub(crate) fn config(&self, config: &BackupConfig) -> anyhow::Result<()> {
-        print_json(&json!({ "backup": config }))
+        print_json(&std::collections::BTreeMap::from([("backup", config)]))
     }
 
     pub(crate) fn created(&self, m: &Manifest) -> anyhow::Result<()> {
         if self.json {
-            return print_json(&serde_json::to_value(m)?);
+            return print_json(m);
         }
         println!("{}", m.id);
         if self.quiet {
@@ -187,13 +191,13 @@ impl Output {
     }
 
     pub(crate) fn list(&self, listed: &[Listed]) -> anyhow::Result<()> {
-        self.list_items(&listed.iter().map(listed_json).collect::<Vec<_>>())
+        self.list_items(&listed.iter().map(ListItem::from).collect::<Vec<_>>())
     }
 
-    /// Renders list items of the documented JSON shape (local or remote).
-    pub(crate) fn list_items(&self, items: &[serde_json::Value]) -> anyhow::Result<()> {
+    /// Renders list items (local or remote).
+    pub(crate) fn list_items(&self, items: &[ListItem]) -> anyhow::Result<()> {
         if self.json {
-            return print_json(&serde_json::Value::Array(items.to_vec()));
+            return print_json(&items);
         }
         if items.is_empty() {
             println!("no backups");
@@ -203,43 +207,31 @@ impl Output {
             "{:<34} {:<14} {:>9} {:>10}  {:<38} STATUS",
             "ID", "TRIGGER", "AGE", "SIZE", "COMPONENTS"
         );
+        let names = |cs: &[backup_core::Component]| {
+            cs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         for item in items {
-            let text = |k: &str| item[k].as_str().unwrap_or("-").to_owned();
-            let when = item["timestamp"]
-                .as_str()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .map_or_else(|| "-".to_owned(), |t| age(t.to_utc()));
-            let size = item["stored_bytes"]
-                .as_u64()
-                .map_or_else(|| "-".to_owned(), bytes);
-            let components = item["components"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|c| c.as_str())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .unwrap_or_else(|| "-".to_owned());
-            let absent = item["absent"]
-                .as_array()
-                .filter(|a| !a.is_empty())
-                .map(|a| {
-                    let names: Vec<&str> = a.iter().filter_map(|c| c.as_str()).collect();
-                    format!(" (absent: {})", names.join(","))
-                })
-                .unwrap_or_default();
-            let components = format!("{components}{absent}");
-            let status = match (text("status").as_str(), item["pinned"].as_bool()) {
+            let size = item.stored_bytes.map_or_else(|| "-".to_owned(), bytes);
+            let mut components = item
+                .components
+                .as_deref()
+                .map_or_else(|| "-".to_owned(), names);
+            if !item.absent.is_empty() {
+                components.push_str(&format!(" (absent: {})", names(&item.absent)));
+            }
+            let status = match (item.status.as_str(), item.pinned) {
                 ("complete", Some(true)) => "complete (pinned)".to_owned(),
-                ("damaged", _) => format!("damaged: {}", item["reason"].as_str().unwrap_or("")),
+                ("damaged", _) => format!("damaged: {}", item.reason.as_deref().unwrap_or("")),
                 (s, _) => s.to_owned(),
             };
             println!(
                 "{:<34} {:<14} {:>9} {:>10}  {:<38} {status}",
-                text("id"),
-                text("trigger"),
-                when,
+                item.id.to_string(),
+                item.trigger.to_string(),
+                age(item.timestamp),
                 size,
                 components
             );
@@ -249,7 +241,7 @@ impl Output {
 
     pub(crate) fn manifest(&self, m: &Manifest) -> anyhow::Result<()> {
         if self.json {
-            return print_json(&serde_json::to_value(m)?);
+            return print_json(m);
         }
         println!("id:               {}", m.id);
         println!(
@@ -304,7 +296,7 @@ impl Output {
 
     pub(crate) fn verified(&self, r: &VerifyReport) -> anyhow::Result<()> {
         if self.json {
-            return print_json(&serde_json::to_value(r)?);
+            return print_json(r);
         }
         if r.ok {
             println!(
@@ -325,7 +317,9 @@ impl Output {
 
     pub(crate) fn deleted(&self, id: &BackupId) -> anyhow::Result<()> {
         if self.json {
-            print_json(&json!({ "deleted": id }))
+            print_json(&Deleted {
+                deleted: id.clone(),
+            })
         } else {
             println!("deleted {id}");
             Ok(())
@@ -334,11 +328,10 @@ impl Output {
 
     pub(crate) fn pruned(&self, plan: &[Decision], dry_run: bool) -> anyhow::Result<()> {
         if self.json {
-            let items: Vec<_> = plan
-                .iter()
-                .map(|d| json!({ "id": d.id, "action": if d.action == Action::Prune { "prune" } else { "keep" }, "reason": d.reason.to_string() }))
-                .collect();
-            return print_json(&json!({ "dry_run": dry_run, "decisions": items }));
+            return print_json(&Pruned {
+                dry_run,
+                decisions: plan.iter().map(PruneItem::from).collect(),
+            });
         }
         for d in plan {
             let verb = match (d.action, dry_run) {
@@ -356,7 +349,7 @@ impl Output {
     pub(crate) fn status(&self, r: &backup_core::status::StatusReport) -> anyhow::Result<()> {
         use backup_core::status::Health;
         if self.json {
-            print_json(&serde_json::to_value(r)?)?;
+            print_json(r)?;
         } else {
             let word = match r.status {
                 Health::Ok => "ok",
@@ -414,7 +407,9 @@ impl Output {
 
     pub(crate) fn recovered(&self, done: &[String]) -> anyhow::Result<()> {
         if self.json {
-            return print_json(&json!({ "actions": done }));
+            return print_json(&Recovered {
+                actions: done.to_vec(),
+            });
         }
         if done.is_empty() {
             println!("nothing to recover");
@@ -444,7 +439,7 @@ impl Output {
 
     pub(crate) fn restore_report(&self, r: &RestoreReport) -> anyhow::Result<()> {
         if self.json {
-            return print_json(&serde_json::to_value(r)?);
+            return print_json(r);
         }
         if r.dry_run {
             println!(
@@ -477,9 +472,12 @@ impl Output {
 
     pub(crate) fn exported(&self, r: &VerifyReport, path: &Path) -> anyhow::Result<()> {
         if self.json {
-            return print_json(
-                &json!({ "id": r.id, "path": path, "files": r.files_checked, "bytes": r.bytes_checked }),
-            );
+            return print_json(&Exported {
+                id: r.id.clone(),
+                path: path.to_path_buf(),
+                files: r.files_checked,
+                bytes: r.bytes_checked,
+            });
         }
         println!(
             "exported {} to {} ({} files, {}, verified)",
