@@ -44,12 +44,12 @@ impl Context {
 /// to), else unknown (see `compat::check_unknown_schema`).
 async fn running_app(config: &BackupConfig) -> anyhow::Result<RunningApp> {
     let version = semver::Version::parse(env!("CARGO_PKG_VERSION"))?;
-    let supported_schema = match std::env::var("SYNTHORG_SCHEMA_VERSION") {
-        Ok(raw) => Some(raw.trim().parse().map_err(|_| Exit {
+    let supported_schema = match crate::env::var(crate::env::SCHEMA_VERSION) {
+        Some(raw) => Some(raw.trim().parse().map_err(|_| Exit {
             code: exit::USAGE,
-            message: format!("SYNTHORG_SCHEMA_VERSION={raw:?} is not an integer"),
+            message: format!("{}={raw:?} is not an integer", crate::env::SCHEMA_VERSION),
         })?),
-        Err(_) => match config.supported_schema {
+        None => match config.supported_schema {
             Some(v) => Some(i64::from(v)),
             None => adapters_sqlite::read_user_version(&config.sources.database)
                 .await
@@ -402,9 +402,7 @@ pub(crate) async fn serve(cli: &Cli, args: &crate::ServeArgs) -> anyhow::Result<
     use synthorg_api::{AdminState, BackupRuntime, RuntimeConfig};
 
     let loaded = config_file::load(cli.config.as_deref())?;
-    let token = std::env::var("SYNTHORG_API_TOKEN")
-        .ok()
-        .filter(|t| !t.trim().is_empty())
+    let token = crate::env::var(crate::env::API_TOKEN)
         .map(backup_core::config::Secret::new)
         .or(loaded.api_token);
     if token.is_none() && !(args.insecure_no_auth && args.listen.ip().is_loopback()) {

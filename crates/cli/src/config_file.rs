@@ -43,7 +43,7 @@ pub(crate) fn load(explicit: Option<&Path>) -> anyhow::Result<Loaded> {
     let cwd = std::env::current_dir()?;
     let chosen = explicit
         .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("SYNTHORG_CONFIG").map(PathBuf::from))
+        .or_else(|| std::env::var_os(crate::env::CONFIG).map(PathBuf::from))
         .or_else(|| {
             let default = cwd.join(DEFAULT_FILE);
             default.is_file().then_some(default)

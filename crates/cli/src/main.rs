@@ -9,6 +9,7 @@
 mod args;
 mod commands;
 mod config_file;
+mod env;
 mod process;
 mod remote;
 mod render;
@@ -185,8 +186,8 @@ async fn remote(cli: &Cli, out: &render::Output) -> anyhow::Result<()> {
     let token = cli
         .token
         .clone()
-        .or_else(|| std::env::var("SYNTHORG_TOKEN").ok())
-        .or_else(|| std::env::var("SYNTHORG_API_TOKEN").ok());
+        .or_else(|| env::var(env::TOKEN))
+        .or_else(|| env::var(env::API_TOKEN));
     let remote = remote::Remote::new(server, token)?;
     let id = |raw: &str| backup_core::BackupId::parse(raw).map_err(backup_core::Error::InvalidId);
     let create = |args: &CreateArgs| {

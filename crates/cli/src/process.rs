@@ -12,7 +12,7 @@
 /// An explicit setting is kept; if exec fails, it runs on as it is.
 pub(crate) fn fix_malloc_threshold() {
     use std::os::unix::process::CommandExt;
-    const VAR: &str = "MALLOC_MMAP_THRESHOLD_";
+    const VAR: &str = crate::env::MALLOC_MMAP_THRESHOLD;
     if std::env::var_os(VAR).is_some() {
         return;
     }
@@ -30,7 +30,7 @@ pub(crate) fn fix_malloc_threshold() {
 }
 
 /// The variable that sets how many CPUs `synthorg` uses (0: all).
-pub(crate) const CPUS_VAR: &str = "SYNTHORG_BACKUP_CPUS";
+const CPUS_VAR: &str = crate::env::BACKUP_CPUS;
 
 /// Keeps the process (and every thread it starts later) on all the CPUs it
 /// may use but one, so that a backup never takes the CPU from the app's
