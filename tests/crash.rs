@@ -378,15 +378,33 @@ async fn restore_killed_after_every_rename(next: Next) {
     assert_ne!(state_a, state_b);
     let scratch = scene.fx.dir.path().to_path_buf();
     let (mut old, mut new) = (0, 0);
+    // Every step of the restore from the safety backup's links to its
+    // publication: the links made, each rename, the swap committed.
+    let mut steps: Vec<String> = vec!["preserve".into(), "commit".into()];
     let mut n = 0;
     loop {
         assert!(n < 40, "the swap never completed");
+        let step = match steps.pop() {
+            Some(s) => s,
+            None => {
+                n += 1;
+                (n - 1).to_string()
+            }
+        };
         let status = scene
             .helper(&["restore", &backup_a.to_string()])
-            .env("SYNTHORG_CRASH_ABORT_AFTER_RENAME", n.to_string())
+            .env("SYNTHORG_CRASH_ABORT_AFTER_RENAME", &step)
             .status()
             .unwrap();
-        let what = format!("{next:?} after an abort after rename {n}");
+        let what = format!("{next:?} after an abort at step {step}");
+        // The safety backup is complete (it verifies) or absent.
+        for listed in scene.service.list().await.unwrap() {
+            let backup_core::ports::Listed::Complete(s) = listed else {
+                panic!("{what}: a damaged backup: {listed:?}");
+            };
+            let report = scene.service.verify(&s.id).await.unwrap();
+            assert!(report.ok, "{what}: {} does not verify: {report:?}", s.id);
+        }
         let id = match next {
             Next::Backup => scene.service.create(Trigger::Manual).await.unwrap().id,
             Next::RuntimeStart => {
@@ -439,6 +457,7 @@ async fn restore_killed_after_every_rename(next: Next) {
         assert_eq!(hidden, Vec::<String>::new(), "{what}: leftovers");
         scene.service.delete(&id, true).await.unwrap();
         if status.success() {
+            assert!(steps.is_empty());
             break; // N is past the last rename: the restore completed
         }
         if live == state_a {
@@ -448,7 +467,6 @@ async fn restore_killed_after_every_rename(next: Next) {
             };
             scene.service.restore(&backup_b, options).await.unwrap();
         }
-        n += 1;
     }
     assert!(n >= 4, "the swap has at least 4 renames, saw {n}");
     assert!(old > 0 && new > 0, "old {old}, new {new}");

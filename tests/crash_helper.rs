@@ -5,7 +5,10 @@
 //! Prints `done` when the operation finished.
 //!
 //! With `SYNTHORG_CRASH_ABORT_AFTER_RENAME=N`, a restore aborts the process
-//! right after the N-th rename (0-based) of its swap, as a kill would.
+//! right after the N-th rename (0-based) of its swap, as a kill would;
+//! `=preserve` once the safety backup's links are made (before the swap),
+//! `=commit` once the swap committed (before the safety backup is
+//! published).
 
 use backup_core::{BackupConfig, BackupId, RestoreOptions, Trigger};
 
@@ -20,7 +23,12 @@ async fn main() -> anyhow::Result<()> {
     let mut live = adapters_fs::LiveData::new(&config.sources)
         .with_verifier(std::sync::Arc::new(adapters_sqlite::SqliteSnapshotter));
     if let Ok(n) = std::env::var("SYNTHORG_CRASH_ABORT_AFTER_RENAME") {
-        live = live.with_fault(adapters_fs::SwapFault::AbortAfter(n.parse()?));
+        let fault = match n.as_str() {
+            "preserve" => adapters_fs::SwapFault::AbortAfterPreserve,
+            "commit" => adapters_fs::SwapFault::AbortAfterCommit,
+            n => adapters_fs::SwapFault::AbortAfter(n.parse()?),
+        };
+        live = live.with_fault(fault);
     }
     let service =
         synthorg_api::build_service_with(&config, synthorg_tests::running_app(), None, live)?;

@@ -817,3 +817,52 @@ async fn verify_and_dry_run_run_the_staged_checks_of_a_restore() {
     };
     service.restore(&good.id, dry).await.unwrap();
 }
+
+/// The pre-restore safety backup of a local store is made of hard links to
+/// the replaced live files (no copy, no recompression), published only
+/// after the swap: it then shares nothing with the live data, holds the
+/// rows a killed writer left in its WAL, verifies, and restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_linked_safety_backup_keeps_a_killed_writers_wal_and_shares_nothing_with_live_data() {
+    use std::os::unix::fs::MetadataExt;
+    let fx = Fixture::new(1_000_000).await;
+    let service = fx.service(&fx.config(""));
+    let backup = service.create(Trigger::Manual).await.unwrap();
+    let mut writer = std::process::Command::new(env!("CARGO_BIN_EXE_synthorg-bench-writer"))
+        .arg(&fx.layout.database)
+        .arg("30")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_commits(&fx.layout.database).await;
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    let wal = fx.layout.root.join("synthorg.db-wal");
+    assert!(
+        std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0),
+        "the killed writer left committed rows in its WAL"
+    );
+
+    let report = service.restore(&backup.id, confirmed()).await.unwrap();
+    let safety = report.safety_backup_id.unwrap();
+    let manifest = service.show(&safety).await.unwrap();
+    assert_eq!(manifest.compression, backup_core::Compression::None);
+    let dir = fx.layout.backups_dir.join(safety.to_string());
+    for (path, _) in synthorg_tests::files_under(&dir) {
+        let links = std::fs::metadata(dir.join(&path)).unwrap().nlink();
+        assert_eq!(links, 1, "{} is shared with the live data", path.display());
+    }
+    // Changing the live data in place does not touch the safety backup.
+    mutate(&fx).await;
+    assert!(service.verify(&safety).await.unwrap().ok);
+
+    service.restore(&safety, confirmed()).await.unwrap();
+    let mut conn = synthorg_tests::open(&fx.layout.database).await;
+    let (n, rows): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT n FROM bench_counter), (SELECT count(*) FROM bench_log)")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    assert!(rows > 20 && n == rows, "n {n}, rows {rows}");
+}

@@ -145,6 +145,19 @@ impl DirSource {
         Ok(walked)
     }
 
+    /// The entries of the source (which exists), sorted, and the path of
+    /// each file.
+    pub(crate) fn walk_present(
+        &self,
+    ) -> Result<(Vec<SnapshotEntry>, HashMap<ArchivePath, PathBuf>)> {
+        let mut walked = self.walk()?;
+        if walked.absent {
+            return Err(self.source_err(&self.path, "does not exist", None));
+        }
+        walked.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok((walked.entries, walked.files))
+    }
+
     fn walk_dir(&self, dir: &Path, at: &ArchivePath, walked: &mut Walked) -> Result<()> {
         let mut children = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(|e| self.io_err(dir, e))? {

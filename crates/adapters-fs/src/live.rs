@@ -40,6 +40,7 @@ use crate::fsio::{self, DIR_MODE, FILE_MODE};
 
 mod journal;
 mod layout;
+mod preserve;
 mod staging;
 
 use journal::*;
@@ -77,6 +78,22 @@ pub enum SwapFault {
     /// The process aborts right after rename `n` (0-based) is durable,
     /// as if killed: nothing is rolled back until the next recovery.
     AbortAfter(usize),
+    /// The process aborts once the safety backup's links are made, before
+    /// the swap starts.
+    AbortAfterPreserve,
+    /// The process aborts once the swap committed and finished, before
+    /// the restore publishes its safety backup.
+    AbortAfterCommit,
+}
+
+impl SwapFault {
+    /// Aborts the process if `self` is `point` (crash tests only).
+    pub(crate) fn abort_at(fault: Option<SwapFault>, point: SwapFault) {
+        if fault == Some(point) {
+            tracing::error!(?point, "injected fault: aborting the process");
+            std::process::abort();
+        }
+    }
 }
 
 impl LiveData {
@@ -276,6 +293,14 @@ impl RestoreTarget for LiveData {
             current: None,
             dir_modes: Vec::new(),
         }))
+    }
+
+    async fn preserve(
+        &self,
+        components: &[Component],
+        dest: &Path,
+    ) -> Result<Option<backup_core::ports::Preserved>> {
+        self.preserve_into(components, dest).await
     }
 
     async fn recover(&self) -> Result<Vec<String>> {

@@ -199,6 +199,10 @@ impl ObjectSpace for LocalDir {
         .await
     }
 
+    fn local_path(&self, name: &str) -> Option<PathBuf> {
+        Some(self.path(name))
+    }
+
     async fn remove_partial(&self, id: Option<&BackupId>) -> Result<Vec<String>> {
         self.remove_temps(id.map_or_else(|| ".".to_owned(), |id| format!(".{id}")))
             .await

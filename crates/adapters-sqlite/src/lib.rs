@@ -178,6 +178,45 @@ pub async fn read_user_version(path: &Path) -> Result<i64> {
     version
 }
 
+/// Folds a live database's WAL into its main file (and removes it) or
+/// rolls back its hot journal, as the app does when it opens it, so that
+/// the file alone is the database. Returns `user_version`. Only while no
+/// other process has the database open (a restore checks that first).
+///
+/// # Errors
+/// `Source` naming the file: missing, not SQLite, locked (a checkpoint
+/// that could not finish), corrupt.
+pub async fn settle_database(component: Component, path: &Path) -> Result<i64> {
+    check_header(component, path).await?;
+    let mut conn = connect(component, path, false, DEFAULT_BUSY_TIMEOUT).await?;
+    let settled = async {
+        // (busy, frames in the WAL, frames checkpointed); busy = 1 means
+        // another connection kept it from finishing.
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| sqlx_error(component, path, &e))?;
+        if busy != 0 {
+            return Err(db_error(
+                component,
+                path,
+                DbProblem::Other,
+                Some(
+                    "the WAL checkpoint could not finish: another connection holds the database"
+                        .into(),
+                ),
+            ));
+        }
+        user_version(&mut conn, component, path).await
+    }
+    .await;
+    // Closing the last connection removes the (now empty) WAL and -shm.
+    sqlx::Connection::close(conn)
+        .await
+        .map_err(|e| sqlx_error(component, path, &e))?;
+    settled
+}
+
 /// Verifies a staged database: SQLite header, `PRAGMA integrity_check` =
 /// `ok`, and `user_version` equal to `expected_schema` when given. Returns
 /// the schema version.

@@ -278,6 +278,10 @@ impl DatabaseVerifier for SqliteSnapshotter {
         header.starts_with(SQLITE_HEADER)
     }
 
+    async fn settle(&self, component: Component, path: &Path) -> Result<i64> {
+        crate::settle_database(component, path).await
+    }
+
     async fn verify(
         &self,
         component: Component,

@@ -126,6 +126,167 @@ pub fn decompress(
     }
 }
 
+/// Largest member accepted when decompressing by members, compressed or
+/// not (members are [`BLOCK_SIZE`] of input; older backups used 4 MiB):
+/// bounds the memory a damaged or hostile manifest can make us allocate.
+pub const MAX_MEMBER: usize = 64 * 1024 * 1024;
+
+/// The byte ranges of the members of an archive of `total` bytes whose
+/// members start at `offsets` (the manifest's `members`); `None` when the
+/// offsets cannot describe it (not starting at 0, not increasing, past
+/// the end, or a member over [`MAX_MEMBER`]).
+pub fn member_lengths(offsets: &[u64], total: u64) -> Option<Vec<usize>> {
+    if offsets.first() != Some(&0) {
+        return None;
+    }
+    let ends = offsets
+        .iter()
+        .skip(1)
+        .copied()
+        .chain(std::iter::once(total));
+    offsets
+        .iter()
+        .zip(ends)
+        .map(|(start, end)| {
+            let len = end.checked_sub(*start)?;
+            (len > 0 && len <= MAX_MEMBER as u64).then_some(len as usize)
+        })
+        .collect()
+}
+
+/// Cuts a stream into pieces of the given lengths (one allocation each);
+/// an error when it ends early or has more.
+fn pieces(
+    input: ByteStream,
+    lengths: Vec<usize>,
+) -> impl futures::Stream<Item = io::Result<Bytes>> + Send {
+    futures::stream::unfold(
+        (input, Bytes::new(), lengths.into_iter(), false),
+        |(mut input, mut carry, mut lengths, done)| async move {
+            if done {
+                return None;
+            }
+            let Some(len) = lengths.next() else {
+                // Every member taken: nothing may follow.
+                let rest = if carry.is_empty() {
+                    input.next().await
+                } else {
+                    Some(Ok(carry))
+                };
+                return match rest {
+                    None => None,
+                    Some(Ok(_)) => Some((
+                        Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "data after the last member",
+                        )),
+                        (input, Bytes::new(), lengths, true),
+                    )),
+                    Some(Err(e)) => Some((Err(e), (input, Bytes::new(), lengths, true))),
+                };
+            };
+            let mut piece = BytesMut::with_capacity(len);
+            while piece.len() < len {
+                if carry.is_empty() {
+                    match input.next().await {
+                        Some(Ok(chunk)) => carry = chunk,
+                        Some(Err(e)) => {
+                            return Some((Err(e), (input, Bytes::new(), lengths, true)));
+                        }
+                        None => {
+                            let e = io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "archive ends inside a member",
+                            );
+                            return Some((Err(e), (input, Bytes::new(), lengths, true)));
+                        }
+                    }
+                }
+                let take = carry.len().min(len - piece.len());
+                piece.extend_from_slice(&carry.split_to(take));
+            }
+            Some((Ok(piece.freeze()), (input, carry, lengths, false)))
+        },
+    )
+}
+
+thread_local! {
+    /// One libdeflate decompressor per blocking thread (it holds tables).
+    static INFLATER: std::cell::RefCell<libdeflater::Decompressor> =
+        std::cell::RefCell::new(libdeflater::Decompressor::new());
+}
+
+fn bad_member(reason: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, reason)
+}
+
+/// Decompresses one whole member: a gzip member with libdeflate (its
+/// trailer gives the size, its CRC is checked), a zstd frame with the size
+/// from its header.
+fn decompress_member(member: &[u8], compression: Compression) -> io::Result<Vec<u8>> {
+    match compression {
+        Compression::Gzip => {
+            let isize = member
+                .len()
+                .checked_sub(4)
+                .and_then(|at| member.get(at..))
+                .and_then(|t| <[u8; 4]>::try_from(t).ok())
+                .map(u32::from_le_bytes)
+                .ok_or_else(|| bad_member("gzip member shorter than its trailer".into()))?
+                as usize;
+            if isize > MAX_MEMBER {
+                return Err(bad_member(format!(
+                    "gzip member of {isize} bytes, more than {MAX_MEMBER}"
+                )));
+            }
+            let mut out = vec![0u8; isize];
+            let n = INFLATER
+                .with(|d| d.borrow_mut().gzip_decompress(member, &mut out))
+                .map_err(|e| bad_member(format!("gzip member: {e}")))?;
+            if n != isize {
+                return Err(bad_member(format!(
+                    "gzip member gave {n} bytes, its trailer says {isize}"
+                )));
+            }
+            Ok(out)
+        }
+        Compression::Zstd => {
+            let size = match zstd::zstd_safe::get_frame_content_size(member) {
+                Ok(Some(n)) if n <= MAX_MEMBER as u64 => n as usize,
+                Ok(Some(n)) => {
+                    return Err(bad_member(format!(
+                        "zstd frame of {n} bytes, more than {MAX_MEMBER}"
+                    )));
+                }
+                _ => MAX_MEMBER,
+            };
+            zstd::bulk::decompress(member, size).map_err(|e| bad_member(format!("zstd frame: {e}")))
+        }
+        Compression::None => Ok(member.to_vec()),
+    }
+}
+
+/// The decompressed content of an archive of independent members, cut at
+/// the given `lengths` (see [`member_lengths`]): each member is
+/// decompressed whole on the blocking pool, up to [`parallelism`] at once,
+/// and emitted in order. Memory stays bounded by `parallelism + 1` members.
+pub fn decompress_members(
+    input: ByteStream,
+    compression: Compression,
+    lengths: Vec<usize>,
+) -> ByteStream {
+    pieces(input, lengths)
+        .map(move |member| async move {
+            let member = member?;
+            tokio::task::spawn_blocking(move || decompress_member(&member, compression))
+                .await
+                .map_err(io::Error::other)?
+                .map(Bytes::from)
+        })
+        .buffered(parallelism())
+        .boxed()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +363,71 @@ mod tests {
             .read_to_end(&mut out)
             .await;
         assert!(res.is_err());
+    }
+
+    #[tokio::test]
+    async fn members_decompress_in_parallel_to_the_same_content() {
+        let data = sample(5 * BLOCK_SIZE + 123);
+        for compression in [Compression::Gzip, Compression::Zstd] {
+            let members: Vec<Bytes> =
+                compress(stream_of(data.clone(), 64 * 1024), compression, None)
+                    .map(|m| m.unwrap())
+                    .collect()
+                    .await;
+            let mut offsets = Vec::new();
+            let mut total = 0u64;
+            for m in &members {
+                offsets.push(total);
+                total += m.len() as u64;
+            }
+            let joined: Vec<u8> = members.concat();
+            let lengths = member_lengths(&offsets, total).unwrap();
+            let mut out = Vec::new();
+            let mut s = decompress_members(
+                stream_of(joined.clone(), 100_000),
+                compression,
+                lengths.clone(),
+            );
+            while let Some(chunk) = s.next().await {
+                out.extend_from_slice(&chunk.unwrap());
+            }
+            assert_eq!(out, data, "{compression}");
+
+            // Cut short, or with bytes after the last member: errors.
+            let short = joined[..joined.len() - 7].to_vec();
+            let mut s = decompress_members(stream_of(short, 100_000), compression, lengths.clone());
+            let mut failed = false;
+            while let Some(chunk) = s.next().await {
+                failed |= chunk.is_err();
+            }
+            assert!(failed, "{compression}: truncated");
+            let mut long = joined.clone();
+            long.extend_from_slice(b"junk");
+            let mut s = decompress_members(stream_of(long, 100_000), compression, lengths);
+            let mut failed = false;
+            while let Some(chunk) = s.next().await {
+                failed |= chunk.is_err();
+            }
+            assert!(failed, "{compression}: trailing data");
+        }
+    }
+
+    #[test]
+    fn member_offsets_that_cannot_describe_the_archive_are_refused() {
+        assert_eq!(member_lengths(&[0, 10, 25], 30), Some(vec![10, 15, 5]));
+        assert_eq!(member_lengths(&[], 30), None);
+        assert_eq!(member_lengths(&[1, 10], 30), None);
+        assert_eq!(member_lengths(&[0, 10, 10], 30), None);
+        assert_eq!(member_lengths(&[0, 40], 30), None);
+        assert_eq!(member_lengths(&[0], MAX_MEMBER as u64 + 1), None);
+    }
+
+    #[test]
+    fn a_corrupt_gzip_member_is_an_error_not_garbage() {
+        let mut member = compress_block(&sample(1000), Compression::Gzip, 3).unwrap();
+        let mid = member.len() / 2;
+        member[mid] ^= 0xff;
+        assert!(decompress_member(&member, Compression::Gzip).is_err());
+        assert!(decompress_member(&[1, 2], Compression::Gzip).is_err());
     }
 }

@@ -380,6 +380,10 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
         self.space.write_small(STATUS_NAME, bytes).await
     }
 
+    fn local_dir(&self, id: &BackupId) -> Option<std::path::PathBuf> {
+        self.space.local_path(&id.to_string())
+    }
+
     async fn cleanup_incomplete(&self) -> Result<Vec<String>> {
         let mut removed = self.space.remove_partial(None).await?;
         let listing = self.space.list_root().await?;

@@ -155,6 +155,30 @@ pub trait BackupStore: Debug + Send + Sync + 'static {
     /// # Errors
     /// `Store` when the location cannot be listed.
     async fn cleanup_incomplete(&self) -> Result<Vec<String>>;
+
+    /// The local directory that holds the directory form of backup `id`,
+    /// when this store keeps backups on a local filesystem; `None`
+    /// otherwise. A restore target may fill it directly
+    /// ([`RestoreTarget::preserve`]); the backup is then finished with
+    /// `put(InnerManifest)` and [`publish`](BackupStore::publish) as usual,
+    /// or [`discard`](BackupStore::discard)ed.
+    fn local_dir(&self, _id: &BackupId) -> Option<std::path::PathBuf> {
+        None
+    }
+}
+
+/// What [`RestoreTarget::preserve`] made: the entries of a directory-form
+/// backup of the live data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Preserved {
+    /// Regular files, hashed.
+    pub files: Vec<FileEntry>,
+    /// Directories.
+    pub dirs: Vec<DirEntry>,
+    /// Symlinks (inside their component).
+    pub symlinks: Vec<SymlinkEntry>,
+    /// `user_version` of the database, when it is among the components.
+    pub db_schema_version: Option<i64>,
 }
 
 /// One listing of an [`ObjectSpace`]'s root.
@@ -232,6 +256,12 @@ pub trait ObjectSpace: Debug + Send + Sync + 'static {
     /// # Errors
     /// `Store` when leftovers exist but cannot be removed.
     async fn remove_partial(&self, id: Option<&BackupId>) -> Result<Vec<String>>;
+
+    /// The local path of object (or directory) `name`, for a space on a
+    /// local filesystem.
+    fn local_path(&self, _name: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 
     /// Whether the layout keeps its listing cache (`_index.json`) here:
     /// worth it where reading one object per backup is slow (S3).
@@ -615,6 +645,29 @@ pub trait RestoreTarget: Debug + Send + Sync + 'static {
     /// # Errors
     /// `Source` when the journal cannot be read or a rename fails.
     async fn recover(&self) -> Result<Vec<String>>;
+
+    /// Makes the live items of `components` the content of a
+    /// directory-form backup in `dest` (`dest/<archive path>`, created
+    /// 0700), without copying data where it can: a hard link when `dest`
+    /// is on the same filesystem, else a copy. SQLite databases are
+    /// settled first (see [`DatabaseVerifier::settle`]), so each file
+    /// alone is consistent; every file is hashed. Called under the lock,
+    /// after [`check_not_in_use`](RestoreTarget::check_not_in_use), right
+    /// before the swap: the links then hold the only copy of the replaced
+    /// data, and the caller publishes the backup once the swap committed
+    /// (or discards it). `None` when this target cannot (no database
+    /// checker, a WAL that would not fold): the caller takes a regular
+    /// backup instead.
+    ///
+    /// # Errors
+    /// `Source` naming the item that could not be settled, linked or read.
+    async fn preserve(
+        &self,
+        _components: &[Component],
+        _dest: &std::path::Path,
+    ) -> Result<Option<Preserved>> {
+        Ok(None)
+    }
 }
 
 /// Checks a backup's content as it streams past (see
@@ -658,6 +711,15 @@ pub trait Staging: EntrySink + Send {
 pub trait DatabaseVerifier: Debug + Send + Sync + 'static {
     /// Whether a file starting with `header` is a database to check.
     fn handles(&self, header: &[u8]) -> bool;
+
+    /// Makes a live database's main file the whole database (its WAL
+    /// checkpointed into it and removed, a hot journal rolled back), as
+    /// the app does when it opens it; returns its `user_version`. Only
+    /// while no other process has it open.
+    ///
+    /// # Errors
+    /// `Source` naming the file (not SQLite, locked, corrupt).
+    async fn settle(&self, component: Component, path: &std::path::Path) -> Result<i64>;
 
     /// `PRAGMA integrity_check` = ok and, when given, `user_version` equal
     /// to `expected_schema`. Returns the schema version.

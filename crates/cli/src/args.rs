@@ -31,6 +31,22 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+impl Cli {
+    /// Whether this runs a local restore (not a dry run), which needs the
+    /// app stopped.
+    pub(crate) fn restores(&self) -> bool {
+        let args = match &self.command {
+            Command::Restore(args) => args,
+            Command::Backup(BackupArgs {
+                command: Some(BackupCommand::Restore(args)),
+                ..
+            }) => args,
+            _ => return false,
+        };
+        self.server.is_none() && !args.dry_run
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Create, list, inspect, verify, delete, prune, restore and export backups.
@@ -184,6 +200,10 @@ pub(crate) struct DemoArgs {
     /// Only generate the data directory (for benchmarks), then stop.
     #[arg(long)]
     pub(crate) generate_only: bool,
+    /// Seed of the generated content: another seed gives entirely
+    /// different data of the same shape (benchmarks restore over it).
+    #[arg(long, default_value_t = 2026)]
+    pub(crate) seed: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -287,6 +287,7 @@ pub(crate) async fn demo(
     out: &Output,
     dir: &Path,
     size: u64,
+    seed: u64,
     generate_only: bool,
 ) -> anyhow::Result<()> {
     let step = |n: u32, text: &str| out.step(n, text);
@@ -298,7 +299,7 @@ pub(crate) async fn demo(
             dir.display()
         ),
     );
-    let layout = demo::generate(dir, DemoSize::total(size), 2026)
+    let layout = demo::generate(dir, DemoSize::total(size), seed)
         .await
         .context("generating demo data")?;
     if generate_only {

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
         }
     };
     // Before the runtime starts its threads: they inherit the affinity.
-    if let Err(e) = process::limit_cpus() {
+    if let Err(e) = process::limit_cpus(cli.restores()) {
         eprintln!("error: {e}");
         return ExitCode::from(exit::USAGE);
     }
@@ -146,7 +146,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Demo(args) => commands::demo(&out, &args.dir, args.size, args.generate_only).await,
+        Command::Demo(args) => commands::demo(&out, &args.dir, args.size, args.seed, args.generate_only).await,
         Command::Serve(args) => commands::serve(cli, args).await,
         Command::Recover => commands::recover(&out, &commands::Context::load(cli).await?).await,
         _ if cli.server.is_some() => remote(cli, &out).await,

@@ -38,8 +38,10 @@ const CPUS_VAR: &str = crate::env::BACKUP_CPUS;
 /// scheduler tick (perf sched), p99 0.2 -> 2.2-3.3 ms, and neither `nice`
 /// nor SCHED_IDLE helped; on one core of two, p99 stayed at 0.16 ms and the
 /// backup took 8 % longer (bench/run). `SYNTHORG_BACKUP_CPUS=N` uses N
-/// (0: all).
-pub(crate) fn limit_cpus() -> Result<(), String> {
+/// (0: all). A restore (not a dry run) uses every CPU by default: it runs
+/// only while the app is stopped (it refuses otherwise), and the faster it
+/// ends the sooner the app is back.
+pub(crate) fn limit_cpus(app_stopped: bool) -> Result<(), String> {
     use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
     let wanted =
         match std::env::var(CPUS_VAR) {
@@ -54,7 +56,12 @@ pub(crate) fn limit_cpus() -> Result<(), String> {
     let cpus: Vec<usize> = (0..CpuSet::MAX_CPU)
         .filter(|&c| allowed.is_set(c))
         .collect();
-    let use_cpus = wanted.unwrap_or_else(|| cpus.len().saturating_sub(1).max(1));
+    let default = if app_stopped {
+        cpus.len()
+    } else {
+        cpus.len().saturating_sub(1).max(1)
+    };
+    let use_cpus = wanted.unwrap_or(default);
     if use_cpus == 0 || use_cpus >= cpus.len() {
         return Ok(());
     }

@@ -32,13 +32,13 @@ const CHANNEL_DEPTH: usize = 4;
 
 /// Everything the producer learned, to build the manifest.
 #[derive(Debug, Default)]
-struct Produced {
-    files: Vec<FileEntry>,
-    dirs: Vec<DirEntry>,
-    symlinks: Vec<SymlinkEntry>,
-    db_schema_version: Option<i64>,
+pub(super) struct Produced {
+    pub(super) files: Vec<FileEntry>,
+    pub(super) dirs: Vec<DirEntry>,
+    pub(super) symlinks: Vec<SymlinkEntry>,
+    pub(super) db_schema_version: Option<i64>,
     /// Components whose source does not exist.
-    absent: Vec<Component>,
+    pub(super) absent: Vec<Component>,
 }
 
 /// Where the producer sends entries: a tar stream, or the store file by file.
@@ -494,7 +494,7 @@ impl BackupService {
         result
     }
 
-    fn manifest(
+    pub(super) fn manifest(
         &self,
         id: &BackupId,
         sequence: u64,
@@ -566,6 +566,6 @@ impl BackupService {
     }
 }
 
-fn once(bytes: Vec<u8>) -> ByteStream {
+pub(super) fn once(bytes: Vec<u8>) -> ByteStream {
     futures::stream::once(async move { Ok(Bytes::from(bytes)) }).boxed()
 }

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 
 use crate::archive::{TarError, TarKind, TarReader};
-use crate::compress::decompress;
+use crate::compress::{decompress, decompress_members, member_lengths};
 use crate::config::Compression;
 use crate::digest::Sha256Hasher;
 use crate::error::{Error, Result};
@@ -100,7 +100,18 @@ pub(crate) async fn read_backup(
             }
         })
         .boxed();
-    let mut tar = TarReader::new(decompress(stream, manifest.compression));
+    // Independent members at known offsets: decompressed whole, in
+    // parallel (libdeflate for gzip); else one streaming decoder.
+    let content: Box<dyn tokio::io::AsyncRead + Send + Unpin> =
+        match member_lengths(&info.members, info.size_bytes) {
+            Some(lengths) => Box::new(tokio_util::io::StreamReader::new(decompress_members(
+                stream,
+                manifest.compression,
+                lengths,
+            ))),
+            None => decompress(stream, manifest.compression),
+        };
+    let mut tar = TarReader::new(content);
     let result = read_entries(&mut tar, manifest, &wants, sink).await;
     let store_error = tap.lock().ok().and_then(|t| t.store_error.clone());
     if let Some(reason) = store_error {

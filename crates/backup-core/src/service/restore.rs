@@ -20,7 +20,7 @@ use crate::compat::{self, CompatReport};
 use crate::error::{Error, Result};
 use crate::id::{BackupId, Component, Trigger};
 use crate::manifest::Manifest;
-use crate::ports::{Operation, Staging};
+use crate::ports::{ObjectName, Operation, Staging};
 use crate::status::EventKind;
 
 /// Options of [`BackupService::restore`].
@@ -256,27 +256,23 @@ impl BackupService {
                 present.push(*c);
             }
         }
-        let mut safety = None;
-        if present.is_empty() {
+        let safety = if present.is_empty() {
             report
                 .warnings
                 .push("no live data to replace: no safety backup was needed".into());
+            None
         } else {
-            let options = CreateOptions {
-                components: Some(present),
-                ..CreateOptions::default()
-            };
-            match self.create_locked(Trigger::PreRestore, &options).await {
-                Ok(m) => {
-                    tracing::info!(backup_id = %manifest.id, safety_backup = %m.id, "safety backup taken; swapping");
-                    safety = Some(m.id);
+            match self.safety_backup(&present).await {
+                Ok(s) => {
+                    tracing::info!(backup_id = %manifest.id, safety_backup = %s.id(), "safety backup taken; swapping");
+                    Some(s)
                 }
                 Err(e) => {
                     discard(staging, &manifest.id).await;
                     return Err(e);
                 }
             }
-        }
+        };
         // Again right before the swap: the writer may have started since.
         if let Err(e) = target.check_not_in_use(components).await {
             discard(staging, &manifest.id).await;
@@ -293,6 +289,25 @@ impl BackupService {
             }
             return Err(e);
         }
+        let safety = match safety {
+            Some(Safety::Linked(m)) => match self.ports.store.publish(&m).await {
+                // Published only now: until the swap, its links were the
+                // live files themselves.
+                Ok(()) => Some(m.id),
+                Err(e) => {
+                    tracing::error!(backup_id = %manifest.id, safety_backup = %m.id, error = %e,
+                        "publishing the safety backup failed; the previous state is not kept");
+                    report.warnings.push(format!(
+                        "the safety backup {} could not be published: {e}",
+                        m.id
+                    ));
+                    let _ = self.ports.store.discard(&m.id).await;
+                    None
+                }
+            },
+            Some(Safety::Published(id)) => Some(id),
+            None => None,
+        };
         report.safety_backup_id = safety.clone();
         let mut protect = vec![manifest.id.clone()];
         protect.extend(safety);
@@ -302,11 +317,91 @@ impl BackupService {
         Ok(())
     }
 
+    /// The pre-restore safety backup of the live `components`: where the
+    /// store is a local directory and the target can, a directory-form
+    /// backup of hard links to the live files (no copy, no compression;
+    /// published after the swap); else a regular backup.
+    async fn safety_backup(&self, components: &[Component]) -> Result<Safety> {
+        match self.link_safety(components).await {
+            Ok(Some(m)) => return Ok(Safety::Linked(Box::new(m))),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "a linked safety backup failed; taking a regular one");
+            }
+        }
+        let options = CreateOptions {
+            components: Some(components.to_vec()),
+            ..CreateOptions::default()
+        };
+        self.create_locked(Trigger::PreRestore, &options)
+            .await
+            .map(|m| Safety::Published(m.id))
+    }
+
+    /// The linked safety backup, complete but unpublished; `None` when the
+    /// store or the target cannot make one.
+    async fn link_safety(&self, components: &[Component]) -> Result<Option<Manifest>> {
+        let store = self.ports.store.as_ref();
+        let timestamp = self.ports.clock.now();
+        let (id, sequence) = self.next_id(Trigger::PreRestore, timestamp).await?;
+        let Some(dir) = store.local_dir(&id) else {
+            return Ok(None);
+        };
+        store.discard(&id).await?;
+        let built = async {
+            let Some(p) = self.ports.restore_target.preserve(components, &dir).await? else {
+                return Ok(None);
+            };
+            let options = CreateOptions {
+                components: Some(components.to_vec()),
+                ..CreateOptions::default()
+            };
+            let produced = super::create::Produced {
+                files: p.files,
+                dirs: p.dirs,
+                symlinks: p.symlinks,
+                db_schema_version: p.db_schema_version,
+                absent: Vec::new(),
+            };
+            let mut m = self.manifest(&id, sequence, timestamp, produced, &options, None);
+            m.compression = crate::config::Compression::None;
+            m.validate().map_err(|source| Error::Manifest {
+                id: id.to_string(),
+                source,
+            })?;
+            let json = m.to_json().map_err(|source| Error::Manifest {
+                id: id.to_string(),
+                source,
+            })?;
+            store
+                .put(&id, &ObjectName::InnerManifest, super::create::once(json))
+                .await?;
+            Ok(Some(m))
+        }
+        .await;
+        if !matches!(built, Ok(Some(_)))
+            && let Err(e) = store.discard(&id).await
+        {
+            tracing::warn!(safety_backup = %id, error = %e, "removing the unfinished safety backup failed; the next recover removes it");
+        }
+        built
+    }
+
     /// Deletes the safety backup of a restore that did not happen: the
     /// live data it holds is still live, and it must not take the place of
     /// a backup the user needs.
-    async fn drop_safety(&self, safety: Option<&BackupId>) {
-        let Some(id) = safety else { return };
+    async fn drop_safety(&self, safety: Option<&Safety>) {
+        let id = match safety {
+            None => return,
+            // Never published: its links are the live files; unlink them.
+            Some(Safety::Linked(m)) => {
+                if let Err(e) = self.ports.store.discard(&m.id).await {
+                    tracing::warn!(safety_backup = %m.id, error = %e, "removing the unneeded safety backup failed; the next recover removes it");
+                }
+                return;
+            }
+            Some(Safety::Published(id)) => id,
+        };
         match self.ports.store.delete(id).await {
             Ok(()) => {
                 tracing::info!(safety_backup = %id, "deleted the safety backup of the restore that did not happen")
@@ -314,6 +409,23 @@ impl BackupService {
             Err(e) => {
                 tracing::warn!(safety_backup = %id, error = %e, "deleting the unneeded safety backup failed")
             }
+        }
+    }
+}
+
+/// The safety backup of a restore.
+enum Safety {
+    /// Linked to the live files; published once the swap committed.
+    Linked(Box<Manifest>),
+    /// A regular backup, already published.
+    Published(BackupId),
+}
+
+impl Safety {
+    fn id(&self) -> &BackupId {
+        match self {
+            Safety::Linked(m) => &m.id,
+            Safety::Published(id) => id,
         }
     }
 }

@@ -1,0 +1,245 @@
+//! [`RestoreTarget::preserve`] for [`LiveData`]: the live items a restore
+//! replaces become a directory-form backup by hard link, so the pre-restore
+//! safety backup costs a hash of the live data, not a recompression of it.
+
+use std::collections::HashMap;
+
+use backup_core::Sha256Hasher;
+use backup_core::ports::{EntryKind, Preserved, SnapshotEntry};
+
+use super::*;
+use crate::dir_source::{DirSource, SQLITE_COMPANIONS};
+
+/// Read buffer for hashing.
+const HASH_CHUNK: usize = 1024 * 1024;
+
+impl LiveData {
+    /// Settles the SQLite databases of `components` (see
+    /// `DatabaseVerifier::settle`); returns the main database's schema
+    /// version and the databases settled, or `None` when a WAL is left
+    /// over (the files alone would then not be the data).
+    pub(super) async fn settle_databases(
+        &self,
+        verifier: &Arc<dyn DatabaseVerifier>,
+        components: &[Component],
+    ) -> Result<Option<(Option<i64>, Vec<PathBuf>)>> {
+        let mut schema = None;
+        let mut settled = Vec::new();
+        for &c in components {
+            let live = self.live(c);
+            let databases = match c {
+                Component::Persistence if exists(&live) => vec![live],
+                Component::Memory if live.is_dir() => {
+                    let root = live.clone();
+                    let candidates = blocking(move || {
+                        sqlite_candidates(&root).map_err(|e| source_err(c, &root, e))
+                    })
+                    .await?;
+                    candidates
+                        .into_iter()
+                        .filter(|f| read_header(f).is_ok_and(|h| verifier.handles(&h)))
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
+            for db in databases {
+                let version = verifier.settle(c, &db).await?;
+                if c == Component::Persistence {
+                    schema = Some(version);
+                }
+                let wal = with_companions(&db).into_iter().nth(1);
+                if wal.is_some_and(|w| std::fs::metadata(&w).is_ok_and(|m| m.len() > 0)) {
+                    tracing::warn!(file = %db.display(), "the WAL is still there after a checkpoint; taking a regular safety backup");
+                    return Ok(None);
+                }
+                settled.push(db);
+            }
+        }
+        Ok(Some((schema, settled)))
+    }
+}
+
+/// The entries of one live component and the live path of each file.
+fn walk(
+    live: &LiveData,
+    c: Component,
+) -> Result<(Vec<SnapshotEntry>, HashMap<ArchivePath, PathBuf>)> {
+    let path = live.live(c);
+    match c {
+        Component::Persistence => {
+            let meta = std::fs::metadata(&path).map_err(|e| source_err(c, &path, e))?;
+            let archive = ArchivePath::parse(c.archive_root())
+                .map_err(|e| Error::Internal(format!("archive root: {e}")))?;
+            let entry = SnapshotEntry {
+                path: archive.clone(),
+                kind: EntryKind::File,
+                size: meta.len(),
+                mode: meta.permissions().mode() & 0o7777,
+                mtime: std::os::unix::fs::MetadataExt::mtime(&meta),
+                owner: Some((
+                    std::os::unix::fs::MetadataExt::uid(&meta),
+                    std::os::unix::fs::MetadataExt::gid(&meta),
+                )),
+            };
+            Ok((vec![entry], HashMap::from([(archive, path)])))
+        }
+        Component::Config => DirSource::file(c, path).walk_present(),
+        Component::Memory | Component::Checkpoints => DirSource::dir(c, path).walk_present(),
+    }
+}
+
+/// Links `from` to `to`, or copies it (durably, 0600) where a link cannot
+/// be made (another filesystem, a link count limit, a refused link).
+fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    let temp = fsio::temp_path_for(to);
+    let guard = fsio::RemoveOnDrop::new(temp.clone());
+    std::fs::copy(from, &temp)?;
+    let file = std::fs::File::open(&temp)?;
+    file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+    file.sync_all()?;
+    std::fs::rename(&temp, to)?;
+    guard.disarm();
+    Ok(())
+}
+
+fn hash_file(path: &Path) -> io::Result<(u64, backup_core::Sha256Digest)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256Hasher::new();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, hasher.finish()))
+}
+
+/// Hashes `files` (path in the backup, file) on every allowed core.
+async fn hash_all(
+    files: Vec<(ArchivePath, Component, PathBuf)>,
+) -> Result<HashMap<ArchivePath, (u64, backup_core::Sha256Digest)>> {
+    let workers = backup_core::compress::parallelism().max(1);
+    let mut groups: Vec<Vec<(ArchivePath, Component, PathBuf)>> = vec![Vec::new(); workers];
+    for (i, f) in files.into_iter().enumerate() {
+        groups[i % workers].push(f);
+    }
+    let tasks: Vec<_> = groups
+        .into_iter()
+        .map(|group| {
+            blocking(move || {
+                let mut out = Vec::with_capacity(group.len());
+                for (path, c, file) in group {
+                    let hashed = hash_file(&file).map_err(|e| source_err(c, &file, e))?;
+                    out.push((path, hashed));
+                }
+                Ok(out)
+            })
+        })
+        .collect();
+    let mut all = HashMap::new();
+    for done in futures::future::join_all(tasks).await {
+        all.extend(done?);
+    }
+    Ok(all)
+}
+
+impl LiveData {
+    /// See [`RestoreTarget::preserve`].
+    pub(super) async fn preserve_into(
+        &self,
+        components: &[Component],
+        dest: &Path,
+    ) -> Result<Option<Preserved>> {
+        let Some(verifier) = self.verifier.clone() else {
+            return Ok(None); // databases cannot be settled
+        };
+        let Some((db_schema_version, settled)) =
+            self.settle_databases(&verifier, components).await?
+        else {
+            return Ok(None);
+        };
+        let me = self.clone();
+        let comps = components.to_vec();
+        let dest = dest.to_path_buf();
+        let (entries, files) = blocking(move || {
+            fsio::create_dir_private(&dest).map_err(|e| source_err(comps[0], &dest, e))?;
+            let mut entries = Vec::new();
+            let mut files = Vec::new();
+            for &c in &comps {
+                let (walked, paths) = walk(&me, c)?;
+                for entry in walked {
+                    let Some(from) = paths.get(&entry.path) else {
+                        entries.push(entry);
+                        continue;
+                    };
+                    // The settled databases' -wal and -shm are empty or
+                    // gone: not part of the data.
+                    let companion = SQLITE_COMPANIONS.iter().any(|s| {
+                        from.to_str()
+                            .and_then(|p| p.strip_suffix(s))
+                            .is_some_and(|main| settled.iter().any(|d| d.as_os_str() == main))
+                    });
+                    if companion {
+                        continue;
+                    }
+                    let mut to = dest.clone();
+                    to.extend(entry.path.segments());
+                    if let Some(parent) = to.parent() {
+                        fsio::create_dir_private(parent).map_err(|e| source_err(c, parent, e))?;
+                    }
+                    link_or_copy(from, &to).map_err(|e| source_err(c, from, e))?;
+                    files.push((entry.path.clone(), c, to));
+                    entries.push(entry);
+                }
+            }
+            // The links and copies are durable before the swap.
+            fsio::sync_filesystem(&dest).map_err(|e| source_err(comps[0], &dest, e))?;
+            Ok((entries, files))
+        })
+        .await?;
+        let hashes = hash_all(files).await?;
+        SwapFault::abort_at(self.fault, SwapFault::AbortAfterPreserve);
+        let mut preserved = Preserved {
+            db_schema_version,
+            ..Preserved::default()
+        };
+        for entry in entries {
+            let owner = entry.owner;
+            match entry.kind {
+                EntryKind::File => {
+                    let Some((size, sha256)) = hashes.get(&entry.path) else {
+                        continue; // a companion left out above
+                    };
+                    preserved.files.push(FileEntry {
+                        path: entry.path,
+                        size: *size,
+                        sha256: *sha256,
+                        mode: Some(entry.mode),
+                        mtime: Some(entry.mtime),
+                        uid: owner.map(|o| o.0),
+                        gid: owner.map(|o| o.1),
+                    });
+                }
+                EntryKind::Dir => preserved.dirs.push(DirEntry {
+                    path: entry.path,
+                    mode: Some(entry.mode),
+                    uid: owner.map(|o| o.0),
+                    gid: owner.map(|o| o.1),
+                }),
+                EntryKind::Symlink(target) => preserved.symlinks.push(SymlinkEntry {
+                    path: entry.path,
+                    target,
+                }),
+            }
+        }
+        Ok(Some(preserved))
+    }
+}
