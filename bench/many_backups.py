@@ -1,5 +1,7 @@
 """Copies one real backup's sidecar and summary 1,000 times under new ids,
-for the listing benchmark: many_backups.py <dir>/<id> <out dir>."""
+with a sparse archive of the recorded size (so that listing finds each
+whole, not damaged), for the listing benchmark:
+many_backups.py <dir>/<id> <out dir>."""
 import datetime
 import json
 import sys
@@ -16,3 +18,8 @@ for i in range(1000):
         doc["id"], doc["trigger"], doc["timestamp"] = ident, "manual", stamp
     json.dump(manifest, open(f"{out}/{ident}.manifest.json", "w"))
     json.dump(summary, open(f"{out}/{ident}.summary.json", "w"))
+    archive = manifest.get("archive")
+    if archive:
+        ext = {"gzip": "tar.gz", "zstd": "tar.zst"}[manifest["compression"]]
+        with open(f"{out}/{ident}.{ext}", "wb") as f:
+            f.truncate(archive["size_bytes"])

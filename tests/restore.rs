@@ -818,12 +818,12 @@ async fn verify_and_dry_run_run_the_staged_checks_of_a_restore() {
     service.restore(&good.id, dry).await.unwrap();
 }
 
-/// The pre-restore safety backup of a local store is made of hard links to
-/// the replaced live files (no copy, no recompression), published only
-/// after the swap: it then shares nothing with the live data, holds the
-/// rows a killed writer left in its WAL, verifies, and restores.
+/// The pre-restore safety backup of a local store is the replaced live
+/// files themselves, moved into it by the swap (no copy, no recompression)
+/// and published only after it: it shares nothing with the live data,
+/// holds the rows a killed writer left in its WAL, verifies, and restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_linked_safety_backup_keeps_a_killed_writers_wal_and_shares_nothing_with_live_data() {
+async fn the_local_safety_backup_keeps_a_killed_writers_wal_and_shares_nothing_with_live_data() {
     use std::os::unix::fs::MetadataExt;
     let fx = Fixture::new(1_000_000).await;
     let service = fx.service(&fx.config(""));

@@ -191,6 +191,21 @@ pub(crate) async fn create_new_file(path: &Path) -> io::Result<tokio::fs::File> 
 
 /// Flushes restored content (and fsyncs it when `durable`), then applies
 /// its mode and mtime.
+/// Gives a written file its mtime and mode (blocking; no fsync).
+pub(crate) fn finish_file_blocking(
+    file: &std::fs::File,
+    mode: Option<u32>,
+    mtime: Option<i64>,
+) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(secs) = mtime.and_then(|s| u64::try_from(s).ok()) {
+        file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))?;
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(
+        mode.unwrap_or(FILE_MODE) & 0o7777,
+    ))
+}
+
 pub(crate) async fn finish_file(
     mut file: tokio::fs::File,
     mode: Option<u32>,

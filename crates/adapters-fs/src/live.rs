@@ -29,11 +29,10 @@ use async_trait::async_trait;
 use backup_core::config::SourcesConfig;
 use backup_core::manifest::{DirEntry, FileEntry, SymlinkEntry};
 use backup_core::ports::{
-    ContentCheck, DatabaseVerifier, EntrySink, RestoreTarget, SCRATCH_PREFIX, Staging,
+    ContentCheck, DatabaseVerifier, EntrySink, Kept, RestoreTarget, SCRATCH_PREFIX, Staging,
 };
 use backup_core::{ArchivePath, Component, Error, Manifest, Result};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 
 use crate::dir_source::contained_target;
 use crate::fsio::{self, DIR_MODE, FILE_MODE};
@@ -42,11 +41,13 @@ mod journal;
 mod layout;
 mod preserve;
 mod staging;
+mod writer;
 
 use journal::*;
 use layout::*;
 use staging::FsStaging;
 pub(crate) use staging::create_symlink;
+use writer::StageWriter;
 
 const JOURNAL: &str = ".synthorg-restore.journal";
 
@@ -290,8 +291,12 @@ impl RestoreTarget for LiveData {
             manifest: manifest.clone(),
             roots,
             inside,
-            current: None,
             dir_modes: Vec::new(),
+            writers: (0..backup_core::compress::parallelism().clamp(1, 4))
+                .map(|_| StageWriter::start())
+                .collect::<Result<_>>()?,
+            current: 0,
+            next: 0,
         }))
     }
 

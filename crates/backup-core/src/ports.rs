@@ -167,10 +167,24 @@ pub trait BackupStore: Debug + Send + Sync + 'static {
     }
 }
 
+/// Where the swap puts the live items it replaces: a safety backup's
+/// directory, for the components [`Preserved::moved`] names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    /// The backup's directory (`<dir>/<archive path>`).
+    pub dir: std::path::PathBuf,
+    /// The components whose live items are renamed into it.
+    pub components: Vec<Component>,
+}
+
 /// What [`RestoreTarget::preserve`] made: the entries of a directory-form
 /// backup of the live data.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Preserved {
+    /// Components whose live items the swap renames into the backup's
+    /// directory (same filesystem): their entries are described (hashed in
+    /// place) but not there yet. The others were copied in already.
+    pub moved: Vec<Component>,
     /// Regular files, hashed.
     pub files: Vec<FileEntry>,
     /// Directories.
@@ -646,15 +660,16 @@ pub trait RestoreTarget: Debug + Send + Sync + 'static {
     /// `Source` when the journal cannot be read or a rename fails.
     async fn recover(&self) -> Result<Vec<String>>;
 
-    /// Makes the live items of `components` the content of a
+    /// Prepares the live items of `components` to become the content of a
     /// directory-form backup in `dest` (`dest/<archive path>`, created
-    /// 0700), without copying data where it can: a hard link when `dest`
-    /// is on the same filesystem, else a copy. SQLite databases are
-    /// settled first (see [`DatabaseVerifier::settle`]), so each file
-    /// alone is consistent; every file is hashed. Called under the lock,
-    /// after [`check_not_in_use`](RestoreTarget::check_not_in_use), right
-    /// before the swap: the links then hold the only copy of the replaced
-    /// data, and the caller publishes the backup once the swap committed
+    /// 0700) without copying data: SQLite databases are settled first
+    /// (see [`DatabaseVerifier::settle`]) so that each file alone is
+    /// consistent, and every file is hashed where it is; a component on
+    /// the same filesystem as `dest` is then renamed into it by the swap
+    /// ([`Staging::commit`] with [`Kept`]), any other is copied in now.
+    /// Called under the lock, after
+    /// [`check_not_in_use`](RestoreTarget::check_not_in_use), with the app
+    /// stopped. The caller publishes the backup once the swap committed
     /// (or discards it). `None` when this target cannot (no database
     /// checker, a WAL that would not fold): the caller takes a regular
     /// backup instead.
@@ -692,12 +707,15 @@ pub trait Staging: EntrySink + Send {
     /// `Integrity`/`Source` naming the staged file that fails.
     async fn verify(&mut self) -> Result<()>;
 
-    /// Swaps the staged components into place, all or nothing.
+    /// Swaps the staged components into place, all or nothing. With
+    /// `keep`, the replaced live items of its components go into its
+    /// directory (the safety backup [`RestoreTarget::preserve`] prepared)
+    /// instead of being deleted.
     ///
     /// # Errors
     /// `Source` when a step fails; everything done so far is rolled back
     /// before returning.
-    async fn commit(self: Box<Self>) -> Result<()>;
+    async fn commit(self: Box<Self>, keep: Option<&Kept>) -> Result<()>;
 
     /// Removes the staging area; live data is untouched.
     ///

@@ -146,7 +146,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Demo(args) => commands::demo(&out, &args.dir, args.size, args.seed, args.generate_only).await,
+        Command::Demo(args) => {
+            commands::demo(&out, &args.dir, args.size, args.seed, args.generate_only).await
+        }
         Command::Serve(args) => commands::serve(cli, args).await,
         Command::Recover => commands::recover(&out, &commands::Context::load(cli).await?).await,
         _ if cli.server.is_some() => remote(cli, &out).await,

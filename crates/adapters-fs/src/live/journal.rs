@@ -32,6 +32,10 @@ pub(super) struct Move {
     pub(super) aside: Option<PathBuf>,
     /// The staged item that replaces it (only for the component's main path).
     pub(super) staged: Option<PathBuf>,
+    /// The aside is in a safety backup's directory: kept when the swap
+    /// finishes (the backup is published then).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) keep: bool,
 }
 
 pub(super) fn default_component() -> Component {
@@ -104,7 +108,7 @@ pub(super) fn swap(
     // there is a leftover (we hold the operation lock), and rolling back
     // must never mistake it for the live data it moved.
     for m in &journal.moves {
-        if let Some(aside) = &m.aside {
+        if let Some(aside) = m.aside.as_ref().filter(|_| !m.keep) {
             fsio::remove_any(aside).map_err(SwapError::at(m.component, aside))?;
         }
     }
@@ -197,8 +201,11 @@ pub(super) fn roll_back(journal: &Journal) -> io::Result<()> {
 /// Removes the old copies after a committed swap (idempotent).
 pub(super) fn finish(journal: &Journal, journal_path: &Path) -> io::Result<()> {
     for m in &journal.moves {
-        if let Some(aside) = &m.aside {
+        if let Some(aside) = m.aside.as_ref().filter(|_| !m.keep) {
             fsio::remove_any(aside)?;
+        }
+        if let Some(kept) = m.aside.as_ref().filter(|_| m.keep) {
+            fsio::fsync_dir(parent_of(kept))?;
         }
         if let Some(staged) = &m.staged {
             fsio::remove_any(staged)?;
@@ -237,6 +244,7 @@ pub(super) fn inside_moves(
                 aside: exists(&live).then(|| aside.join(&name)),
                 staged: exists(&from).then_some(from),
                 live,
+                keep: false,
             }
         })
         .collect())

@@ -1,6 +1,7 @@
 //! [`RestoreTarget::preserve`] for [`LiveData`]: the live items a restore
-//! replaces become a directory-form backup by hard link, so the pre-restore
-//! safety backup costs a hash of the live data, not a recompression of it.
+//! replaces become a directory-form backup, renamed into it by the swap
+//! (copied where a rename cannot reach), so the pre-restore safety backup
+//! costs a hash of the live data, not a recompression of it.
 
 use std::collections::HashMap;
 
@@ -169,11 +170,28 @@ impl LiveData {
         let me = self.clone();
         let comps = components.to_vec();
         let dest = dest.to_path_buf();
-        let (entries, files) = blocking(move || {
-            fsio::create_dir_private(&dest).map_err(|e| source_err(comps[0], &dest, e))?;
-            let mut entries = Vec::new();
-            let mut files = Vec::new();
+        let (entries, files, moved) = blocking(move || {
+            use std::os::unix::fs::MetadataExt;
+            let first = comps.first().copied().unwrap_or(Component::Persistence);
+            fsio::create_dir_private(&dest).map_err(|e| source_err(first, &dest, e))?;
+            let dest_dev = std::fs::metadata(&dest)
+                .map_err(|e| source_err(first, &dest, e))?
+                .dev();
+            let (mut entries, mut files, mut moved) = (Vec::new(), Vec::new(), Vec::new());
             for &c in &comps {
+                let live = me.live(c);
+                // Renamed into the backup by the swap where a rename can:
+                // the same filesystem, and not a mount point (swapped
+                // entry by entry inside it).
+                let movable = !is_mount_point(&live)
+                    && std::fs::metadata(&live).is_ok_and(|m| m.dev() == dest_dev);
+                if movable {
+                    moved.push(c);
+                    if c == Component::Config {
+                        let config = dest.join(c.archive_root());
+                        fsio::create_dir_private(&config).map_err(|e| source_err(c, &config, e))?;
+                    }
+                }
                 let (walked, paths) = walk(&me, c)?;
                 for entry in walked {
                     let Some(from) = paths.get(&entry.path) else {
@@ -190,24 +208,30 @@ impl LiveData {
                     if companion {
                         continue;
                     }
-                    let mut to = dest.clone();
-                    to.extend(entry.path.segments());
-                    if let Some(parent) = to.parent() {
-                        fsio::create_dir_private(parent).map_err(|e| source_err(c, parent, e))?;
+                    if movable {
+                        files.push((entry.path.clone(), c, from.clone()));
+                    } else {
+                        let mut to = dest.clone();
+                        to.extend(entry.path.segments());
+                        if let Some(parent) = to.parent() {
+                            fsio::create_dir_private(parent)
+                                .map_err(|e| source_err(c, parent, e))?;
+                        }
+                        link_or_copy(from, &to).map_err(|e| source_err(c, from, e))?;
+                        files.push((entry.path.clone(), c, to));
                     }
-                    link_or_copy(from, &to).map_err(|e| source_err(c, from, e))?;
-                    files.push((entry.path.clone(), c, to));
                     entries.push(entry);
                 }
             }
-            // The links and copies are durable before the swap.
-            fsio::sync_filesystem(&dest).map_err(|e| source_err(comps[0], &dest, e))?;
-            Ok((entries, files))
+            // Copies and the backup's directories durable before the swap.
+            fsio::sync_filesystem(&dest).map_err(|e| source_err(first, &dest, e))?;
+            Ok((entries, files, moved))
         })
         .await?;
         let hashes = hash_all(files).await?;
         SwapFault::abort_at(self.fault, SwapFault::AbortAfterPreserve);
         let mut preserved = Preserved {
+            moved,
             db_schema_version,
             ..Preserved::default()
         };

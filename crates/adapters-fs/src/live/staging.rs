@@ -10,8 +10,35 @@ pub(super) struct FsStaging {
     pub(super) roots: Vec<(Component, PathBuf)>,
     /// Components swapped inside their mount point, entry by entry.
     pub(super) inside: Vec<Component>,
-    pub(super) current: Option<(tokio::fs::File, PathBuf, Component)>,
     pub(super) dir_modes: Vec<(PathBuf, u32)>,
+    /// Create, write and finish the staged items: each file whole on one
+    /// of them, in turn (file creation is kernel work that two threads do
+    /// side by side).
+    pub(super) writers: Vec<StageWriter>,
+    /// The writer of the file being written.
+    pub(super) current: usize,
+    /// The writer of the next file.
+    pub(super) next: usize,
+}
+
+impl FsStaging {
+    /// Waits for every writer; the first error.
+    async fn finish_writers(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        for w in &mut self.writers {
+            let done = w.finish().await;
+            if first.is_ok() {
+                first = done;
+            }
+        }
+        first
+    }
+
+    fn writer(&mut self, i: usize) -> Result<&mut StageWriter> {
+        self.writers
+            .get_mut(i)
+            .ok_or_else(|| Error::Internal("no staging writer".into()))
+    }
 }
 
 impl FsStaging {
@@ -91,13 +118,16 @@ impl EntrySink for FsStaging {
             return Ok(()); // the config component is staged as its one file
         }
         let (c, path) = self.staged_path(&entry.path)?;
-        tokio::fs::create_dir_all(&path)
-            .await
-            .map_err(|e| source_err(c, &path, e))?;
         let owner = self.owner_for(c, &entry.path, entry.uid.zip(entry.gid));
-        set_owner(&path, owner).map_err(|e| source_err(c, &path, e))?;
-        self.dir_modes.push((path, entry.mode.unwrap_or(DIR_MODE)));
-        Ok(())
+        self.dir_modes
+            .push((path.clone(), entry.mode.unwrap_or(DIR_MODE)));
+        self.writer(0)?
+            .run(Box::new(move |_| {
+                std::fs::create_dir_all(&path)
+                    .and_then(|()| set_owner(&path, owner))
+                    .map_err(|e| source_err(c, &path, e))
+            }))
+            .await
     }
 
     async fn symlink(&mut self, entry: &SymlinkEntry) -> Result<()> {
@@ -105,48 +135,67 @@ impl EntrySink for FsStaging {
         if contained_target(&entry.path, Path::new(&entry.target)).is_none() {
             return Err(self.refuse(entry.path.as_str(), "symlink points outside its component"));
         }
-        create_symlink(&entry.target, &path)
+        let target = entry.target.clone();
+        self.writer(0)?
+            .run(Box::new(move |_| {
+                create_symlink_blocking(&target, &path).map_err(|e| source_err(c, &path, e))
+            }))
             .await
-            .map_err(|e| source_err(c, &path, e))
     }
 
     async fn file_start(&mut self, entry: &FileEntry) -> Result<()> {
         let (c, path) = self.staged_path(&entry.path)?;
-        let file = fsio::create_new_file(&path)
+        let twice = self.refuse(entry.path.as_str(), "written twice");
+        self.current = self.next;
+        self.next = (self.next + 1) % self.writers.len().max(1);
+        self.writer(self.current)?
+            .run(Box::new(move |open| {
+                let file = create_new_file_blocking(&path).map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => twice,
+                    _ => source_err(c, &path, e),
+                })?;
+                open.file = Some((file, path, c));
+                Ok(())
+            }))
             .await
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::AlreadyExists => self.refuse(entry.path.as_str(), "written twice"),
-                _ => source_err(c, &path, e),
-            })?;
-        self.current = Some((file, path, c));
-        Ok(())
     }
 
     async fn file_data(&mut self, data: &[u8]) -> Result<()> {
-        let Some((file, path, c)) = self.current.as_mut() else {
-            return Err(Error::Internal("file data outside a file".into()));
-        };
-        file.write_all(data)
+        let data = data.to_vec();
+        self.writer(self.current)?
+            .run(Box::new(move |open| {
+                use std::io::Write;
+                let Some((file, path, c)) = open.file.as_mut() else {
+                    return Err(Error::Internal("file data outside a file".into()));
+                };
+                file.write_all(&data).map_err(|e| source_err(*c, path, e))
+            }))
             .await
-            .map_err(|e| source_err(*c, path, e))
     }
 
     async fn file_end(&mut self, entry: &FileEntry) -> Result<()> {
-        let Some((file, path, c)) = self.current.take() else {
-            return Err(Error::Internal("file end outside a file".into()));
-        };
-        // Made durable all at once before the swap (see `commit`).
-        fsio::finish_file(file, entry.mode, entry.mtime, false)
-            .await
-            .map_err(|e| source_err(c, &path, e))?;
+        let (c, _) = self.staged_path(&entry.path)?;
         let owner = self.owner_for(c, &entry.path, entry.uid.zip(entry.gid));
-        set_owner(&path, owner).map_err(|e| source_err(c, &path, e))
+        let (mode, mtime) = (entry.mode, entry.mtime);
+        self.writer(self.current)?
+            .run(Box::new(move |open| {
+                let Some((file, path, c)) = open.file.take() else {
+                    return Err(Error::Internal("file end outside a file".into()));
+                };
+                // Made durable all at once before the swap (see `commit`).
+                fsio::finish_file_blocking(&file, mode, mtime)
+                    .and_then(|()| set_owner(&path, owner))
+                    .map_err(|e| source_err(c, &path, e))
+            }))
+            .await
     }
 }
 
 #[async_trait]
 impl Staging for FsStaging {
     async fn verify(&mut self) -> Result<()> {
+        // Everything queued is on disk (not yet durable) first.
+        self.finish_writers().await?;
         for (c, root) in self.roots.clone() {
             match c {
                 Component::Persistence => {
@@ -198,7 +247,8 @@ impl Staging for FsStaging {
         .await
     }
 
-    async fn commit(self: Box<Self>) -> Result<()> {
+    async fn commit(self: Box<Self>, keep: Option<&Kept>) -> Result<()> {
+        let keep = keep.cloned();
         let live = self.live.clone();
         let roots = self.roots.clone();
         let inside = self.inside.clone();
@@ -230,10 +280,24 @@ impl Staging for FsStaging {
                     journal.cleanup.extend([staged, aside]);
                     continue;
                 }
+                // The main item goes into the safety backup where one
+                // takes it (see `preserve`), under its archive path.
+                let kept_at =
+                    keep.as_ref()
+                        .filter(|k| k.components.contains(&c))
+                        .map(|k| match c {
+                            Component::Config => {
+                                let name = live.configured(c).file_name().unwrap_or_default();
+                                k.dir.join(c.archive_root()).join(name)
+                            }
+                            _ => k.dir.join(c.archive_root()),
+                        });
                 for (i, item) in live.live_items(c).into_iter().enumerate() {
+                    let kept = kept_at.clone().filter(|_| i == 0);
                     journal.moves.push(Move {
                         component: c,
-                        aside: exists(&item).then(|| sibling(&item, ASIDE)),
+                        keep: kept.is_some() && exists(&item),
+                        aside: exists(&item).then(|| kept.unwrap_or_else(|| sibling(&item, ASIDE))),
                         staged: (i == 0).then(|| staged.clone()),
                         live: item,
                     });
@@ -246,8 +310,10 @@ impl Staging for FsStaging {
         .await
     }
 
-    async fn discard(self: Box<Self>) -> Result<()> {
+    async fn discard(mut self: Box<Self>) -> Result<()> {
         let roots = self.roots.clone();
+        // Stop writing before removing (its error no longer matters).
+        let _ = self.finish_writers().await;
         drop(self);
         blocking(move || {
             for (c, root) in roots {
@@ -257,6 +323,28 @@ impl Staging for FsStaging {
         })
         .await
     }
+}
+
+/// Creates a symlink (and its parent directories), blocking.
+fn create_symlink_blocking(target: &str, path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::os::unix::fs::symlink(target, path)
+}
+
+/// Creates a new file (and its parent directories) for restored content,
+/// blocking.
+fn create_new_file_blocking(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
 }
 
 /// Creates a symlink (and its parent directories).

@@ -48,7 +48,7 @@ impl Staging for Recording {
         push(&self.0, "verify staged");
         Ok(())
     }
-    async fn commit(self: Box<Self>) -> Result<()> {
+    async fn commit(self: Box<Self>, _: Option<&crate::ports::Kept>) -> Result<()> {
         push(&self.0, "commit");
         Ok(())
     }

@@ -6,7 +6,8 @@
 //! 2. Stream the backup into staging next to the live data, verifying every
 //!    entry, hash and size (see `read.rs`).
 //! 3. Verify the staged components (SQLite integrity and schema, YAML).
-//! 4. Take the `pre-restore` safety backup of the live state.
+//! 4. Take the `pre-restore` safety backup of the live state (during 2-3;
+//!    on a local store the swap moves the replaced items into it).
 //! 5. Swap under the operation lock with a fsynced journal.
 //!
 //! Any failure before step 5 discards the staging and leaves live data
@@ -20,7 +21,7 @@ use crate::compat::{self, CompatReport};
 use crate::error::{Error, Result};
 use crate::id::{BackupId, Component, Trigger};
 use crate::manifest::Manifest;
-use crate::ports::{ObjectName, Operation, Staging};
+use crate::ports::{Kept, ObjectName, Operation, Staging};
 use crate::status::EventKind;
 
 /// Options of [`BackupService::restore`].
@@ -227,6 +228,17 @@ impl BackupService {
         // Learn early that a writer has the data open, before any download.
         target.check_not_in_use(components).await?;
         let mut staging = target.stage(manifest, components).await?;
+        // The safety backup covers what this restore replaces and exists.
+        let mut present = Vec::new();
+        for c in components {
+            if target.is_present(*c).await {
+                present.push(*c);
+            }
+        }
+        let started = std::time::Instant::now();
+        // The safety backup is taken while the backup stages: both then
+        // overlap instead of adding up (a local one hashes the live files
+        // while the download is decompressed and written).
         let staged = async {
             let mut sink = super::verify::Reporting::new(
                 staging.as_mut(),
@@ -242,35 +254,43 @@ impl BackupService {
             )
             .await?;
             sink.done();
-            staging.verify().await
-        }
-        .await;
+            let read = started.elapsed();
+            staging.verify().await?;
+            tracing::info!(backup_id = %manifest.id, read_ms = read.as_millis() as u64,
+                checks_ms = (started.elapsed() - read).as_millis() as u64, "backup staged and checked");
+            Ok(())
+        };
+        let safety = async {
+            if present.is_empty() {
+                None
+            } else {
+                Some(self.safety_backup(&present).await)
+            }
+        };
+        let (staged, safety) = futures::join!(staged, safety);
         if let Err(e) = staged {
             discard(staging, &manifest.id).await;
+            if let Some(Ok(s)) = safety {
+                self.drop_safety(Some(&s)).await;
+            }
             return Err(e);
         }
-        // The safety backup covers what this restore replaces and exists.
-        let mut present = Vec::new();
-        for c in components {
-            if target.is_present(*c).await {
-                present.push(*c);
-            }
-        }
-        let safety = if present.is_empty() {
+        if present.is_empty() {
             report
                 .warnings
                 .push("no live data to replace: no safety backup was needed".into());
-            None
-        } else {
-            match self.safety_backup(&present).await {
-                Ok(s) => {
-                    tracing::info!(backup_id = %manifest.id, safety_backup = %s.id(), "safety backup taken; swapping");
-                    Some(s)
+        }
+        let safety = match safety.transpose() {
+            Ok(s) => {
+                if let Some(s) = &s {
+                    tracing::info!(backup_id = %manifest.id, safety_backup = %s.id(),
+                        elapsed_ms = started.elapsed().as_millis() as u64, "safety backup taken; swapping");
                 }
-                Err(e) => {
-                    discard(staging, &manifest.id).await;
-                    return Err(e);
-                }
+                s
+            }
+            Err(e) => {
+                discard(staging, &manifest.id).await;
+                return Err(e);
             }
         };
         // Again right before the swap: the writer may have started since.
@@ -279,7 +299,11 @@ impl BackupService {
             self.drop_safety(safety.as_ref()).await;
             return Err(e);
         }
-        if let Err(e) = staging.commit().await {
+        let kept = match &safety {
+            Some(Safety::Moved(_, kept)) => Some(kept.clone()),
+            _ => None,
+        };
+        if let Err(e) = staging.commit(kept.as_ref()).await {
             // The swap rolled itself back; make sure (we hold the lock)
             // before dropping the safety backup of a state still live.
             match target.recover().await {
@@ -290,9 +314,9 @@ impl BackupService {
             return Err(e);
         }
         let safety = match safety {
-            Some(Safety::Linked(m)) => match self.ports.store.publish(&m).await {
-                // Published only now: until the swap, its links were the
-                // live files themselves.
+            Some(Safety::Moved(m, _)) => match self.ports.store.publish(&m).await {
+                // Published only now: the swap has just moved the replaced
+                // live items into it.
                 Ok(()) => Some(m.id),
                 Err(e) => {
                     tracing::error!(backup_id = %manifest.id, safety_backup = %m.id, error = %e,
@@ -319,14 +343,14 @@ impl BackupService {
 
     /// The pre-restore safety backup of the live `components`: where the
     /// store is a local directory and the target can, a directory-form
-    /// backup of hard links to the live files (no copy, no compression;
-    /// published after the swap); else a regular backup.
+    /// backup the swap moves the replaced live items into (no copy, no
+    /// compression; published after the swap); else a regular backup.
     async fn safety_backup(&self, components: &[Component]) -> Result<Safety> {
-        match self.link_safety(components).await {
-            Ok(Some(m)) => return Ok(Safety::Linked(Box::new(m))),
+        match self.moved_safety(components).await {
+            Ok(Some((m, kept))) => return Ok(Safety::Moved(Box::new(m), kept)),
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "a linked safety backup failed; taking a regular one");
+                tracing::warn!(error = %e, "a safety backup by moving the live items failed; taking a regular one");
             }
         }
         let options = CreateOptions {
@@ -338,9 +362,10 @@ impl BackupService {
             .map(|m| Safety::Published(m.id))
     }
 
-    /// The linked safety backup, complete but unpublished; `None` when the
-    /// store or the target cannot make one.
-    async fn link_safety(&self, components: &[Component]) -> Result<Option<Manifest>> {
+    /// The safety backup the swap completes (its manifest written, the
+    /// live items it names moved in by the swap), unpublished; `None` when
+    /// the store or the target cannot make one.
+    async fn moved_safety(&self, components: &[Component]) -> Result<Option<(Manifest, Kept)>> {
         let store = self.ports.store.as_ref();
         let timestamp = self.ports.clock.now();
         let (id, sequence) = self.next_id(Trigger::PreRestore, timestamp).await?;
@@ -351,6 +376,10 @@ impl BackupService {
         let built = async {
             let Some(p) = self.ports.restore_target.preserve(components, &dir).await? else {
                 return Ok(None);
+            };
+            let kept = Kept {
+                dir: dir.clone(),
+                components: p.moved.clone(),
             };
             let options = CreateOptions {
                 components: Some(components.to_vec()),
@@ -376,7 +405,7 @@ impl BackupService {
             store
                 .put(&id, &ObjectName::InnerManifest, super::create::once(json))
                 .await?;
-            Ok(Some(m))
+            Ok(Some((m, kept)))
         }
         .await;
         if !matches!(built, Ok(Some(_)))
@@ -393,8 +422,9 @@ impl BackupService {
     async fn drop_safety(&self, safety: Option<&Safety>) {
         let id = match safety {
             None => return,
-            // Never published: its links are the live files; unlink them.
-            Some(Safety::Linked(m)) => {
+            // Never published, and the swap did not happen: only copies
+            // and its manifest are in it.
+            Some(Safety::Moved(m, _)) => {
                 if let Err(e) = self.ports.store.discard(&m.id).await {
                     tracing::warn!(safety_backup = %m.id, error = %e, "removing the unneeded safety backup failed; the next recover removes it");
                 }
@@ -415,8 +445,9 @@ impl BackupService {
 
 /// The safety backup of a restore.
 enum Safety {
-    /// Linked to the live files; published once the swap committed.
-    Linked(Box<Manifest>),
+    /// Completed by the swap (which moves the replaced items into it);
+    /// published once the swap committed.
+    Moved(Box<Manifest>, Kept),
     /// A regular backup, already published.
     Published(BackupId),
 }
@@ -424,7 +455,7 @@ enum Safety {
 impl Safety {
     fn id(&self) -> &BackupId {
         match self {
-            Safety::Linked(m) => &m.id,
+            Safety::Moved(m, _) => &m.id,
             Safety::Published(id) => id,
         }
     }
