@@ -21,7 +21,7 @@ use crate::config::Compression;
 use crate::digest::Sha256Hasher;
 use crate::error::{Error, Result};
 use crate::id::Component;
-use crate::manifest::{MAX_MANIFEST_BYTES, Manifest};
+use crate::manifest::{FileEntry, MAX_MANIFEST_BYTES, Manifest};
 use crate::path::{ArchivePath, MANIFEST_FILE};
 use crate::ports::{BackupStore, ByteStream, EntrySink, ObjectName};
 
@@ -208,22 +208,7 @@ async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
                 return Err(integrity(manifest, &entry.path, "duplicate entry"));
             }
             inner_manifest = true;
-            if entry.size > MAX_MANIFEST_BYTES as u64 {
-                return Err(integrity(
-                    manifest,
-                    &entry.path,
-                    "embedded manifest is too large",
-                ));
-            }
-            let mut json = Vec::with_capacity(entry.size as usize);
-            loop {
-                let n = tar.read_data(&mut buf).await.map_err(tar_err)?;
-                if n == 0 {
-                    break;
-                }
-                json.extend_from_slice(&buf[..n]);
-            }
-            check_inner_manifest(manifest, &json)?;
+            read_inner_manifest(tar, manifest, entry.size, &mut buf).await?;
             continue;
         }
         let (path, component) = ArchivePath::parse_in_component(&entry.path)
@@ -260,44 +245,8 @@ async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
             }
             (Expected::File(i), TarKind::File) => {
                 let file = &manifest.files[*i];
-                if entry.size != file.size {
-                    return Err(integrity(
-                        manifest,
-                        path.as_str(),
-                        format!(
-                            "size {} in the archive, {} in the manifest",
-                            entry.size, file.size
-                        ),
-                    ));
-                }
-                if wanted {
-                    sink.file_start(file).await?;
-                }
-                let mut hasher = Sha256Hasher::new();
-                loop {
-                    let n = tar.read_data(&mut buf).await.map_err(tar_err)?;
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buf[..n]);
-                    if wanted {
-                        sink.file_data(&buf[..n]).await?;
-                    }
-                }
-                let digest = hasher.finish();
-                if digest != file.sha256 {
-                    return Err(integrity(
-                        manifest,
-                        path.as_str(),
-                        format!(
-                            "sha256 {digest} does not match the manifest's {}",
-                            file.sha256
-                        ),
-                    ));
-                }
-                if wanted {
-                    sink.file_end(file).await?;
-                }
+                read_file(tar, manifest, file, entry.size, wanted.then_some(&mut *sink), &mut buf)
+                    .await?;
                 stats.files += 1;
                 stats.bytes += file.size;
             }
@@ -325,6 +274,88 @@ async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
         ));
     }
     Ok(stats)
+}
+
+/// Reads the embedded `manifest.json` (capped) and checks it against the
+/// sidecar.
+async fn read_inner_manifest<R: tokio::io::AsyncRead + Unpin>(
+    tar: &mut TarReader<R>,
+    manifest: &Manifest,
+    size: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    if size > MAX_MANIFEST_BYTES as u64 {
+        return Err(integrity(
+            manifest,
+            MANIFEST_FILE,
+            "embedded manifest is too large",
+        ));
+    }
+    let mut json = Vec::with_capacity(size as usize);
+    loop {
+        let n = tar
+            .read_data(buf)
+            .await
+            .map_err(|e| integrity(manifest, "<archive>", e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        json.extend_from_slice(&buf[..n]);
+    }
+    check_inner_manifest(manifest, &json)
+}
+
+/// Reads one file entry of `size` bytes (the tar header's), checking size
+/// and sha256 against the manifest's `file`, and passes it to `sink` if
+/// given.
+async fn read_file<'d, R: tokio::io::AsyncRead + Unpin>(
+    tar: &mut TarReader<R>,
+    manifest: &Manifest,
+    file: &FileEntry,
+    size: u64,
+    mut sink: Option<&mut (dyn EntrySink + 'd)>,
+    buf: &mut [u8],
+) -> Result<()> {
+    let path = file.path.as_str();
+    if size != file.size {
+        return Err(integrity(
+            manifest,
+            path,
+            format!("size {size} in the archive, {} in the manifest", file.size),
+        ));
+    }
+    if let Some(sink) = sink.as_deref_mut() {
+        sink.file_start(file).await?;
+    }
+    let mut hasher = Sha256Hasher::new();
+    loop {
+        let n = tar
+            .read_data(buf)
+            .await
+            .map_err(|e| integrity(manifest, "<archive>", e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        if let Some(sink) = sink.as_deref_mut() {
+            sink.file_data(&buf[..n]).await?;
+        }
+    }
+    let digest = hasher.finish();
+    if digest != file.sha256 {
+        return Err(integrity(
+            manifest,
+            path,
+            format!(
+                "sha256 {digest} does not match the manifest's {}",
+                file.sha256
+            ),
+        ));
+    }
+    if let Some(sink) = sink {
+        sink.file_end(file).await?;
+    }
+    Ok(())
 }
 
 fn check_inner_manifest(manifest: &Manifest, json: &[u8]) -> Result<()> {
