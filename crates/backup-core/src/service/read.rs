@@ -245,8 +245,15 @@ async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
             }
             (Expected::File(i), TarKind::File) => {
                 let file = &manifest.files[*i];
-                read_file(tar, manifest, file, entry.size, wanted.then_some(&mut *sink), &mut buf)
-                    .await?;
+                read_file(
+                    tar,
+                    manifest,
+                    file,
+                    entry.size,
+                    wanted.then_some(&mut *sink),
+                    &mut buf,
+                )
+                .await?;
                 stats.files += 1;
                 stats.bytes += file.size;
             }
