@@ -113,22 +113,25 @@ fn start_serve_with(
     (child, addr)
 }
 
+/// Runs the CLI in remote mode against `server` with `token`.
+fn remote_cli(demo: &Demo, server: &str, token: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--server", server, "--token", token];
+    all.extend_from_slice(args);
+    Command::new(common::bin())
+        .args(&all)
+        .current_dir(demo.dir.path())
+        .env_remove("SYNTHORG_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn remote_mode_drives_a_running_server() {
     let demo = Demo::new(300_000).await;
     let (mut child, addr) = start_serve(&demo, "remote-token");
     let server = format!("http://{addr}");
-    let remote = |args: &[&str]| {
-        let mut all = vec!["--server", server.as_str(), "--token", "remote-token"];
-        all.extend_from_slice(args);
-        Command::new(common::bin())
-            .args(&all)
-            .current_dir(demo.dir.path())
-            .env_remove("SYNTHORG_CONFIG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let remote = |args: &[&str]| remote_cli(&demo, &server, "remote-token", args);
     let out = remote(&["backup", "--json", "--label", "why=remote"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -435,17 +438,7 @@ async fn every_json_command_is_the_same_locally_and_remotely() {
     let demo = Demo::new(200_000).await;
     let (mut child, addr) = start_serve(&demo, "parity-token");
     let server = format!("http://{addr}");
-    let remote_run = |args: &[&str]| {
-        let mut all = vec!["--server", server.as_str(), "--token", "parity-token"];
-        all.extend_from_slice(args);
-        Command::new(common::bin())
-            .args(&all)
-            .current_dir(demo.dir.path())
-            .env_remove("SYNTHORG_CONFIG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let remote_run = |args: &[&str]| remote_cli(&demo, &server, "parity-token", args);
     let remote = |args: &[&str]| -> serde_json::Value {
         let mut all = args.to_vec();
         all.push("--json");

@@ -283,6 +283,17 @@ async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
     Ok(stats)
 }
 
+/// The next piece of the current entry's data; 0 at its end.
+async fn read_chunk<R: tokio::io::AsyncRead + Unpin>(
+    tar: &mut TarReader<R>,
+    manifest: &Manifest,
+    buf: &mut [u8],
+) -> Result<usize> {
+    tar.read_data(buf)
+        .await
+        .map_err(|e| integrity(manifest, "<archive>", e.to_string()))
+}
+
 /// Reads the embedded `manifest.json` (capped) and checks it against the
 /// sidecar.
 async fn read_inner_manifest<R: tokio::io::AsyncRead + Unpin>(
@@ -299,14 +310,7 @@ async fn read_inner_manifest<R: tokio::io::AsyncRead + Unpin>(
         ));
     }
     let mut json = Vec::with_capacity(size as usize);
-    loop {
-        let n = tar
-            .read_data(buf)
-            .await
-            .map_err(|e| integrity(manifest, "<archive>", e.to_string()))?;
-        if n == 0 {
-            break;
-        }
+    while let n @ 1.. = read_chunk(tar, manifest, buf).await? {
         json.extend_from_slice(&buf[..n]);
     }
     check_inner_manifest(manifest, &json)
@@ -335,14 +339,7 @@ async fn read_file<'d, R: tokio::io::AsyncRead + Unpin>(
         sink.file_start(file).await?;
     }
     let mut hasher = Sha256Hasher::new();
-    loop {
-        let n = tar
-            .read_data(buf)
-            .await
-            .map_err(|e| integrity(manifest, "<archive>", e.to_string()))?;
-        if n == 0 {
-            break;
-        }
+    while let n @ 1.. = read_chunk(tar, manifest, buf).await? {
         hasher.update(&buf[..n]);
         if let Some(sink) = sink.as_deref_mut() {
             sink.file_data(&buf[..n]).await?;
