@@ -17,7 +17,6 @@ use tokio::io::AsyncWriteExt;
 
 use crate::dir_source::contained_target;
 use crate::fsio;
-use crate::live::create_symlink;
 
 /// An export being written.
 #[derive(Debug)]
@@ -113,7 +112,7 @@ impl EntrySink for ExportDir {
                 reason: "symlink points outside its component".into(),
             });
         }
-        create_symlink(&entry.target, &path)
+        fsio::create_symlink(&entry.target, &path)
             .await
             .map_err(|e| err(&path, e))
     }
@@ -138,9 +137,9 @@ impl EntrySink for ExportDir {
         let Some((file, path)) = self.current.take() else {
             return Err(Error::Internal("file end outside a file".into()));
         };
-        // Like `tar x`, an export is not fsynced file by file (it is
-        // renamed into place only once complete); restore staging is.
-        fsio::finish_file(file, entry.mode, entry.mtime, false)
+        // Like `tar x`, an export is not fsynced (it is renamed into place
+        // only once complete); restore staging is, by one syncfs.
+        fsio::finish_file(file, entry.mode, entry.mtime)
             .await
             .map_err(|e| err(&path, e))
     }

@@ -3,7 +3,7 @@
 //! reads, and a guard that removes temp files on every exit path.
 
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -176,21 +176,44 @@ pub(crate) fn describe(e: &io::Error) -> String {
     }
 }
 
-/// Creates a new file (and its parent directories) for restored content.
-pub(crate) async fn create_new_file(path: &Path) -> io::Result<tokio::fs::File> {
+/// Creates a new file (and its parent directories) for restored content,
+/// blocking.
+pub(crate) fn create_new_file_blocking(path: &Path) -> io::Result<std::fs::File> {
     if let Some(parent) = path.parent() {
-        tokio::fs::create_dir_all(parent).await?;
+        std::fs::create_dir_all(parent)?;
     }
-    tokio::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(FILE_MODE)
         .open(path)
-        .await
 }
 
-/// Flushes restored content (and fsyncs it when `durable`), then applies
-/// its mode and mtime.
+/// [`create_new_file_blocking`] off the async threads.
+pub(crate) async fn create_new_file(path: &Path) -> io::Result<tokio::fs::File> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || create_new_file_blocking(&path))
+        .await
+        .map_err(io::Error::other)?
+        .map(tokio::fs::File::from_std)
+}
+
+/// Creates a symlink (and its parent directories), blocking.
+pub(crate) fn create_symlink_blocking(target: &str, path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::os::unix::fs::symlink(target, path)
+}
+
+/// [`create_symlink_blocking`] off the async threads.
+pub(crate) async fn create_symlink(target: &str, path: &Path) -> io::Result<()> {
+    let (target, path) = (target.to_owned(), path.to_path_buf());
+    tokio::task::spawn_blocking(move || create_symlink_blocking(&target, &path))
+        .await
+        .map_err(io::Error::other)?
+}
+
 /// Gives a written file its mtime and mode (blocking; no fsync).
 pub(crate) fn finish_file_blocking(
     file: &std::fs::File,
@@ -206,26 +229,16 @@ pub(crate) fn finish_file_blocking(
     ))
 }
 
+/// Flushes restored content, then applies its mode and mtime (no fsync:
+/// callers make a whole tree durable at once, or need not).
 pub(crate) async fn finish_file(
     mut file: tokio::fs::File,
     mode: Option<u32>,
     mtime: Option<i64>,
-    durable: bool,
 ) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     file.flush().await?;
     let file = file.into_std().await;
-    tokio::task::spawn_blocking(move || {
-        if durable {
-            file.sync_all()?;
-        }
-        if let Some(secs) = mtime.and_then(|s| u64::try_from(s).ok()) {
-            file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))?;
-        }
-        file.set_permissions(std::fs::Permissions::from_mode(
-            mode.unwrap_or(FILE_MODE) & 0o7777,
-        ))
-    })
-    .await
-    .map_err(io::Error::other)?
+    tokio::task::spawn_blocking(move || finish_file_blocking(&file, mode, mtime))
+        .await
+        .map_err(io::Error::other)?
 }

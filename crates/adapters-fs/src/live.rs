@@ -46,7 +46,6 @@ mod writer;
 use journal::*;
 use layout::*;
 use staging::FsStaging;
-pub(crate) use staging::create_symlink;
 use writer::StageWriter;
 
 const JOURNAL: &str = ".synthorg-restore.journal";

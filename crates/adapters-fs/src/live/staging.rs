@@ -138,7 +138,7 @@ impl EntrySink for FsStaging {
         let target = entry.target.clone();
         self.writer(0)?
             .run(Box::new(move |_| {
-                create_symlink_blocking(&target, &path).map_err(|e| source_err(c, &path, e))
+                fsio::create_symlink_blocking(&target, &path).map_err(|e| source_err(c, &path, e))
             }))
             .await
     }
@@ -150,7 +150,7 @@ impl EntrySink for FsStaging {
         self.next = (self.next + 1) % self.writers.len().max(1);
         self.writer(self.current)?
             .run(Box::new(move |open| {
-                let file = create_new_file_blocking(&path).map_err(|e| match e.kind() {
+                let file = fsio::create_new_file_blocking(&path).map_err(|e| match e.kind() {
                     io::ErrorKind::AlreadyExists => twice,
                     _ => source_err(c, &path, e),
                 })?;
@@ -323,34 +323,4 @@ impl Staging for FsStaging {
         })
         .await
     }
-}
-
-/// Creates a symlink (and its parent directories), blocking.
-fn create_symlink_blocking(target: &str, path: &Path) -> io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::os::unix::fs::symlink(target, path)
-}
-
-/// Creates a new file (and its parent directories) for restored content,
-/// blocking.
-fn create_new_file_blocking(path: &Path) -> io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .open(path)
-}
-
-/// Creates a symlink (and its parent directories).
-pub(crate) async fn create_symlink(target: &str, path: &Path) -> io::Result<()> {
-    if let Some(parent) = path.parent() {
-        tokio::fs::create_dir_all(parent).await?;
-    }
-    tokio::fs::symlink(target, path).await
 }
