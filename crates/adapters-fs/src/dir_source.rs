@@ -233,6 +233,18 @@ fn mtime(meta: &std::fs::Metadata) -> i64 {
     meta.mtime()
 }
 
+/// The entry of a regular file at `path` with `meta`.
+pub(crate) fn file_entry(path: ArchivePath, meta: &std::fs::Metadata) -> SnapshotEntry {
+    SnapshotEntry {
+        path,
+        kind: EntryKind::File,
+        size: meta.len(),
+        mode: meta.permissions().mode() & 0o7777,
+        mtime: meta.mtime(),
+        owner: Some((meta.uid(), meta.gid())),
+    }
+}
+
 #[derive(Default)]
 struct Walked {
     entries: Vec<SnapshotEntry>,
@@ -254,14 +266,7 @@ impl Walked {
     }
 
     fn push_file(&mut self, path: ArchivePath, fs_path: PathBuf, meta: &std::fs::Metadata) {
-        self.entries.push(SnapshotEntry {
-            path: path.clone(),
-            kind: EntryKind::File,
-            size: meta.len(),
-            mode: meta.permissions().mode() & 0o7777,
-            mtime: meta.mtime(),
-            owner: Some((meta.uid(), meta.gid())),
-        });
+        self.entries.push(file_entry(path.clone(), meta));
         self.files.insert(path, fs_path);
     }
 }

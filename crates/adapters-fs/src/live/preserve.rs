@@ -9,7 +9,7 @@ use backup_core::Sha256Hasher;
 use backup_core::ports::{EntryKind, Preserved, SnapshotEntry};
 
 use super::*;
-use crate::dir_source::{DirSource, SQLITE_COMPANIONS};
+use crate::dir_source::{DirSource, SQLITE_COMPANIONS, file_entry};
 
 /// Read buffer for hashing.
 const HASH_CHUNK: usize = 1024 * 1024;
@@ -71,17 +71,7 @@ fn walk(
             let meta = std::fs::metadata(&path).map_err(|e| source_err(c, &path, e))?;
             let archive = ArchivePath::parse(c.archive_root())
                 .map_err(|e| Error::Internal(format!("archive root: {e}")))?;
-            let entry = SnapshotEntry {
-                path: archive.clone(),
-                kind: EntryKind::File,
-                size: meta.len(),
-                mode: meta.permissions().mode() & 0o7777,
-                mtime: std::os::unix::fs::MetadataExt::mtime(&meta),
-                owner: Some((
-                    std::os::unix::fs::MetadataExt::uid(&meta),
-                    std::os::unix::fs::MetadataExt::gid(&meta),
-                )),
-            };
+            let entry = file_entry(archive.clone(), &meta);
             Ok((vec![entry], HashMap::from([(archive, path)])))
         }
         Component::Config => DirSource::file(c, path).walk_present(),
@@ -89,12 +79,10 @@ fn walk(
     }
 }
 
-/// Links `from` to `to`, or copies it (durably, 0600) where a link cannot
-/// be made (another filesystem, a link count limit, a refused link).
-fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
-    if std::fs::hard_link(from, to).is_ok() {
-        return Ok(());
-    }
+/// Copies `from` to `to` (0600, durably), for an item the swap cannot
+/// rename into the backup (another filesystem, a mount point; a hard link
+/// cannot cross either, and would share the live inode anyway).
+fn copy_durably(from: &Path, to: &Path) -> io::Result<()> {
     let temp = fsio::temp_path_for(to);
     let guard = fsio::RemoveOnDrop::new(temp.clone());
     std::fs::copy(from, &temp)?;
@@ -217,7 +205,7 @@ impl LiveData {
                             fsio::create_dir_private(parent)
                                 .map_err(|e| source_err(c, parent, e))?;
                         }
-                        link_or_copy(from, &to).map_err(|e| source_err(c, from, e))?;
+                        copy_durably(from, &to).map_err(|e| source_err(c, from, e))?;
                         files.push((entry.path.clone(), c, to));
                     }
                     entries.push(entry);
