@@ -246,13 +246,7 @@ impl BackupService {
             let sink = Sink::Dir { store, id };
             let produced = self.produce(id, &sink, options).await?;
             let manifest = self.manifest(id, sequence, timestamp, produced, options, None);
-            let json = manifest.to_json().map_err(|source| Error::Manifest {
-                id: id.to_string(),
-                source,
-            })?;
-            store
-                .put(id, &ObjectName::InnerManifest, once(json))
-                .await?;
+            self.put_inner_manifest(&manifest).await?;
             manifest
         } else {
             let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_DEPTH);
@@ -494,6 +488,20 @@ impl BackupService {
         result
     }
 
+    /// Writes `manifest` as the `manifest.json` of its directory-form
+    /// backup.
+    pub(super) async fn put_inner_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let json = manifest.to_json().map_err(|source| Error::Manifest {
+            id: manifest.id.to_string(),
+            source,
+        })?;
+        self.ports
+            .store
+            .put(&manifest.id, &ObjectName::InnerManifest, once(json))
+            .await
+            .map(|_| ())
+    }
+
     pub(super) fn manifest(
         &self,
         id: &BackupId,
@@ -566,6 +574,6 @@ impl BackupService {
     }
 }
 
-pub(super) fn once(bytes: Vec<u8>) -> ByteStream {
+fn once(bytes: Vec<u8>) -> ByteStream {
     futures::stream::once(async move { Ok(Bytes::from(bytes)) }).boxed()
 }

@@ -21,7 +21,7 @@ use crate::compat::{self, CompatReport};
 use crate::error::{Error, Result};
 use crate::id::{BackupId, Component, Trigger};
 use crate::manifest::Manifest;
-use crate::ports::{Kept, ObjectName, Operation, Staging};
+use crate::ports::{Kept, Operation, Staging};
 use crate::status::EventKind;
 
 /// Options of [`BackupService::restore`].
@@ -398,13 +398,7 @@ impl BackupService {
                 id: id.to_string(),
                 source,
             })?;
-            let json = m.to_json().map_err(|source| Error::Manifest {
-                id: id.to_string(),
-                source,
-            })?;
-            store
-                .put(&id, &ObjectName::InnerManifest, super::create::once(json))
-                .await?;
+            self.put_inner_manifest(&m).await?;
             Ok(Some((m, kept)))
         }
         .await;
