@@ -345,7 +345,7 @@ async fn refusals_leave_live_data_byte_for_byte_unchanged() {
         .backups_dir
         .join(format!("{}.manifest.json", archived.id));
     let text = std::fs::read_to_string(&sidecar).unwrap().replacen(
-        "\"version\": \"1.1\"",
+        "\"version\": \"1.2\"",
         "\"version\": \"2.0\"",
         1,
     );

@@ -115,6 +115,8 @@ pub fn document() -> Value {
                     "absent": { "type": "array", "items": { "type": "string" }, "description": "components whose source did not exist" },
                     "compression": { "type": "string", "enum": ["gzip", "zstd", "none"] },
                     "pinned": { "type": "boolean" }, "reason": { "type": "string", "description": "why it is damaged" },
+                    "encrypted": { "type": "boolean" },
+                    "recipients": { "type": "array", "items": { "type": "string" }, "description": "public keys it is encrypted to" },
                     "progress": { "type": "object", "description": "running backups" } } },
                 "BackupState": { "type": "object", "required": ["id", "status"], "properties": {
                     "id": { "type": "string" }, "status": { "type": "string", "enum": ["complete", "running", "failed", "damaged"] },
@@ -136,7 +138,8 @@ pub fn document() -> Value {
                     "last_failure": { "type": "object", "nullable": true },
                     "next_scheduled": { "type": "string", "format": "date-time", "nullable": true },
                     "last_verification": { "type": "object", "nullable": true },
-                    "schedule_secs": { "type": "integer" } } }
+                    "schedule_secs": { "type": "integer" },
+                    "warnings": { "type": "array", "items": { "type": "string" }, "description": "e.g. an identity that cannot decrypt new backups or the newest one" } } }
             }
         }
     })
@@ -192,6 +195,8 @@ mod tests {
             components: Some(vec![Component::Config]),
             compression: Some(Compression::Gzip),
             pinned: Some(false),
+            encrypted: true,
+            recipients: vec!["age1x".into()],
             ..ListItem::running(&id(), None)
         };
         let mut problem = Problem::new(422, "Unprocessable Entity", "incompatible", "x".into());
@@ -261,6 +266,7 @@ mod tests {
                     next_scheduled: None,
                     last_verification: None,
                     schedule_secs: 1,
+                    warnings: vec!["x".into()],
                 }),
             ),
         ]);

@@ -80,6 +80,9 @@ impl BackupRuntime {
                 state.run_backup(Trigger::Startup, BTreeMap::new()).await,
             );
         }
+        // A lost or wrong key is told at start, not on the day of a
+        // restore (each problem logged at WARN by the service).
+        state.service().check_keys().await;
         let (stop, stopped) = watch::channel(false);
         let watcher = Some(tokio::spawn(watch_health(
             state.clone(),

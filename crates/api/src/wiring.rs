@@ -87,8 +87,16 @@ pub fn build_service_with_clock(
             }
         })
         .collect();
+    let mut settings = Settings::from(config);
+    if let Some(file) = config
+        .encryption
+        .as_ref()
+        .and_then(|e| e.identity_file.as_deref())
+    {
+        settings.identity = adapters_fs::load_identity(file);
+    }
     BackupService::new(
-        Settings::from(config),
+        settings,
         Ports {
             store,
             lock,

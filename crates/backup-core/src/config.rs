@@ -190,7 +190,7 @@ impl NotifyConfig {
             let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
             if host.is_none_or(|h| h.is_empty() || h.chars().any(char::is_whitespace)) {
                 return Err(invalid(
-                    &format!("backup.notify.webhooks[{i}]"),
+                    format!("backup.notify.webhooks[{i}]"),
                     "must be an http:// or https:// URL with a host",
                 ));
             }
@@ -230,6 +230,19 @@ impl Default for SourcesConfig {
             checkpoints_dir: PathBuf::from("./data/checkpoints"),
         }
     }
+}
+
+/// `backup.encryption`: encrypt new backups with age.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// Public keys new backups are encrypted to (`age1…`, `ssh-ed25519 …`,
+    /// `ssh-rsa …`); at least one.
+    pub recipients: Vec<String>,
+    /// The private key that decrypts them (age identity file or unencrypted
+    /// OpenSSH key), needed to verify, restore, export and show; not to
+    /// back up.
+    pub identity_file: Option<PathBuf>,
 }
 
 /// A secret string: never shown by `Debug`, `Display` or serialization.
@@ -364,6 +377,9 @@ pub struct BackupConfig {
     pub sources: SourcesConfig,
     /// S3-compatible target; overrides `path` when present.
     pub s3: Option<S3Config>,
+    /// Client-side encryption of new backups; off when absent.
+    #[serde(default)]
+    pub encryption: Option<EncryptionConfig>,
     /// Commands pausing the memory writer (when no in-process hook is given).
     #[serde(default)]
     pub quiesce: Option<QuiesceConfig>,
@@ -401,6 +417,7 @@ impl Default for BackupConfig {
             include: Component::ALL.to_vec(),
             sources: SourcesConfig::default(),
             s3: None,
+            encryption: None,
             quiesce_timeout_secs: 30,
             shutdown_timeout_secs: 300,
             supported_schema: None,
@@ -470,9 +487,9 @@ struct Root {
     backup: Option<BackupConfig>,
 }
 
-fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key: key.to_owned(),
+        key: key.into(),
         reason: reason.into(),
     }
 }
@@ -615,6 +632,9 @@ impl BackupConfig {
         if let Some(s3) = &self.s3 {
             s3.validate()?;
         }
+        if let Some(e) = &self.encryption {
+            e.validate()?;
+        }
         if let Some(q) = &self.quiesce
             && (q.pause.is_empty() || q.resume.is_empty())
         {
@@ -643,12 +663,50 @@ impl BackupConfig {
         resolve(&mut self.sources.memory_dir);
         resolve(&mut self.sources.company_config);
         resolve(&mut self.sources.checkpoints_dir);
+        if let Some(file) = self
+            .encryption
+            .as_mut()
+            .and_then(|e| e.identity_file.as_mut())
+        {
+            resolve(file);
+        }
         self
     }
 
     /// The retention policy of this config.
     pub fn retention_policy(&self) -> crate::retention::RetentionPolicy {
         crate::retention::RetentionPolicy::from(&self.retention)
+    }
+}
+
+impl EncryptionConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.recipients().map(|_| ())?;
+        if let Some(file) = &self.identity_file
+            && file.as_os_str().is_empty()
+        {
+            return Err(invalid(
+                "backup.encryption.identity_file",
+                "is empty; leave it out on a host that only backs up",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The recipients, parsed.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the entry and what is wrong.
+    pub fn recipients(&self) -> Result<crate::crypt::Recipients, ConfigError> {
+        crate::crypt::Recipients::parse(&self.recipients).map_err(|(i, reason)| match i {
+            Some(i) => invalid(format!("backup.encryption.recipients[{i}]"), reason),
+            None => invalid(
+                "backup.encryption.recipients",
+                format!(
+                    "{reason}: new backups are encrypted to them (a host that only restores lists its own identity's recipient; `synthorg key generate` makes one)"
+                ),
+            ),
+        })
     }
 }
 

@@ -93,6 +93,16 @@ pub enum Error {
         /// What does not match.
         reason: String,
     },
+    /// An encrypted backup that the configured identity cannot decrypt
+    /// (none configured, unreadable, or not one of its recipients);
+    /// nothing was read or touched.
+    #[error("backup {id} cannot be decrypted: {reason}")]
+    Key {
+        /// The backup concerned.
+        id: String,
+        /// Which identity is missing or wrong, and who the backup is for.
+        reason: String,
+    },
     /// A restore or destructive operation was not confirmed.
     #[error("{operation} of backup {id} requires confirmation")]
     NotConfirmed {
@@ -197,7 +207,8 @@ impl ErrorKind {
             | "not_confirmed"
             | "pinned"
             | "in_use"
-            | "idempotency_mismatch" => ErrorKind::Refused,
+            | "idempotency_mismatch"
+            | "decryption_key" => ErrorKind::Refused,
             "source_failed" | "store_failed" | "timeout" | "cancelled" | "internal" => {
                 ErrorKind::Failed
             }
@@ -222,7 +233,8 @@ impl Error {
             | Error::NotConfirmed { .. }
             | Error::Pinned { .. }
             | Error::InUse { .. }
-            | Error::IdempotencyMismatch { .. } => ErrorKind::Refused,
+            | Error::IdempotencyMismatch { .. }
+            | Error::Key { .. } => ErrorKind::Refused,
             Error::Source { .. }
             | Error::Store { .. }
             | Error::Timeout { .. }
@@ -243,6 +255,7 @@ impl Error {
             Error::Manifest { .. } => "bad_manifest",
             Error::Incompatible { .. } => "incompatible",
             Error::Integrity { .. } => "integrity",
+            Error::Key { .. } => "decryption_key",
             Error::NotConfirmed { .. } => "not_confirmed",
             Error::Pinned { .. } => "pinned",
             Error::InUse { .. } => "in_use",
@@ -279,6 +292,10 @@ mod tests {
             Error::Integrity {
                 id: "x".into(),
                 path: "p".into(),
+                reason: "r".into(),
+            },
+            Error::Key {
+                id: "x".into(),
                 reason: "r".into(),
             },
             Error::NotConfirmed {

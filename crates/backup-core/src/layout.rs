@@ -4,9 +4,11 @@
 //! Object names (docs/ARCHITECTURE.md "Store layout"):
 //! ```text
 //! <id>.tar.gz | <id>.tar.zst   archive of a compressed backup
+//! <id>.tar.gz.age | <id>.tar.zst.age | <id>.tar.age   encrypted archive
 //! <id>/<path>, <id>/manifest.json   directory form (compression none)
-//! <id>.summary.json            small summary (listing reads this)
+//! <id>.summary.json            small summary (listing reads this; clear)
 //! <id>.manifest.json           sidecar manifest, written last = commit point
+//! <id>.manifest.json.age       the same, encrypted (encrypted backups)
 //! _status.json                 status record (see `status`)
 //! _index.json                  listing cache, when the space asks for it
 //! ```
@@ -24,14 +26,19 @@ use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::config::Compression;
+use crate::crypt::Recipients;
 use crate::error::{Error, Result};
 use crate::id::BackupId;
 use crate::manifest::{Found, MAX_MANIFEST_BYTES, Manifest, ManifestError, Summary};
 use crate::path::MANIFEST_FILE;
-use crate::ports::{BackupStore, ByteStream, Listed, ObjectName, ObjectSpace, RootListing, Small};
+use crate::ports::{
+    BackupStore, ByteStream, Listed, ObjectName, ObjectSpace, RootListing, Sidecar, Small,
+};
 
 /// Suffix of the sidecar manifest, the commit point.
 pub const SIDECAR_SUFFIX: &str = ".manifest.json";
+/// Suffix of the sidecar of an encrypted backup (an age file).
+pub const SEALED_SIDECAR_SUFFIX: &str = ".manifest.json.age";
 /// Suffix of the summary object.
 pub const SUMMARY_SUFFIX: &str = ".summary.json";
 /// The status record.
@@ -49,6 +56,9 @@ pub fn object_name(id: &BackupId, object: &ObjectName) -> String {
     match object {
         ObjectName::Archive(Compression::Zstd) => format!("{id}.tar.zst"),
         ObjectName::Archive(_) => format!("{id}.tar.gz"),
+        ObjectName::SealedArchive(Compression::Zstd) => format!("{id}.tar.zst.age"),
+        ObjectName::SealedArchive(Compression::Gzip) => format!("{id}.tar.gz.age"),
+        ObjectName::SealedArchive(Compression::None) => format!("{id}.tar.age"),
         ObjectName::File(path) => format!("{id}/{path}"),
         ObjectName::InnerManifest => format!("{id}/{MANIFEST_FILE}"),
     }
@@ -64,43 +74,59 @@ pub fn data_owner(name: &str) -> Option<BackupId> {
     let stem = if nested {
         top
     } else {
-        [".tar.gz", ".tar.zst", SUMMARY_SUFFIX]
+        ARCHIVE_SUFFIXES
             .iter()
+            .chain(&[SUMMARY_SUFFIX])
             .find_map(|s| top.strip_suffix(s))
             .unwrap_or(top)
     };
     BackupId::parse(stem).ok()
 }
 
+/// Suffixes of archive objects, encrypted or not.
+const ARCHIVE_SUFFIXES: [&str; 5] = [
+    ".tar.gz",
+    ".tar.zst",
+    ".tar.gz.age",
+    ".tar.zst.age",
+    ".tar.age",
+];
+
 /// The top-level names a backup's data may occupy (the directory form as
 /// its directory name).
-fn data_names(id: &BackupId) -> [String; 4] {
-    [
-        format!("{id}.tar.gz"),
-        format!("{id}.tar.zst"),
-        format!("{id}{SUMMARY_SUFFIX}"),
-        id.to_string(),
-    ]
+fn data_names(id: &BackupId) -> impl Iterator<Item = String> + '_ {
+    ARCHIVE_SUFFIXES
+        .iter()
+        .chain(&[SUMMARY_SUFFIX])
+        .map(move |s| format!("{id}{s}"))
+        .chain(std::iter::once(id.to_string()))
 }
 
 impl RootListing {
     /// The ids that have a sidecar.
     fn published(&self) -> Vec<BackupId> {
-        self.objects
+        let mut ids: Vec<BackupId> = self
+            .objects
             .iter()
-            .filter_map(|(n, _)| n.strip_suffix(SIDECAR_SUFFIX))
+            .filter_map(|(n, _)| {
+                n.strip_suffix(SIDECAR_SUFFIX)
+                    .or_else(|| n.strip_suffix(SEALED_SIDECAR_SUFFIX))
+            })
             .filter_map(|stem| BackupId::parse(stem).ok())
-            .collect()
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     /// What the listing holds of a backup's data.
     fn found(&self, summary: &Summary) -> Found {
         let id = &summary.id;
-        match summary.compression {
-            Compression::None if self.dirs.contains(&id.to_string()) => Found::Directory,
-            Compression::None => Found::Nothing,
-            c => {
-                let name = object_name(id, &ObjectName::Archive(c));
+        match (summary.compression, summary.encrypted) {
+            (Compression::None, false) if self.dirs.contains(&id.to_string()) => Found::Directory,
+            (Compression::None, false) => Found::Nothing,
+            (c, encrypted) => {
+                let name = object_name(id, &ObjectName::archive(c, encrypted));
                 self.objects
                     .iter()
                     .find(|(n, _)| *n == name)
@@ -134,28 +160,58 @@ impl<S: ObjectSpace> Layout<S> {
         }
     }
 
-    /// The sidecar, parsed and validated.
-    async fn read_sidecar(&self, id: &BackupId) -> Result<Manifest> {
+    /// The sidecar: parsed and validated, or the encrypted one.
+    async fn read_sidecar(&self, id: &BackupId) -> Result<Sidecar> {
+        let too_large = |size| Error::Manifest {
+            id: id.to_string(),
+            source: ManifestError::TooLarge { size },
+        };
         let name = format!("{id}{SIDECAR_SUFFIX}");
         match self.space.read_small(&name, MAX_MANIFEST_BYTES).await? {
-            Small::Found(bytes) => Manifest::from_sidecar(&bytes, id),
-            Small::Missing => Err(self.not_found(id.to_string())),
-            Small::TooLarge(size) => Err(Error::Manifest {
-                id: id.to_string(),
-                source: ManifestError::TooLarge { size },
+            Small::Found(bytes) => {
+                return Manifest::from_sidecar(&bytes, id).map(|m| Sidecar::Clear(Box::new(m)));
+            }
+            Small::TooLarge(size) => return Err(too_large(size)),
+            Small::Missing => {}
+        }
+        let sealed = format!("{id}{SEALED_SIDECAR_SUFFIX}");
+        match self.space.read_small(&sealed, MAX_MANIFEST_BYTES).await? {
+            Small::Found(bytes) => Ok(Sidecar::Sealed {
+                bytes,
+                recipients: self
+                    .read_own_summary(id)
+                    .await
+                    .map(|s| s.recipients)
+                    .unwrap_or_default(),
             }),
+            Small::TooLarge(size) => Err(too_large(size)),
+            Small::Missing => Err(self.not_found(id.to_string())),
         }
     }
 
-    /// The summary object, or (missing or unreadable) the sidecar's.
-    async fn read_summary(&self, id: &BackupId) -> Result<Summary> {
+    /// The summary object, if it exists and is valid.
+    async fn read_own_summary(&self, id: &BackupId) -> Option<Summary> {
         let name = format!("{id}{SUMMARY_SUFFIX}");
-        if let Ok(Small::Found(bytes)) = self.space.read_small(&name, MAX_MANIFEST_BYTES).await
-            && let Ok(summary) = Summary::from_json(&bytes, id)
-        {
+        match self.space.read_small(&name, MAX_MANIFEST_BYTES).await {
+            Ok(Small::Found(bytes)) => Summary::from_json(&bytes, id).ok(),
+            _ => None,
+        }
+    }
+
+    /// The summary object, or (missing or unreadable) the clear sidecar's.
+    async fn read_summary(&self, id: &BackupId) -> Result<Summary> {
+        if let Some(summary) = self.read_own_summary(id).await {
             return Ok(summary);
         }
-        self.read_sidecar(id).await.map(|m| Summary::from(&m))
+        match self.read_sidecar(id).await? {
+            Sidecar::Clear(m) => Ok(Summary::from(m.as_ref())),
+            Sidecar::Sealed { .. } => Err(Error::Manifest {
+                id: id.to_string(),
+                source: ManifestError::Inconsistent(
+                    "its summary is missing or unreadable and its manifest is encrypted".into(),
+                ),
+            }),
+        }
     }
 
     /// The summaries in the listing cache, by id; empty when the space
@@ -301,7 +357,7 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
         Ok(out)
     }
 
-    async fn manifest(&self, id: &BackupId) -> Result<Manifest> {
+    async fn sidecar(&self, id: &BackupId) -> Result<Sidecar> {
         self.read_sidecar(id).await
     }
 
@@ -328,9 +384,23 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
             id: id.to_string(),
             source,
         })?;
-        self.space
-            .write_small(&format!("{id}{SIDECAR_SUFFIX}"), sidecar)
-            .await?;
+        if manifest.encrypted {
+            let recipients = Recipients::parse(&manifest.recipients).map_err(|(_, reason)| {
+                Error::Config(crate::config::ConfigError::Invalid {
+                    key: "backup.encryption.recipients".into(),
+                    reason,
+                })
+            })?;
+            let sealed = crate::crypt::seal(&sidecar, &recipients)
+                .map_err(|e| Error::Internal(format!("encrypting the manifest of {id}: {e}")))?;
+            self.space
+                .write_small(&format!("{id}{SEALED_SIDECAR_SUFFIX}"), sealed)
+                .await?;
+        } else {
+            self.space
+                .write_small(&format!("{id}{SIDECAR_SUFFIX}"), sidecar)
+                .await?;
+        }
         self.update_index(|index| {
             index.insert(summary.id.clone(), summary);
         })
@@ -339,7 +409,11 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
     }
 
     async fn delete(&self, id: &BackupId) -> Result<()> {
-        let had_sidecar = self.space.remove(&format!("{id}{SIDECAR_SUFFIX}")).await?;
+        let had_sidecar = self.space.remove(&format!("{id}{SIDECAR_SUFFIX}")).await?
+            | self
+                .space
+                .remove(&format!("{id}{SEALED_SIDECAR_SUFFIX}"))
+                .await?;
         let had_data = self.remove_data(id).await?;
         if had_sidecar {
             self.update_index(|index| {
@@ -420,6 +494,9 @@ mod tests {
         for name in [
             format!("{id}.tar.gz"),
             format!("{id}.tar.zst"),
+            format!("{id}.tar.gz.age"),
+            format!("{id}.tar.zst.age"),
+            format!("{id}.tar.age"),
             format!("{id}{SUMMARY_SUFFIX}"),
             id.to_string(),
             format!("{id}/db/synthorg.db"),
@@ -428,6 +505,7 @@ mod tests {
         }
         for name in [
             format!("{id}{SIDECAR_SUFFIX}"),
+            format!("{id}{SEALED_SIDECAR_SUFFIX}"),
             "README.txt".to_owned(),
             STATUS_NAME.to_owned(),
             format!("{id}.tar.gz.tmp"),

@@ -17,6 +17,7 @@ pub mod compress;
 pub mod config;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod crypt;
 pub mod digest;
 pub mod error;
 pub mod id;

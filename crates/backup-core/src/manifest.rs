@@ -23,7 +23,7 @@ use crate::path::ArchivePath;
 pub const MANIFEST_MAJOR: u32 = 1;
 /// Minor version this build writes. Readers accept newer minors of the same
 /// major and ignore the top-level fields they do not know.
-pub const MANIFEST_MINOR: u32 = 1;
+pub const MANIFEST_MINOR: u32 = 2;
 /// Largest manifest accepted, in bytes. About 200,000 files fit.
 pub const MAX_MANIFEST_BYTES: usize = 32 * 1024 * 1024;
 
@@ -65,6 +65,13 @@ pub struct Manifest {
     /// The archive's own hash and size; absent for the directory form.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive: Option<ArchiveInfo>,
+    /// Whether the archive (and the sidecar) is an age file (since 1.2).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub encrypted: bool,
+    /// The recipients (public keys) it is encrypted to, in canonical
+    /// spelling; present exactly when `encrypted` (since 1.2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
     /// Every regular file, sorted by path.
     pub files: Vec<FileEntry>,
     /// Every directory (so that empty ones are restored), sorted by path.
@@ -142,6 +149,10 @@ pub struct ArchiveInfo {
     /// frames), for parallel decompression; empty when unknown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<u64>,
+    /// Size of the archive before encryption, which the member offsets
+    /// refer to (encrypted backups only, since 1.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner_size_bytes: Option<u64>,
 }
 
 /// `major.minor` of the manifest format, written as a string (`"1.0"`).
@@ -434,14 +445,20 @@ impl Manifest {
                 self.checksum
             ));
         }
-        match (self.compression, &self.archive) {
-            (Compression::None, None) => {}
-            (Compression::None, Some(_)) => {
-                return bad("directory-form backup has archive info".into());
-            }
-            // The copy inside an archive cannot hold the archive's own hash;
-            // sidecars must (see `require_archive_info`).
-            (_, _) => {}
+        // The copy inside an archive cannot hold the archive's own hash;
+        // sidecars must (see `require_archive_info`).
+        if !self.is_archive() && self.archive.is_some() {
+            return bad("directory-form backup has archive info".into());
+        }
+        if self.encrypted == self.recipients.is_empty() {
+            return bad("an encrypted backup names its recipients, and only it".into());
+        }
+        if self
+            .archive
+            .as_ref()
+            .is_some_and(|a| a.inner_size_bytes.is_some() != self.encrypted)
+        {
+            return bad("inner_size_bytes is recorded exactly for encrypted archives".into());
         }
         for link in &self.symlinks {
             if link.target.is_empty()
@@ -452,6 +469,12 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// Whether the backup is one archive object (compressed or encrypted)
+    /// rather than the directory form.
+    pub fn is_archive(&self) -> bool {
+        archive_kind(self.compression, self.encrypted).is_some()
     }
 
     /// Checks what only a sidecar can hold: the archive's hash and size
@@ -521,10 +544,18 @@ pub struct Summary {
     pub stored_bytes: u64,
     /// Number of files.
     pub file_count: u64,
-    /// The tree checksum.
-    pub checksum: Checksum,
+    /// The tree checksum; left out for encrypted backups (it is derived
+    /// from file names and contents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<Checksum>,
     /// How it is stored.
     pub compression: Compression,
+    /// Whether it is encrypted (see [`Manifest::encrypted`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub encrypted: bool,
+    /// The recipients it is encrypted to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
     /// Labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -655,16 +686,33 @@ impl Summary {
     /// (truncated, replaced), or its directory is gone. A listing shows
     /// such a backup as damaged, and retention never counts it as a copy.
     pub fn damage(&self, found: Found) -> Option<String> {
-        match (self.compression, found) {
-            (Compression::None, Found::Directory) => None,
-            (Compression::None, _) => Some(format!("the directory {} is missing", self.id)),
-            (_, Found::Archive { size }) if size == self.stored_bytes => None,
-            (c, Found::Archive { size }) => Some(format!(
-                "the {c} archive is {size} bytes, the manifest records {} (truncated or replaced)",
+        let kind = archive_kind(self.compression, self.encrypted);
+        match (kind, found) {
+            (None, Found::Directory) => None,
+            (None, _) => Some(format!("the directory {} is missing", self.id)),
+            (Some(_), Found::Archive { size }) if size == self.stored_bytes => None,
+            (Some(kind), Found::Archive { size }) => Some(format!(
+                "the {kind} archive is {size} bytes, the manifest records {} (truncated or replaced)",
                 self.stored_bytes
             )),
-            (c, _) => Some(format!("the {c} archive of {} is missing", self.id)),
+            (Some(kind), _) => Some(format!("the {kind} archive of {} is missing", self.id)),
         }
+    }
+
+    /// Whether the backup is one archive object (see [`Manifest::is_archive`]).
+    pub fn is_archive(&self) -> bool {
+        archive_kind(self.compression, self.encrypted).is_some()
+    }
+}
+
+/// How a backup stored as one archive is written, e.g. `gzip`,
+/// `encrypted zstd`, `encrypted tar`; `None` for the directory form.
+pub fn archive_kind(compression: Compression, encrypted: bool) -> Option<String> {
+    match (compression, encrypted) {
+        (Compression::None, false) => None,
+        (Compression::None, true) => Some("encrypted tar".into()),
+        (c, false) => Some(c.to_string()),
+        (c, true) => Some(format!("encrypted {c}")),
     }
 }
 
@@ -683,8 +731,10 @@ impl From<&Manifest> for Summary {
             size_bytes: m.size_bytes,
             stored_bytes: m.stored_bytes(),
             file_count: m.files.len() as u64,
-            checksum: m.checksum,
+            checksum: (!m.encrypted).then_some(m.checksum),
             compression: m.compression,
+            encrypted: m.encrypted,
+            recipients: m.recipients.clone(),
             labels: m.labels.clone(),
         }
     }
@@ -693,6 +743,11 @@ impl From<&Manifest> for Summary {
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The manifest checksum: SHA-256 over every entry sorted by path (byte
@@ -776,6 +831,8 @@ pub(crate) mod tests {
             absent: Vec::new(),
             sequence: 0,
             db_schema_version: Some(3),
+            encrypted: false,
+            recipients: Vec::new(),
             size_bytes: files.iter().map(|f| f.size).sum(),
             checksum: tree_checksum(&files, &dirs, &[]),
             compression: Compression::Gzip,
@@ -783,6 +840,7 @@ pub(crate) mod tests {
                 sha256: Sha256Digest::of(b"archive"),
                 size_bytes: 1234,
                 members: vec![0, 600],
+                inner_size_bytes: None,
             }),
             files,
             dirs,
@@ -797,10 +855,41 @@ pub(crate) mod tests {
         m.validate().unwrap();
         let json = m.to_json().unwrap();
         let text = String::from_utf8(json.clone()).unwrap();
-        assert!(text.contains("\"version\": \"1.1\""));
+        assert!(text.contains("\"version\": \"1.2\""));
+        assert!(
+            !text.contains("encrypted"),
+            "unencrypted manifests do not say so"
+        );
         assert!(text.contains("\"checksum\": \"sha256:"));
         assert!(text.contains("\"trigger\": \"manual\""));
         assert_eq!(Manifest::from_json(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn encrypted_manifests_name_their_recipients_and_summaries_drop_the_checksum() {
+        let mut m = sample("2026-03-15T14-30-00_manual");
+        m.encrypted = true;
+        assert!(m.validate().is_err(), "encrypted without recipients");
+        m.recipients = vec!["age1x".into()];
+        assert!(m.validate().is_err(), "no inner size recorded");
+        if let Some(a) = m.archive.as_mut() {
+            a.inner_size_bytes = Some(1000);
+        }
+        m.validate().unwrap();
+        assert_eq!(Manifest::from_json(&m.to_json().unwrap()).unwrap(), m);
+        let summary = Summary::from(&m);
+        assert_eq!(summary.checksum, None);
+        assert!(summary.encrypted && summary.recipients == ["age1x"]);
+        let text = serde_json::to_string(&summary).unwrap();
+        assert!(!text.contains("sha256"), "{text}");
+        m.encrypted = false;
+        assert!(m.validate().is_err(), "recipients without encryption");
+        m.compression = Compression::None;
+        m.encrypted = true;
+        assert!(
+            m.is_archive(),
+            "an encrypted uncompressed backup is a .tar.age"
+        );
     }
 
     #[test]
@@ -852,7 +941,7 @@ pub(crate) mod tests {
         assert!(Manifest::from_json(v.to_string().as_bytes()).is_err());
     }
 
-    const MANIFEST_MINOR_STRING: &str = "1.1";
+    const MANIFEST_MINOR_STRING: &str = "1.2";
 
     #[test]
     fn validate_catches_each_inconsistency() {

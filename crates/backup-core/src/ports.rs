@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 
 use crate::config::Compression;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::id::{BackupId, Component};
 use crate::manifest::{DirEntry, FileEntry, Manifest, Summary, SymlinkEntry};
 use crate::path::ArchivePath;
@@ -32,10 +32,40 @@ pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 pub enum ObjectName {
     /// The archive of a compressed backup (`<id>.tar.gz` / `<id>.tar.zst`).
     Archive(Compression),
+    /// The age-encrypted archive of an encrypted backup (`<id>.tar.gz.age`,
+    /// `<id>.tar.zst.age`, `<id>.tar.age` uncompressed).
+    SealedArchive(Compression),
     /// A file of a directory-form backup (`<id>/<path>`).
     File(ArchivePath),
     /// `manifest.json` inside a directory-form backup (`<id>/manifest.json`).
     InnerManifest,
+}
+
+impl ObjectName {
+    /// The archive object of a backup stored as `compression`, encrypted
+    /// or not.
+    pub fn archive(compression: Compression, encrypted: bool) -> ObjectName {
+        if encrypted {
+            ObjectName::SealedArchive(compression)
+        } else {
+            ObjectName::Archive(compression)
+        }
+    }
+}
+
+/// A backup's sidecar manifest as the store holds it.
+#[derive(Debug, Clone)]
+pub enum Sidecar {
+    /// In the clear, parsed and validated.
+    Clear(Box<Manifest>),
+    /// Encrypted (`<id>.manifest.json.age`): the age file, and the
+    /// recipients its summary names (for messages).
+    Sealed {
+        /// The age file.
+        bytes: Vec<u8>,
+        /// Who it was encrypted to, as far as the summary says.
+        recipients: Vec<String>,
+    },
 }
 
 /// One entry of [`BackupStore::list`].
@@ -93,11 +123,27 @@ pub trait BackupStore: Debug + Send + Sync + 'static {
     /// permission denied, unreachable).
     async fn list(&self) -> Result<Vec<Listed>>;
 
-    /// The sidecar manifest of a published backup, parsed and validated.
+    /// The sidecar manifest of a published backup: parsed and validated
+    /// when in the clear, the age file when encrypted (the service
+    /// decrypts it).
     ///
     /// # Errors
     /// `NotFound` when there is no sidecar; `Manifest` when it is invalid.
-    async fn manifest(&self, id: &BackupId) -> Result<Manifest>;
+    async fn sidecar(&self, id: &BackupId) -> Result<Sidecar>;
+
+    /// The sidecar manifest of a published backup in the clear.
+    ///
+    /// # Errors
+    /// As [`sidecar`](BackupStore::sidecar); `Key` for an encrypted one.
+    async fn manifest(&self, id: &BackupId) -> Result<Manifest> {
+        match self.sidecar(id).await? {
+            Sidecar::Clear(m) => Ok(*m),
+            Sidecar::Sealed { .. } => Err(Error::Key {
+                id: id.to_string(),
+                reason: "its manifest is encrypted".into(),
+            }),
+        }
+    }
 
     /// Writes one object of an unpublished backup, streaming, and returns
     /// the number of bytes written. Overwrites an object of the same name.

@@ -24,12 +24,13 @@ use serde::Serialize;
 
 use crate::compat::RunningApp;
 use crate::config::{BackupConfig, Compression};
+use crate::crypt::{Identities, IdentityState, Recipients};
 use crate::error::{Error, Result};
 use crate::id::{BackupId, Component, Trigger};
 use crate::manifest::Manifest;
 use crate::ports::{
     BackupStore, Clock, ComponentSource, Listed, LockGuard, Operation, OperationLock, Quiesce,
-    RestoreTarget,
+    RestoreTarget, Sidecar,
 };
 use crate::retention::{self, Action, Candidate, Decision, RetentionPolicy};
 use crate::status::EventKind;
@@ -50,6 +51,12 @@ pub struct Settings {
     pub retention: RetentionPolicy,
     /// Longest the memory writer may stay paused.
     pub quiesce_timeout: Duration,
+    /// Recipients new backups are encrypted to (`None`: in the clear);
+    /// `Err` for a config naming bad ones, so that backups fail rather
+    /// than go out unencrypted.
+    pub encrypt_to: std::result::Result<Option<Recipients>, String>,
+    /// The identity that decrypts encrypted backups, as the host loaded it.
+    pub identity: IdentityState,
 }
 
 impl From<&BackupConfig> for Settings {
@@ -62,6 +69,11 @@ impl From<&BackupConfig> for Settings {
             include,
             retention: c.retention_policy(),
             quiesce_timeout: Duration::from_secs(u64::from(c.quiesce_timeout_secs)),
+            encrypt_to: match &c.encryption {
+                None => Ok(None),
+                Some(e) => e.recipients().map(Some).map_err(|e| e.to_string()),
+            },
+            identity: IdentityState::None,
         }
     }
 }
@@ -339,7 +351,70 @@ impl BackupService {
     /// # Errors
     /// `NotFound`, or `Manifest` when its sidecar is damaged.
     pub async fn show(&self, id: &BackupId) -> Result<Manifest> {
-        self.ports.store.manifest(id).await
+        self.read_manifest(id).await
+    }
+
+    /// The sidecar manifest of `id`, decrypted with the configured
+    /// identity when the backup is encrypted.
+    ///
+    /// # Errors
+    /// `NotFound`; `Manifest` when it is invalid; `Key` when it is
+    /// encrypted and no configured identity opens it.
+    pub(crate) async fn read_manifest(&self, id: &BackupId) -> Result<Manifest> {
+        let (bytes, made_for) = match self.ports.store.sidecar(id).await? {
+            Sidecar::Clear(m) => return Ok(*m),
+            Sidecar::Sealed { bytes, recipients } => (bytes, recipients),
+        };
+        let identities = self.identities(id, &made_for)?;
+        let plain = identities
+            .open(&bytes)
+            .map_err(|e| crate::crypt::open_failure(id, &made_for, &identities, &e))?;
+        let manifest = Manifest::from_sidecar(&plain, id)?;
+        if !manifest.encrypted {
+            return Err(Error::Manifest {
+                id: id.to_string(),
+                source: crate::manifest::ManifestError::Inconsistent(
+                    "the encrypted sidecar holds a manifest of an unencrypted backup".into(),
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// The identities to decrypt backup `id` (encrypted to `made_for`) with.
+    ///
+    /// # Errors
+    /// `Key` naming what is missing.
+    pub(crate) fn identities(&self, id: &BackupId, made_for: &[String]) -> Result<Arc<Identities>> {
+        let to = if made_for.is_empty() {
+            String::new()
+        } else {
+            format!(" to {}", made_for.join(", "))
+        };
+        match &self.settings.identity {
+            IdentityState::Loaded(ids) => Ok(Arc::clone(ids)),
+            IdentityState::None => Err(Error::Key {
+                id: id.to_string(),
+                reason: format!(
+                    "it is encrypted{to} and no identity is configured; set backup.encryption.identity_file to the identity file of one of its recipients"
+                ),
+            }),
+            IdentityState::Unavailable { file, reason } => Err(Error::Key {
+                id: id.to_string(),
+                reason: format!(
+                    "it is encrypted{to} and the identity file {file} cannot be used: {reason}"
+                ),
+            }),
+        }
+    }
+
+    /// The identities to read `manifest`'s archive with (none for an
+    /// unencrypted backup).
+    pub(crate) fn archive_keys(&self, manifest: &Manifest) -> Result<Option<Arc<Identities>>> {
+        manifest
+            .encrypted
+            .then(|| self.identities(&manifest.id, &manifest.recipients))
+            .transpose()
     }
 
     /// Deletes a backup. Pinned (pre-migration) backups need `force`.
@@ -350,8 +425,10 @@ impl BackupService {
     pub async fn delete(&self, id: &BackupId, force: bool) -> Result<()> {
         let guard = self.acquire(Operation::Delete).await?;
         let result = async {
-            match self.ports.store.manifest(id).await {
-                Ok(m) if m.is_pinned() && !force => {
+            match self.ports.store.sidecar(id).await {
+                // Pinned by trigger, which the id names: an encrypted
+                // backup need not be decrypted to be deleted.
+                Ok(_) if id.trigger().is_pinned() && !force => {
                     return Err(Error::Pinned { id: id.to_string() });
                 }
                 Ok(_) | Err(Error::Manifest { .. }) => {}

@@ -163,6 +163,10 @@ pub struct StatusReport {
     pub last_verification: Option<Verification>,
     /// The schedule, in seconds.
     pub schedule_secs: u64,
+    /// Problems to fix before they matter, e.g. an identity that cannot
+    /// decrypt new backups or the newest one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Evaluates the status: `disabled` when backups are off; `failing` when
@@ -212,6 +216,7 @@ pub fn evaluate(
         last_failure: record.last_failure.clone(),
         last_verification: record.last_verification.clone(),
         schedule_secs,
+        warnings: Vec::new(),
     }
 }
 

@@ -50,6 +50,12 @@ pub struct ListItem {
     /// Whether retention leaves it alone (complete backups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<bool>,
+    /// Whether it is encrypted (complete backups).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
+    /// The recipients (public keys) it is encrypted to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
     /// Why it is damaged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -72,6 +78,8 @@ impl From<&Listed> for ListItem {
                 absent: m.absent.clone(),
                 compression: Some(m.compression),
                 pinned: Some(m.is_pinned()),
+                encrypted: m.encrypted,
+                recipients: m.recipients.clone(),
                 reason: None,
                 progress: None,
             },
@@ -86,6 +94,8 @@ impl From<&Listed> for ListItem {
                 absent: Vec::new(),
                 compression: None,
                 pinned: None,
+                encrypted: false,
+                recipients: Vec::new(),
                 reason: Some(reason.clone()),
                 progress: None,
             },
@@ -107,6 +117,8 @@ impl ListItem {
             absent: Vec::new(),
             compression: None,
             pinned: None,
+            encrypted: false,
+            recipients: Vec::new(),
             reason: None,
             progress,
         }
@@ -287,6 +299,15 @@ pub struct Exported {
 pub struct Note {
     /// The message.
     pub note: String,
+}
+
+/// `key generate --out FILE --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyGenerated {
+    /// The public key to list in `backup.encryption.recipients`.
+    pub recipient: String,
+    /// Where the identity (private key) was written.
+    pub identity_file: String,
 }
 
 /// `config check --json`.

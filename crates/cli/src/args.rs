@@ -62,6 +62,9 @@ pub(crate) enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Encryption keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -204,6 +207,18 @@ pub(crate) struct DemoArgs {
     /// different data of the same shape (benchmarks restore over it).
     #[arg(long, default_value_t = 2026)]
     pub(crate) seed: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeyCommand {
+    /// Generate an age identity for `backup.encryption`: written to FILE
+    /// (mode 0600, never replacing a file) and its recipient printed; without
+    /// --out the identity goes to stdout and the recipient to stderr.
+    Generate {
+        /// Where to write the identity.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -463,3 +463,30 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
 }
+
+/// `config check` of `backup.encryption`: an identity file that cannot be
+/// used is an error naming the key (exit 2); recipients the identity
+/// cannot decrypt are warned about.
+pub(crate) fn check_keys(config: &BackupConfig) -> anyhow::Result<()> {
+    let Some(enc) = &config.encryption else {
+        return Ok(());
+    };
+    let identity = match &enc.identity_file {
+        Some(file) => adapters_fs::load_identity(file),
+        None => backup_core::crypt::IdentityState::None,
+    };
+    if let backup_core::crypt::IdentityState::Unavailable { file, reason } = &identity {
+        return Err(Exit {
+            code: exit::USAGE,
+            message: format!(
+                "invalid configuration: backup.encryption.identity_file: {file}: {reason}"
+            ),
+        }
+        .into());
+    }
+    let recipients = enc.recipients().ok();
+    for w in backup_core::crypt::key_warnings(&identity, recipients.as_ref()) {
+        eprintln!("warning: {}", crate::render::printable(&w));
+    }
+    Ok(())
+}

@@ -133,10 +133,14 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Config(cmd) => {
             let loaded = config_file::load(cli.config.as_deref())?;
             match cmd {
-                ConfigCommand::Check => out.config_ok(&loaded.source),
+                ConfigCommand::Check => {
+                    commands::check_keys(&loaded.config)?;
+                    out.config_ok(&loaded.source)
+                }
                 ConfigCommand::Show => out.config(&loaded.config),
             }
         }
+        Command::Key(KeyCommand::Generate { out: file }) => out.key_generated(file.as_deref()),
         Command::Completions { shell } => {
             clap_complete::generate(
                 *shell,

@@ -9,7 +9,7 @@ use backup_core::ports::Listed;
 use backup_core::retention::{Action, Decision};
 use backup_core::service::ProgressFn;
 use backup_core::wire::{
-    ConfigOk, Deleted, Exported, ListItem, Note, PruneItem, Pruned, Recovered,
+    ConfigOk, Deleted, Exported, KeyGenerated, ListItem, Note, PruneItem, Pruned, Recovered,
 };
 use backup_core::{BackupConfig, BackupId, Manifest, RestoreReport, VerifyReport};
 
@@ -66,6 +66,17 @@ pub(crate) fn note_recovered(done: Vec<String>) {
 /// `text` with control characters and bidi overrides escaped, so that a
 /// label can never drive the terminal (labels are checked on input; old
 /// backups and other writers may still hold anything).
+/// A public key shortened for a table: `age1qyqs…x7kz`.
+fn short_key(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() <= 16 {
+        return key.to_owned();
+    }
+    let head: String = chars[..9].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
+}
+
 pub(crate) fn printable(text: &str) -> String {
     text.chars()
         .map(|c| {
@@ -156,6 +167,55 @@ impl Output {
         }
     }
 
+    /// `key generate`: a new identity, written to `file` (0600, never
+    /// replacing one) or, without a file, printed.
+    pub(crate) fn key_generated(&self, file: Option<&Path>) -> anyhow::Result<()> {
+        let (text, recipient) = backup_core::crypt::generate_identity();
+        let Some(file) = file else {
+            if self.json {
+                return Err(crate::Exit {
+                    code: crate::exit::USAGE,
+                    message: "key generate --json needs --out FILE (the identity is not JSON)"
+                        .into(),
+                }
+                .into());
+            }
+            print!("{text}");
+            eprintln!("recipient: {recipient}");
+            return Ok(());
+        };
+        adapters_fs::write_identity(file, &text).map_err(|e| crate::Exit {
+            code: if e.kind() == std::io::ErrorKind::AlreadyExists {
+                crate::exit::USAGE
+            } else {
+                crate::exit::FAILED
+            },
+            message: format!(
+                "cannot write the identity to {}: {}",
+                file.display(),
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    "the file exists (an identity is never replaced; move it away first)".to_owned()
+                } else {
+                    e.to_string()
+                }
+            ),
+        })?;
+        if self.json {
+            return print_json(&KeyGenerated {
+                recipient,
+                identity_file: file.display().to_string(),
+            });
+        }
+        println!("{recipient}");
+        if !self.quiet {
+            eprintln!(
+                "identity written to {} (mode 0600); keep a copy somewhere safe: without it no backup encrypted to {recipient} can be restored",
+                file.display()
+            );
+        }
+        Ok(())
+    }
+
     pub(crate) fn config_ok(&self, source: &str) -> anyhow::Result<()> {
         if self.json {
             print_json(&ConfigOk {
@@ -222,11 +282,15 @@ impl Output {
             if !item.absent.is_empty() {
                 components.push_str(&format!(" (absent: {})", names(&item.absent)));
             }
-            let status = match (item.status.as_str(), item.pinned) {
+            let mut status = match (item.status.as_str(), item.pinned) {
                 ("complete", Some(true)) => "complete (pinned)".to_owned(),
                 ("damaged", _) => format!("damaged: {}", item.reason.as_deref().unwrap_or("")),
                 (s, _) => s.to_owned(),
             };
+            if item.encrypted {
+                let to: Vec<String> = item.recipients.iter().map(|r| short_key(r)).collect();
+                status.push_str(&format!(", encrypted to {}", to.join(" ")));
+            }
             println!(
                 "{:<34} {:<14} {:>9} {:>10}  {:<38} {status}",
                 item.id.to_string(),
@@ -280,6 +344,9 @@ impl Output {
             m.files.len()
         );
         println!("compression:      {}", m.compression);
+        if m.encrypted {
+            println!("encrypted to:     {}", m.recipients.join(", "));
+        }
         if let Some(a) = &m.archive {
             println!(
                 "archive:          {} sha256 {}",
@@ -393,9 +460,18 @@ impl Output {
                 ),
                 None => println!("last verification: none"),
             }
+            for w in &r.warnings {
+                println!("warning:           {}", printable(w));
+            }
         }
-        if r.status == Health::Ok {
+        if r.status == Health::Ok && r.warnings.is_empty() {
             Ok(())
+        } else if r.status == Health::Ok {
+            Err(crate::Exit {
+                code: crate::exit::REFUSED,
+                message: format!("backup status has warnings: {}", r.warnings.join("; ")),
+            }
+            .into())
         } else {
             Err(crate::Exit {
                 code: crate::exit::REFUSED,

@@ -169,28 +169,46 @@ fn source_err(component: Component, path: &ArchivePath, e: io::Error) -> Error {
     }
 }
 
-/// Hashes and counts a stream as it passes; records member offsets.
+/// What passed through a tap: its size, and (per tap) its sha256 or the
+/// offsets of its chunks (each chunk of a compressed stream is one member).
 #[derive(Debug, Default)]
 struct ArchiveStats {
-    hasher: Sha256Hasher,
+    hasher: Option<Sha256Hasher>,
     size: u64,
-    members: Vec<u64>,
+    members: Option<Vec<u64>>,
 }
 
-fn hash_and_count(input: ByteStream) -> (ByteStream, Arc<Mutex<ArchiveStats>>) {
-    let stats = Arc::new(Mutex::new(ArchiveStats::default()));
-    let tap = Arc::clone(&stats);
+/// Counts a stream as it passes, hashing it (the stored object) or
+/// recording its member offsets (the compressed stream).
+fn tap(input: ByteStream, hash: bool, members: bool) -> (ByteStream, Arc<Mutex<ArchiveStats>>) {
+    let stats = Arc::new(Mutex::new(ArchiveStats {
+        hasher: hash.then(Sha256Hasher::default),
+        size: 0,
+        members: members.then(Vec::new),
+    }));
+    let tapped = Arc::clone(&stats);
     let stream = input
         .inspect(move |item| {
-            if let (Ok(chunk), Ok(mut s)) = (item, tap.lock()) {
+            if let (Ok(chunk), Ok(mut s)) = (item, tapped.lock()) {
                 let offset = s.size;
-                s.members.push(offset);
-                s.hasher.update(chunk);
+                if let Some(m) = s.members.as_mut() {
+                    m.push(offset);
+                }
+                if let Some(h) = s.hasher.as_mut() {
+                    h.update(chunk);
+                }
                 s.size += chunk.len() as u64;
             }
         })
         .boxed();
     (stream, stats)
+}
+
+fn taken(stats: &Mutex<ArchiveStats>) -> Result<ArchiveStats> {
+    stats
+        .lock()
+        .map(|mut s| std::mem::take(&mut *s))
+        .map_err(|_| Error::Internal("archive statistics poisoned".into()))
 }
 
 impl BackupService {
@@ -242,7 +260,13 @@ impl BackupService {
     ) -> Result<Manifest> {
         let compression = self.settings.compression;
         let store = self.ports.store.as_ref();
-        let manifest = if compression == Compression::None {
+        let encrypt_to = self.settings.encrypt_to.clone().map_err(|reason| {
+            Error::Config(crate::config::ConfigError::Invalid {
+                key: "backup.encryption.recipients".into(),
+                reason,
+            })
+        })?;
+        let manifest = if compression == Compression::None && encrypt_to.is_none() {
             let sink = Sink::Dir { store, id };
             let produced = self.produce(id, &sink, options).await?;
             let manifest = self.manifest(id, sequence, timestamp, produced, options, None);
@@ -251,11 +275,23 @@ impl BackupService {
         } else {
             let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_DEPTH);
             let tar: ByteStream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
-            let (archive, stats) = hash_and_count(crate::compress::compress(
-                tar,
-                compression,
-                self.settings.compression_level,
-            ));
+            let compressed =
+                crate::compress::compress(tar, compression, self.settings.compression_level);
+            // Member offsets refer to the compressed stream; the hash and
+            // size to what is stored (after encryption, when encrypting).
+            let members = compression != Compression::None;
+            let (archive, stats, inner) = match &encrypt_to {
+                None => {
+                    let (archive, stats) = tap(compressed, true, members);
+                    (archive, stats, None)
+                }
+                Some(recipients) => {
+                    let (compressed, inner) = tap(compressed, false, members);
+                    let sealed = crate::crypt::encrypt(compressed, recipients.clone());
+                    let (archive, stats) = tap(sealed, true, false);
+                    (archive, stats, Some(inner))
+                }
+            };
             let producer = async {
                 let sink = Sink::Tar(tx);
                 let result = self
@@ -269,17 +305,15 @@ impl BackupService {
                 }
                 result
             };
-            let object = ObjectName::Archive(compression);
+            let object = ObjectName::archive(compression, encrypt_to.is_some());
             let upload = store.put(id, &object, archive);
             let (produced, uploaded) = futures::join!(producer, upload);
-            let mut manifest = match (produced, uploaded) {
+            match (produced, uploaded) {
                 (Err(e), _) if !matches!(e, Error::Cancelled(_)) => return Err(e),
                 (_, Err(e)) => return Err(e),
                 (Err(e), Ok(_)) => return Err(e),
-                (Ok(m), Ok(written)) => {
-                    let stats = stats
-                        .lock()
-                        .map_err(|_| Error::Internal("archive statistics poisoned".into()))?;
+                (Ok(mut m), Ok(written)) => {
+                    let stats = taken(&stats)?;
                     if written != stats.size {
                         return Err(Error::Store {
                             location: store.location(),
@@ -291,17 +325,17 @@ impl BackupService {
                             source: None,
                         });
                     }
-                    let mut m = m;
+                    let inner = inner.as_deref().map(taken).transpose()?;
+                    let members = inner.as_ref().map_or(stats.members, |i| i.members.clone());
                     m.archive = Some(ArchiveInfo {
-                        sha256: stats.hasher.clone().finish(),
+                        sha256: stats.hasher.unwrap_or_default().finish(),
                         size_bytes: stats.size,
-                        members: stats.members.clone(),
+                        members: members.unwrap_or_default(),
+                        inner_size_bytes: inner.map(|i| i.size),
                     });
                     m
                 }
-            };
-            manifest.compression = compression;
-            manifest
+            }
         };
         manifest.validate().map_err(|source| Error::Manifest {
             id: id.to_string(),
@@ -532,6 +566,11 @@ impl BackupService {
             checksum,
             compression: self.settings.compression,
             archive,
+            encrypted: matches!(self.settings.encrypt_to, Ok(Some(_))),
+            recipients: match &self.settings.encrypt_to {
+                Ok(Some(r)) => r.names().to_vec(),
+                _ => Vec::new(),
+            },
             files: produced.files,
             dirs: produced.dirs,
             symlinks: produced.symlinks,

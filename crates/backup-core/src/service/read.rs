@@ -17,7 +17,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::archive::{TarError, TarKind, TarReader};
 use crate::compress::{decompress, decompress_members, member_lengths};
-use crate::config::Compression;
+use crate::crypt::Identities;
 use crate::digest::Sha256Hasher;
 use crate::error::{Error, Result};
 use crate::id::Component;
@@ -66,14 +66,18 @@ struct Tap {
 
 /// Reads the whole backup, passing entries of `wanted` components (all when
 /// `None`) to `sink`. Everything is verified, wanted or not.
+///
+/// An encrypted backup is decrypted with `identities` (the service's, which
+/// opened its manifest) after its stored bytes are hashed.
 pub(crate) async fn read_backup(
     store: &dyn BackupStore,
     manifest: &Manifest,
+    identities: Option<Arc<Identities>>,
     wanted: Option<&[Component]>,
     sink: &mut dyn EntrySink,
 ) -> Result<ReadStats> {
     let wants = |c: Option<Component>| c.is_some_and(|c| wanted.is_none_or(|w| w.contains(&c)));
-    if manifest.compression == Compression::None {
+    if !manifest.is_archive() {
         return read_directory(store, manifest, &wants, sink).await;
     }
     let info = manifest
@@ -83,7 +87,10 @@ pub(crate) async fn read_backup(
             source,
         })?;
     let raw = store
-        .get(&manifest.id, &ObjectName::Archive(manifest.compression))
+        .get(
+            &manifest.id,
+            &ObjectName::archive(manifest.compression, manifest.encrypted),
+        )
         .await?;
     let tap = Arc::new(Mutex::new(Tap::default()));
     let tapped = Arc::clone(&tap);
@@ -100,27 +107,47 @@ pub(crate) async fn read_backup(
             }
         })
         .boxed();
+    let stream = if manifest.encrypted {
+        let identities = identities.ok_or_else(|| Error::Key {
+            id: manifest.id.to_string(),
+            reason: "no identity to decrypt its archive with".into(),
+        })?;
+        match crate::crypt::decrypt(stream, identities).await {
+            Ok(plain) => plain,
+            Err(e) => {
+                if let Some(reason) = tap.lock().ok().and_then(|t| t.store_error.clone()) {
+                    return Err(store_failed(store, manifest, &reason));
+                }
+                return Err(integrity(
+                    manifest,
+                    "<archive>",
+                    format!(
+                        "the encrypted archive does not open with the identity that opens its manifest ({e}): damaged or replaced"
+                    ),
+                ));
+            }
+        }
+    } else {
+        stream
+    };
     // Independent members at known offsets: decompressed whole, in
     // parallel (libdeflate for gzip); else one streaming decoder.
-    let content: Box<dyn tokio::io::AsyncRead + Send + Unpin> =
-        match member_lengths(&info.members, info.size_bytes) {
-            Some(lengths) => Box::new(tokio_util::io::StreamReader::new(decompress_members(
-                stream,
-                manifest.compression,
-                lengths,
-            ))),
-            None => decompress(stream, manifest.compression),
-        };
+    let content: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match member_lengths(
+        &info.members,
+        info.inner_size_bytes.unwrap_or(info.size_bytes),
+    ) {
+        Some(lengths) => Box::new(tokio_util::io::StreamReader::new(decompress_members(
+            stream,
+            manifest.compression,
+            lengths,
+        ))),
+        None => decompress(stream, manifest.compression),
+    };
     let mut tar = TarReader::new(content);
     let result = read_entries(&mut tar, manifest, &wants, sink).await;
     let store_error = tap.lock().ok().and_then(|t| t.store_error.clone());
     if let Some(reason) = store_error {
-        return Err(Error::Store {
-            location: store.location(),
-            key: manifest.id.to_string(),
-            reason: format!("reading the archive failed: {reason}"),
-            source: None,
-        });
+        return Err(store_failed(store, manifest, &reason));
     }
     let stats = result?;
     // Drain the decompressed stream: only zero padding may follow, and the
@@ -164,6 +191,15 @@ pub(crate) async fn read_backup(
         ));
     }
     Ok(stats)
+}
+
+fn store_failed(store: &dyn BackupStore, manifest: &Manifest, reason: &str) -> Error {
+    Error::Store {
+        location: store.location(),
+        key: manifest.id.to_string(),
+        reason: format!("reading the archive failed: {reason}"),
+        source: None,
+    }
 }
 
 fn expected_entries(manifest: &Manifest) -> BTreeMap<&str, Expected> {

@@ -137,8 +137,8 @@ impl BackupService {
         options: &RestoreOptions,
     ) -> Result<(Manifest, Vec<Component>, RestoreReport)> {
         let target = self.ports.restore_target.as_ref();
-        let manifest = self.ports.store.manifest(id).await?;
-        if manifest.compression != crate::config::Compression::None {
+        let manifest = self.read_manifest(id).await?;
+        if manifest.is_archive() {
             manifest
                 .require_archive_info()
                 .map_err(|source| Error::Manifest {
@@ -249,6 +249,7 @@ impl BackupService {
             read_backup(
                 self.ports.store.as_ref(),
                 manifest,
+                self.archive_keys(manifest)?,
                 Some(components),
                 &mut sink,
             )
@@ -369,7 +370,10 @@ impl BackupService {
         let store = self.ports.store.as_ref();
         let timestamp = self.ports.clock.now();
         let (id, sequence) = self.next_id(Trigger::PreRestore, timestamp).await?;
-        let Some(dir) = store.local_dir(&id) else {
+        // Moved live files are a directory-form backup in the clear: never
+        // when backups are to be encrypted.
+        let encrypting = !matches!(self.settings.encrypt_to, Ok(None));
+        let Some(dir) = store.local_dir(&id).filter(|_| !encrypting) else {
             return Ok(None);
         };
         store.discard(&id).await?;

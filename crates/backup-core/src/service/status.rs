@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::BackupService;
 use crate::error::{Error, Result};
 use crate::id::{BackupId, Trigger};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, Summary};
 use crate::ports::{Listed, Operation};
 use crate::status::{
     Event, EventKind, Failure, StatusRecord, StatusReport, Verification, evaluate,
@@ -86,13 +86,46 @@ impl BackupService {
     ) -> Result<StatusReport> {
         let listed = self.ports.store.list().await?;
         let record = self.read_record().await;
-        Ok(evaluate(
-            &record,
-            newest_complete(&listed),
-            self.ports.clock.now(),
-            enabled,
-            schedule,
-        ))
+        let newest = newest_complete(&listed);
+        let mut report = evaluate(&record, newest, self.ports.clock.now(), enabled, schedule);
+        report.warnings = self.key_warnings(newest).await;
+        Ok(report)
+    }
+
+    /// [`key_warnings`](Self::key_warnings) about the newest complete
+    /// backup in the store (none listed: about the configuration only).
+    pub async fn check_keys(&self) -> Vec<String> {
+        let listed = self.ports.store.list().await.unwrap_or_default();
+        self.key_warnings(newest_complete(&listed)).await
+    }
+
+    /// Problems with the encryption keys, now rather than on the day of a
+    /// restore: recipients that are invalid or that the configured
+    /// identity cannot decrypt, an identity that cannot be loaded, and
+    /// (with an identity configured) a newest backup it cannot decrypt.
+    pub async fn key_warnings(&self, newest: Option<&Summary>) -> Vec<String> {
+        let recipients = match &self.settings.encrypt_to {
+            Ok(r) => r.as_ref(),
+            Err(reason) => {
+                return vec![format!(
+                    "backup.encryption.recipients is invalid ({reason}): backups fail until it is fixed"
+                )];
+            }
+        };
+        let mut out = crate::crypt::key_warnings(&self.settings.identity, recipients);
+        if let (crate::crypt::IdentityState::Loaded(_), Some(s)) = (&self.settings.identity, newest)
+            && s.encrypted
+            && let Err(e @ (Error::Key { .. } | Error::Manifest { .. })) =
+                self.read_manifest(&s.id).await
+        {
+            out.push(format!(
+                "the newest backup cannot be opened on this host: {e}"
+            ));
+        }
+        for w in &out {
+            tracing::warn!(warning = %w, "encryption keys");
+        }
+        out
     }
 
     /// Verifies the newest complete backup (the runtime's scheduled

@@ -159,7 +159,7 @@ impl BackupStore for FakeStore {
         Ok(self.listed.lock().unwrap().clone())
     }
 
-    async fn manifest(&self, id: &BackupId) -> Result<Manifest> {
+    async fn sidecar(&self, id: &BackupId) -> Result<crate::ports::Sidecar> {
         Err(Error::NotFound {
             id: id.to_string(),
             location: self.location(),
@@ -262,6 +262,8 @@ pub(super) fn settings(compression: Compression, max_count: u32) -> Settings {
             keep_pre_restore: 3,
         },
         quiesce_timeout: Duration::from_secs(30),
+        encrypt_to: Ok(None),
+        identity: crate::crypt::IdentityState::None,
     }
 }
 

@@ -36,7 +36,7 @@ impl BackupService {
     /// the store cannot be read.
     pub async fn verify(&self, id: &BackupId) -> Result<VerifyReport> {
         let started = std::time::Instant::now();
-        let manifest = match self.ports.store.manifest(id).await {
+        let manifest = match self.read_manifest(id).await {
             Err(e @ Error::Manifest { .. }) => {
                 self.notify_verify_failed(id, &e.to_string(), started).await;
                 return Err(e);
@@ -81,7 +81,9 @@ impl BackupService {
                 manifest,
                 super::Phase::Verify,
             );
-            let read = read_backup(self.ports.store.as_ref(), manifest, None, &mut sink).await;
+            let keys = self.archive_keys(manifest)?;
+            let read =
+                read_backup(self.ports.store.as_ref(), manifest, keys, None, &mut sink).await;
             if read.is_ok() {
                 sink.done();
             }
@@ -104,9 +106,11 @@ impl BackupService {
         id: &BackupId,
         sink: &mut dyn EntrySink,
     ) -> Result<(Manifest, VerifyReport)> {
-        let manifest = self.ports.store.manifest(id).await?;
+        let manifest = self.read_manifest(id).await?;
+        let keys = self.archive_keys(&manifest)?;
         let mut sink = Reporting::new(sink, self.progress.clone(), &manifest, super::Phase::Verify);
-        let stats = read_backup(self.ports.store.as_ref(), &manifest, None, &mut sink).await?;
+        let stats =
+            read_backup(self.ports.store.as_ref(), &manifest, keys, None, &mut sink).await?;
         sink.done();
         let report = VerifyReport {
             id: id.clone(),

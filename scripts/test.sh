@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# All tests: installs the system tools the end-to-end tests call when they
+# are missing (GNU tar, gzip and zstd to open archives, sqlite3, the `age`
+# CLI to open encrypted backups by hand), then runs the workspace's tests.
+# Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v tar >/dev/null || need+=(tar)
+command -v gzip >/dev/null || need+=(gzip)
+command -v sqlite3 >/dev/null || need+=(sqlite3)
+command -v zstd >/dev/null || need+=(zstd)
+command -v age >/dev/null && command -v age-keygen >/dev/null || need+=(age)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}"
+fi
+
+exec cargo test --workspace --locked "$@"
