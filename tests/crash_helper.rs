@@ -20,8 +20,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let yaml = std::fs::read_to_string(config)?;
     let config = BackupConfig::load(Some(&yaml), std::path::Path::new(dir))?;
-    let mut live = adapters_fs::LiveData::new(&config.sources)
-        .with_verifier(std::sync::Arc::new(adapters_sqlite::SqliteSnapshotter));
+    let mut live = synthorg_api::live_data(&config);
     if let Ok(n) = std::env::var("SYNTHORG_CRASH_ABORT_AFTER_RENAME") {
         let fault = match n.as_str() {
             "preserve" => adapters_fs::SwapFault::AbortAfterPreserve,
@@ -30,8 +29,12 @@ async fn main() -> anyhow::Result<()> {
         };
         live = live.with_fault(fault);
     }
-    let service =
-        synthorg_api::build_service_with(&config, synthorg_tests::running_app(), None, live)?;
+    let service = synthorg_api::build_service_with(
+        &config,
+        synthorg_tests::running_app_for(&config),
+        None,
+        live,
+    )?;
     let id = || -> anyhow::Result<BackupId> {
         let id = rest
             .first()

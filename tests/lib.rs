@@ -2,6 +2,7 @@
 //! directory, a service wired with the real adapters, SQL-level
 //! comparison of databases, and a continuous writer.
 
+pub mod pg_cluster;
 pub mod s3_server;
 
 use std::path::{Path, PathBuf};
@@ -151,11 +152,24 @@ pub fn hidden_entries(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// [`running_app`] for `config`: PostgreSQL when it names a database URL.
+pub fn running_app_for(config: &BackupConfig) -> RunningApp {
+    RunningApp {
+        engine: if config.sources.database_url.is_some() {
+            backup_core::manifest::Engine::Postgres
+        } else {
+            backup_core::manifest::Engine::Sqlite
+        },
+        ..running_app()
+    }
+}
+
 /// The running app of the fixtures.
 pub fn running_app() -> RunningApp {
     RunningApp {
         version: semver::Version::parse(APP_VERSION).expect("version"),
         supported_schema: Some(demo::DEMO_SCHEMA_VERSION),
+        engine: Default::default(),
     }
 }
 

@@ -119,6 +119,7 @@ async fn unconfirmed_and_dry_run_restores_touch_nothing() {
     let newer_app = RunningApp {
         version: semver::Version::new(1, 5, 0),
         supported_schema: Some(synthorg_cli::demo::DEMO_SCHEMA_VERSION + 1),
+        engine: Default::default(),
     };
     let dry = service_with(&fx, newer_app, "")
         .restore(
@@ -165,6 +166,7 @@ async fn incompatible_backups_are_refused_before_anything_is_read() {
     let older = RunningApp {
         version: semver::Version::new(1, 3, 0),
         supported_schema: Some(2),
+        engine: Default::default(),
     };
     let err = service_with(&fx, older, "")
         .restore(&backup.id, confirmed())

@@ -29,7 +29,8 @@ use async_trait::async_trait;
 use backup_core::config::SourcesConfig;
 use backup_core::manifest::{DirEntry, FileEntry, SymlinkEntry};
 use backup_core::ports::{
-    ContentCheck, DatabaseVerifier, EntrySink, Kept, RestoreTarget, SCRATCH_PREFIX, Staging,
+    ContentCheck, DatabaseVerifier, EntrySink, Kept, RestoreTarget, SCRATCH_PREFIX, ServerDatabase,
+    Staging,
 };
 use backup_core::{ArchivePath, Component, Error, Manifest, Result};
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,10 @@ pub struct LiveData {
     company_config: PathBuf,
     checkpoints_dir: PathBuf,
     verifier: Option<Arc<dyn DatabaseVerifier>>,
+    /// The PostgreSQL database of a deployment that keeps its state there
+    /// (then `database` is a name in the data directory that never exists:
+    /// staging and the journal sit beside it).
+    server: Option<Arc<dyn ServerDatabase>>,
     fault: Option<SwapFault>,
 }
 
@@ -105,8 +110,22 @@ impl LiveData {
             company_config: sources.company_config.clone(),
             checkpoints_dir: sources.checkpoints_dir.clone(),
             verifier: None,
+            server: None,
             fault: None,
         }
+    }
+
+    /// The persistence component is the server database `server`
+    /// (PostgreSQL): restored into a staging database and renamed into
+    /// place within the journal.
+    pub fn with_server_database(mut self, server: Arc<dyn ServerDatabase>) -> LiveData {
+        self.database = parent_of(&self.memory_dir).join(backup_core::path::PGDUMP_FILE);
+        self.server = Some(server);
+        self
+    }
+
+    fn server(&self) -> Option<&dyn ServerDatabase> {
+        self.server.as_deref()
     }
 
     /// Fault injection for tests of the rollback: the swap fails, as a disk
@@ -184,6 +203,11 @@ impl RestoreTarget for LiveData {
     }
 
     async fn is_present(&self, component: Component) -> bool {
+        if let (Component::Persistence, Some(server)) = (component, self.server.clone()) {
+            return tokio::task::spawn_blocking(move || server.exists(server.name()))
+                .await
+                .is_ok_and(|found| found.unwrap_or(true));
+        }
         tokio::fs::symlink_metadata(self.live(component))
             .await
             .is_ok()
@@ -194,6 +218,12 @@ impl RestoreTarget for LiveData {
         let components = components.to_vec();
         blocking(move || {
             for c in components {
+                if let (Component::Persistence, Some(server)) = (c, me.server()) {
+                    // Sessions on the live database, and the privilege to
+                    // create the staging one: before anything is read.
+                    server.check_restorable()?;
+                    continue;
+                }
                 let mut files = me.live_items(c);
                 if c == Component::Memory && me.memory_dir.is_dir() {
                     let candidates = sqlite_candidates(&me.memory_dir)
@@ -291,6 +321,7 @@ impl RestoreTarget for LiveData {
             roots,
             inside,
             dir_modes: Vec::new(),
+            db_staging: None,
             writers: (0..backup_core::compress::parallelism().clamp(1, 4))
                 .map(|_| StageWriter::start())
                 .collect::<Result<_>>()?,
@@ -323,7 +354,7 @@ impl RestoreTarget for LiveData {
                 })?;
                 match journal.state {
                     JournalState::Swapping => {
-                        roll_back(&journal).map_err(err)?;
+                        roll_back(&journal, me.server()).map_err(err)?;
                         remove_cleanup(&journal).map_err(err)?;
                         std::fs::remove_file(&journal_path).map_err(err)?;
                         fsio::fsync_dir(parent_of(&journal_path)).map_err(err)?;
@@ -332,7 +363,7 @@ impl RestoreTarget for LiveData {
                         done.push(msg);
                     }
                     JournalState::Committed => {
-                        finish(&journal, &journal_path).map_err(err)?;
+                        finish(&journal, &journal_path, me.server()).map_err(err)?;
                         let msg = format!("finished the interrupted restore of {}: live data is the restored backup", journal.backup_id);
                         tracing::warn!("{msg}");
                         done.push(msg);
@@ -362,6 +393,14 @@ impl RestoreTarget for LiveData {
                         tracing::warn!(path = %path.display(), "removed snapshot scratch leftover");
                         done.push(format!("removed {}", path.display()));
                     }
+                }
+            }
+            if let Some(server) = me.server() {
+                let err = |e: io::Error| source_err(Component::Persistence, Path::new(server.name()), e);
+                for name in server.staging_leftovers().map_err(err)? {
+                    server.drop_database(&name).map_err(err)?;
+                    tracing::warn!(database = %name, "dropped the staging database of an interrupted restore");
+                    done.push(format!("dropped database {name}"));
                 }
             }
             for c in Component::ALL {

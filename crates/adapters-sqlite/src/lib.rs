@@ -1,5 +1,8 @@
-//! SQLite adapter of synthorg-backup.
+//! SQLite (and PostgreSQL) adapter of synthorg-backup.
 //!
+//! - [`PgSource`] / [`PgServer`]: the persistence component of a
+//!   PostgreSQL deployment (`pg_dump` in one snapshot; restore into a
+//!   staging database renamed into place), see `postgres.rs`.
 //! - [`SqliteSource`]: the persistence component. It snapshots the live
 //!   `synthorg.db` with `VACUUM INTO` a scratch file on its own connection
 //!   while the app keeps writing. In WAL mode `VACUUM INTO` is one read
@@ -15,6 +18,7 @@
 //! Errors are distinct and name the file: missing, not a SQLite database,
 //! locked, corrupt.
 
+mod postgres;
 mod snapshot;
 
 use std::path::Path;
@@ -25,7 +29,18 @@ use backup_core::{Component, Error, Result};
 use sqlx::ConnectOptions as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 
+pub use postgres::{PgDatabase, PgServer, PgSource, check_dump};
 pub use snapshot::{SqliteSnapshotter, SqliteSource};
+
+/// Whether the file at `path` starts with `magic`.
+pub(crate) async fn file_starts_with(path: &Path, magic: &[u8]) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        return false;
+    };
+    let mut head = vec![0u8; magic.len()];
+    file.read_exact(&mut head).await.is_ok() && head == magic
+}
 
 /// The 16-byte header of every SQLite 3 database file.
 pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";

@@ -77,7 +77,7 @@ async fn quick_check(
 }
 
 /// A scratch directory next to `near` (same filesystem as the live data).
-fn scratch_dir(component: Component, near: &Path) -> Result<tempfile::TempDir> {
+pub(crate) fn scratch_dir(component: Component, near: &Path) -> Result<tempfile::TempDir> {
     let parent = near
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -187,11 +187,11 @@ impl ComponentSource for SqliteSource {
 }
 
 /// A snapshot consisting of one scratch file.
-struct FileSnapshot {
-    entries: Vec<SnapshotEntry>,
-    file: PathBuf,
-    schema: Option<i64>,
-    scratch: Option<tempfile::TempDir>,
+pub(crate) struct FileSnapshot {
+    pub(crate) entries: Vec<SnapshotEntry>,
+    pub(crate) file: PathBuf,
+    pub(crate) schema: Option<i64>,
+    pub(crate) scratch: Option<tempfile::TempDir>,
 }
 
 #[async_trait]
@@ -288,6 +288,12 @@ impl DatabaseVerifier for SqliteSnapshotter {
         path: &Path,
         expected_schema: Option<i64>,
     ) -> Result<i64> {
+        // A PostgreSQL deployment's persistence is a pg_dump archive: it
+        // is checked readable here; its schema when restored.
+        if component == Component::Persistence && crate::file_starts_with(path, b"PGDMP").await {
+            crate::postgres::check_dump(path).await?;
+            return Ok(expected_schema.unwrap_or_default());
+        }
         verify_database(component, path, expected_schema).await
     }
 }

@@ -156,6 +156,7 @@ async fn start(
     let app = RunningApp {
         version: semver::Version::parse("1.4.0")?,
         supported_schema: Some(4),
+        engine: Default::default(),
     };
     let service = synthorg_api::build_service(&config, app, Some(quiesce.clone()))?;
     let admin = AdminState::new(service, None, true);

@@ -21,4 +21,4 @@ pub use openapi::document as openapi_document;
 pub use quiesce::CommandQuiesce;
 pub use runtime::{BackupRuntime, RuntimeConfig};
 pub use state::{AdminState, Job, Metrics, Started};
-pub use wiring::{build_service, build_service_with, build_service_with_clock};
+pub use wiring::{build_service, build_service_with, build_service_with_clock, live_data};

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use adapters_fs::{DirSource, FileLock, LiveData, LocalDir, SystemClock};
-use adapters_sqlite::{SqliteSnapshotter, SqliteSource};
+use adapters_sqlite::{PgDatabase, PgServer, PgSource, SqliteSnapshotter, SqliteSource};
 use backup_core::ports::{
     BackupStore, Clock, ComponentSource, NoNotifier, NoQuiesce, OperationLock, Quiesce,
 };
@@ -24,8 +24,26 @@ pub fn build_service(
     app: RunningApp,
     quiesce: Option<Arc<dyn Quiesce>>,
 ) -> Result<BackupService> {
+    build_service_with(config, app, quiesce, live_data(config))
+}
+
+/// The restore target of `config`: the live data at the configured
+/// sources, with SQLite checks, and the PostgreSQL database when
+/// `sources.database_url` is set.
+pub fn live_data(config: &BackupConfig) -> LiveData {
     let live = LiveData::new(&config.sources).with_verifier(Arc::new(SqliteSnapshotter));
-    build_service_with(config, app, quiesce, live)
+    match pg_database(config) {
+        Some(db) => live.with_server_database(Arc::new(PgServer::new(db))),
+        None => live,
+    }
+}
+
+fn pg_database(config: &BackupConfig) -> Option<PgDatabase> {
+    config
+        .sources
+        .database_url
+        .as_ref()
+        .map(|url| PgDatabase::new(url.clone(), config.sources.schema_version_query.clone()))
 }
 
 /// As [`build_service`], with the restore target given (e.g. one with
@@ -71,7 +89,19 @@ pub fn build_service_with_clock(
         .iter()
         .map(|c| -> Arc<dyn ComponentSource> {
             match c {
-                Component::Persistence => Arc::new(SqliteSource::new(&config.sources.database)),
+                Component::Persistence => match pg_database(config) {
+                    // Its scratch dump goes into the data directory.
+                    Some(db) => Arc::new(PgSource::new(
+                        db,
+                        config
+                            .sources
+                            .memory_dir
+                            .parent()
+                            .unwrap_or(std::path::Path::new("."))
+                            .join(backup_core::path::PGDUMP_FILE),
+                    )),
+                    None => Arc::new(SqliteSource::new(&config.sources.database)),
+                },
                 Component::Memory => Arc::new(
                     DirSource::dir(Component::Memory, &config.sources.memory_dir)
                         .with_snapshotter(sqlite.clone()),

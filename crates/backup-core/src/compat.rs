@@ -23,6 +23,9 @@ pub struct RunningApp {
     /// unknown (no live database and nothing configured: disaster
     /// recovery), see [`check_unknown_schema`].
     pub supported_schema: Option<i64>,
+    /// The database engine this host runs (`sources.database_url` set:
+    /// PostgreSQL).
+    pub engine: crate::manifest::Engine,
 }
 
 /// One finding of [`check`].
@@ -62,6 +65,13 @@ pub enum Finding {
         backup: i64,
         /// Newest schema this build supports.
         supported: i64,
+    },
+    /// The backup's persistence comes from another database engine.
+    OtherEngine {
+        /// The backup's engine.
+        backup: String,
+        /// This host's.
+        running: String,
     },
     /// The supported schema is unknown: nothing to compare the backup's with.
     SchemaUnknown {
@@ -117,6 +127,10 @@ impl fmt::Display for Finding {
             Finding::MissingComponent { component } => {
                 write!(f, "component {component} is not in the backup")
             }
+            Finding::OtherEngine { backup, running } => write!(
+                f,
+                "the backup's database is {backup} and this host runs {running}: a {backup} backup never restores into {running} (restore the other components with --component, or convert the data by hand)"
+            ),
         }
     }
 }
@@ -177,6 +191,15 @@ pub fn check(
         });
     }
     let restores_db = requested.is_none_or(|r| r.contains(&Component::Persistence));
+    if restores_db
+        && manifest.components.contains(&Component::Persistence)
+        && manifest.engine != running.engine
+    {
+        report.errors.push(Finding::OtherEngine {
+            backup: manifest.engine.to_string(),
+            running: running.engine.to_string(),
+        });
+    }
     match (
         manifest.db_schema_version,
         restores_db,
@@ -214,12 +237,36 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::Engine;
     use crate::manifest::tests::sample;
+
+    #[test]
+    fn persistence_never_crosses_database_engines() {
+        let mut m = sample("2026-03-15T14-30-00_manual");
+        let mut app = running("1.4.0", 3);
+        app.engine = Engine::Postgres;
+        let r = check(&m, &app, None);
+        assert!(
+            r.errors
+                .iter()
+                .any(|f| matches!(f, Finding::OtherEngine { .. })
+                    && f.to_string().contains("SQLite")
+                    && f.to_string().contains("PostgreSQL")),
+            "{r:?}"
+        );
+        // Only the files: allowed.
+        let r = check(&m, &app, Some(&[Component::Config]));
+        assert!(r.errors.is_empty(), "{r:?}");
+        m.engine = Engine::Postgres;
+        assert!(check(&m, &app, None).errors.is_empty());
+        assert!(!check(&m, &running("1.4.0", 3), None).errors.is_empty());
+    }
 
     fn running(v: &str, schema: i64) -> RunningApp {
         RunningApp {
             version: semver::Version::parse(v).unwrap(),
             supported_schema: Some(schema),
+            engine: Default::default(),
         }
     }
 
@@ -301,6 +348,7 @@ mod tests {
         let unknown = RunningApp {
             version: semver::Version::parse("1.4.0").unwrap(),
             supported_schema: None,
+            engine: Default::default(),
         };
         let r = check(&m, &unknown, None);
         assert!(r.is_compatible());

@@ -219,6 +219,145 @@ pub struct SourcesConfig {
     pub company_config: PathBuf,
     /// Per-turn checkpoints directory.
     pub checkpoints_dir: PathBuf,
+    /// A PostgreSQL database instead of `database`:
+    /// `postgres://user[:password]@host[:port]/dbname`. The password may
+    /// also come from `PGPASSWORD` or a `.pgpass` file; it is never shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<DatabaseUrl>,
+    /// SQL returning one integer, the PostgreSQL schema version recorded
+    /// as `db_schema_version`. Unset: the highest `version` in table
+    /// `public.schema_version`, 0 when there is no such table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version_query: Option<String>,
+}
+
+/// A PostgreSQL connection URL. Its password never shows: `Debug`,
+/// `Display` and serialization print `***` in its place.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl {
+    raw: String,
+    /// Byte range of the password in `raw`, if any.
+    password: Option<(usize, usize)>,
+    dbname: String,
+}
+
+impl DatabaseUrl {
+    /// Parses `postgres://[user[:password]@][host][:port]/dbname[?params]`.
+    ///
+    /// # Errors
+    /// What is wrong, without the password.
+    pub fn parse(raw: &str) -> Result<DatabaseUrl, String> {
+        let rest = raw
+            .strip_prefix("postgres://")
+            .or_else(|| raw.strip_prefix("postgresql://"))
+            .ok_or("must start with postgres:// or postgresql://")?;
+        let scheme = raw.len() - rest.len();
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let password = authority.rfind('@').and_then(|at| {
+            let userinfo = &authority[..at];
+            userinfo.find(':').map(|c| (scheme + c + 1, scheme + at))
+        });
+        let dbname = path.split('?').next().unwrap_or_default();
+        if dbname.is_empty() {
+            return Err("names no database (postgres://user@host:port/dbname)".into());
+        }
+        let dbname = percent_decode(dbname)?;
+        if dbname.len() > 36
+            || !dbname
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(format!(
+                "database name {dbname:?} must be at most 36 of a-z 0-9 _ (a restore creates <name>__restore_<timestamp> beside it)"
+            ));
+        }
+        Ok(DatabaseUrl {
+            raw: raw.to_owned(),
+            password,
+            dbname,
+        })
+    }
+
+    /// The URL itself, password included, for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.raw
+    }
+
+    /// The URL without its password (for child processes, which get the
+    /// password through the environment instead of their command line).
+    pub fn without_password(&self) -> String {
+        match self.password {
+            Some((a, b)) => format!("{}{}", &self.raw[..a - 1], &self.raw[b..]),
+            None => self.raw.clone(),
+        }
+    }
+
+    /// The password in the URL, decoded, if any.
+    pub fn password(&self) -> Option<String> {
+        self.password
+            .and_then(|(a, b)| percent_decode(&self.raw[a..b]).ok())
+    }
+
+    /// The database's name.
+    pub fn dbname(&self) -> &str {
+        &self.dbname
+    }
+
+    /// The URL with `***` for its password.
+    pub fn redacted(&self) -> String {
+        match self.password {
+            Some((a, b)) => format!("{}***{}", &self.raw[..a], &self.raw[b..]),
+            None => self.raw.clone(),
+        }
+    }
+}
+
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("has a malformed %-escape")?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "is not UTF-8 after %-decoding".to_owned())
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for DatabaseUrl {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for DatabaseUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        DatabaseUrl::parse(&raw).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for SourcesConfig {
@@ -228,6 +367,8 @@ impl Default for SourcesConfig {
             memory_dir: PathBuf::from("./data/memory"),
             company_config: PathBuf::from("./company.yaml"),
             checkpoints_dir: PathBuf::from("./data/checkpoints"),
+            database_url: None,
+            schema_version_query: None,
         }
     }
 }
@@ -513,6 +654,14 @@ impl BackupConfig {
                 .split("__"),
         );
         let config = Self::from_figment(&figment)?.resolve_paths(base_dir);
+        if config.sources.database_url.is_some()
+            && figment.find_value("backup.sources.database").is_ok()
+        {
+            return Err(invalid(
+                "backup.sources.database_url",
+                "and backup.sources.database are both set; a deployment keeps its state in one of them (PostgreSQL or SQLite): remove one",
+            ));
+        }
         config.check_layout()?;
         Ok(config)
     }
@@ -808,6 +957,44 @@ fn bounded_opt<'de, D: Deserializer<'de>, const MIN: u32, const MAX: u32>(
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_urls_hide_their_password_everywhere() {
+        let url = DatabaseUrl::parse(
+            "postgres://app:s%40cret@db.internal:5433/synthorg_app?sslmode=disable",
+        )
+        .unwrap();
+        assert_eq!(url.dbname(), "synthorg_app");
+        assert_eq!(url.password().as_deref(), Some("s@cret"));
+        assert_eq!(
+            url.redacted(),
+            "postgres://app:***@db.internal:5433/synthorg_app?sslmode=disable"
+        );
+        assert_eq!(
+            url.without_password(),
+            "postgres://app@db.internal:5433/synthorg_app?sslmode=disable"
+        );
+        for shown in [
+            format!("{url}"),
+            format!("{url:?}"),
+            serde_json::to_string(&url).unwrap(),
+        ] {
+            assert!(!shown.contains("cret"), "{shown}");
+        }
+        let plain = DatabaseUrl::parse("postgresql://app@localhost/synthorg").unwrap();
+        assert_eq!(plain.password(), None);
+        assert_eq!(plain.redacted(), "postgresql://app@localhost/synthorg");
+        for (bad, why) in [
+            ("mysql://x/y", "postgres://"),
+            ("postgres://host", "names no database"),
+            ("postgres://host/", "names no database"),
+            ("postgres://host/My-DB", "a-z 0-9 _"),
+            ("postgres://host/%zz", "%-escape"),
+        ] {
+            let e = DatabaseUrl::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
     use figment::Jail;
 
     /// Loads inside a figment `Jail`, which serializes every test that

@@ -95,6 +95,7 @@ pub fn manifest_for(id: &BackupId, archive: Option<&[u8]>, content: &[u8]) -> Ma
         absent: Vec::new(),
         sequence: 0,
         db_schema_version: None,
+        engine: Default::default(),
         size_bytes: content.len() as u64,
         checksum: tree_checksum(&files, &[], &[]),
         compression: if archive.is_some() {

@@ -27,6 +27,42 @@ pub const MANIFEST_MINOR: u32 = 2;
 /// Largest manifest accepted, in bytes. About 200,000 files fit.
 pub const MAX_MANIFEST_BYTES: usize = 32 * 1024 * 1024;
 
+/// Where the persistence component came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// `synthorg.db`, a SQLite database (`VACUUM INTO` copy).
+    #[default]
+    Sqlite,
+    /// `synthorg.pgdump`, a `pg_dump --format=custom` archive.
+    Postgres,
+}
+
+impl Engine {
+    /// The persistence file of this engine in a backup.
+    pub fn file(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "synthorg.db",
+            Engine::Postgres => crate::path::PGDUMP_FILE,
+        }
+    }
+
+    /// Whether it is SQLite (the default, left out of manifests).
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    pub fn is_sqlite(&self) -> bool {
+        *self == Engine::Sqlite
+    }
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Engine::Sqlite => "SQLite",
+            Engine::Postgres => "PostgreSQL",
+        })
+    }
+}
+
 /// The manifest of one backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +92,10 @@ pub struct Manifest {
     /// `PRAGMA user_version` of `synthorg.db`; present exactly when
     /// persistence is included.
     pub db_schema_version: Option<i64>,
+    /// The database engine the persistence component came from (since
+    /// 1.2; SQLite, the default, is left out).
+    #[serde(default, skip_serializing_if = "Engine::is_sqlite")]
+    pub engine: Engine,
     /// Total size of all files, uncompressed, in bytes.
     pub size_bytes: u64,
     /// `sha256:` over the tree; see [`tree_checksum`].
@@ -418,10 +458,21 @@ impl Manifest {
                 return bad(format!("{path} is listed twice"));
             }
         }
-        let has_db = self
+        let db_files: Vec<&str> = self
             .files
             .iter()
-            .any(|f| f.path.component() == Some(Component::Persistence));
+            .filter(|f| f.path.component() == Some(Component::Persistence))
+            .map(|f| f.path.as_str())
+            .collect();
+        if db_files.iter().any(|f| *f != self.engine.file()) {
+            return bad(format!(
+                "the {} persistence component must be {}, not {}",
+                self.engine,
+                self.engine.file(),
+                db_files.join(", ")
+            ));
+        }
+        let has_db = !db_files.is_empty();
         let includes_db = self.components.contains(&Component::Persistence);
         if has_db != includes_db || includes_db != self.db_schema_version.is_some() {
             return bad(
@@ -538,6 +589,9 @@ pub struct Summary {
     pub sequence: u64,
     /// `PRAGMA user_version` of `synthorg.db`, when included.
     pub db_schema_version: Option<i64>,
+    /// The persistence component's engine (see [`Manifest::engine`]).
+    #[serde(default, skip_serializing_if = "Engine::is_sqlite")]
+    pub engine: Engine,
     /// Total size of all files, uncompressed.
     pub size_bytes: u64,
     /// Bytes as stored (the archive, or the files of the directory form).
@@ -728,6 +782,7 @@ impl From<&Manifest> for Summary {
             absent: m.absent.clone(),
             sequence: m.sequence,
             db_schema_version: m.db_schema_version,
+            engine: m.engine,
             size_bytes: m.size_bytes,
             stored_bytes: m.stored_bytes(),
             file_count: m.files.len() as u64,
@@ -831,6 +886,7 @@ pub(crate) mod tests {
             absent: Vec::new(),
             sequence: 0,
             db_schema_version: Some(3),
+            engine: Engine::Sqlite,
             encrypted: false,
             recipients: Vec::new(),
             size_bytes: files.iter().map(|f| f.size).sum(),

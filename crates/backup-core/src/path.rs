@@ -17,6 +17,9 @@ pub const MAX_PATH_LEN: usize = 4096;
 
 /// The manifest's own path inside an archive or backup directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The persistence component of a PostgreSQL deployment in a backup: a
+/// `pg_dump --format=custom` archive (instead of `synthorg.db`).
+pub const PGDUMP_FILE: &str = "synthorg.pgdump";
 
 /// A relative `/`-separated path inside a backup, e.g. `memory/vectors/seg-0001.bin`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -102,7 +105,7 @@ impl ArchivePath {
         Component::ALL.into_iter().find(|c| {
             let root = c.archive_root();
             match c {
-                Component::Persistence => self.0 == root,
+                Component::Persistence => self.0 == root || self.0 == PGDUMP_FILE,
                 _ => {
                     self.0 == root
                         || (self.0.starts_with(root)
@@ -151,6 +154,7 @@ mod tests {
     fn accepts_component_paths() {
         for (raw, c) in [
             ("synthorg.db", Component::Persistence),
+            ("synthorg.pgdump", Component::Persistence),
             ("memory", Component::Memory),
             ("memory/mem0.db", Component::Memory),
             ("config/company.yaml", Component::Config),

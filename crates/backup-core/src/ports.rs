@@ -770,6 +770,65 @@ pub trait Staging: EntrySink + Send {
     async fn discard(self: Box<Self>) -> Result<()>;
 }
 
+/// A database on a server (PostgreSQL) that a restore replaces by renaming
+/// databases, in the same journal as the file moves.
+///
+/// # Contract
+/// Every method blocks: the restore target calls them from blocking
+/// threads (the journaled swap is synchronous), never from an async task.
+/// `rename` and `drop_database` act on names the journal recorded; the
+/// journal checks `exists` first, so each step can be repeated.
+pub trait ServerDatabase: Debug + Send + Sync + 'static {
+    /// The live database's name.
+    fn name(&self) -> &str;
+
+    /// Whether a restore may replace the live database now.
+    ///
+    /// # Errors
+    /// `InUse` naming the other sessions connected to it; `Source` when
+    /// this role may not create databases (nothing is downloaded then) or
+    /// the server cannot be reached.
+    fn check_restorable(&self) -> Result<()>;
+
+    /// Creates database `staging` and restores the dump file `dump` into
+    /// it (`pg_restore`), then checks that its schema version is
+    /// `expected_schema` (when given).
+    ///
+    /// # Errors
+    /// `Source` naming the tool, the database and what failed.
+    fn restore_into(
+        &self,
+        staging: &str,
+        dump: &std::path::Path,
+        expected_schema: Option<i64>,
+    ) -> Result<()>;
+
+    /// Whether database `name` exists.
+    ///
+    /// # Errors
+    /// When the server cannot be asked.
+    fn exists(&self, name: &str) -> std::io::Result<bool>;
+
+    /// Renames database `from` to `to`.
+    ///
+    /// # Errors
+    /// When the server refuses (e.g. a session is connected to `from`).
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()>;
+
+    /// Drops database `name` if it exists.
+    ///
+    /// # Errors
+    /// When the server refuses.
+    fn drop_database(&self, name: &str) -> std::io::Result<()>;
+
+    /// Databases a restore staged and never swapped in
+    /// (`<name>__restore_…`): leftovers of an interrupted restore.
+    ///
+    /// # Errors
+    /// When the server cannot be asked.
+    fn staging_leftovers(&self) -> std::io::Result<Vec<String>>;
+}
+
 /// Checks a staged SQLite database (implemented by the SQLite adapter).
 #[async_trait]
 pub trait DatabaseVerifier: Debug + Send + Sync + 'static {

@@ -105,7 +105,8 @@ pub fn files_under(root: &Path) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
 /// The content of a SynthOrg data directory, compared by value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveState {
-    /// sha256 of the SQL dump of `synthorg.db`.
+    /// sha256 of the SQL dump of `synthorg.db`; `absent` without one (a
+    /// PostgreSQL deployment).
     pub database: String,
     /// Every file under memory/ with its sha256 (databases: of their dump).
     pub memory: Vec<(PathBuf, String)>,
@@ -144,7 +145,11 @@ impl LiveState {
             memory.push((rel, value));
         }
         Ok(LiveState {
-            database: hash(dump(&layout.database).await?.join("\n").as_bytes()),
+            database: if layout.database.exists() {
+                hash(dump(&layout.database).await?.join("\n").as_bytes())
+            } else {
+                "absent".to_owned()
+            },
             memory,
             config: hash(
                 &std::fs::read(&layout.company_config)

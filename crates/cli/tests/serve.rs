@@ -290,21 +290,39 @@ async fn secrets_never_reach_logs_errors_or_json() {
         ),
     )
     .unwrap();
+    // A PostgreSQL deployment with the password in its URL.
+    const PG_SECRET: &str = "pg-password-never-printed-5d4c3b";
+    let with_pg = demo.dir.path().join("pg.yaml");
+    std::fs::write(
+        &with_pg,
+        yaml.replace(
+            "    database: synthorg.db\n",
+            &format!("    database_url: postgres://app:{PG_SECRET}@127.0.0.1:9/synthorg_app\n"),
+        ),
+    )
+    .unwrap();
     let mut seen = String::new();
     // Every command that reads the config, at the most verbose log level,
-    // with and without --json, against an unreachable S3 endpoint.
-    for args in [
-        &["config", "show"][..],
-        &["config", "show", "--json"],
-        &["config", "check"],
-        &["backup"],
-        &["backup", "--json"],
-        &["backup", "list", "--json"],
-        &["recover", "--json"],
-    ] {
+    // with and without --json, against an unreachable S3 endpoint and an
+    // unreachable PostgreSQL server.
+    for (config, args) in [with_s3.clone(), with_pg.clone()]
+        .into_iter()
+        .flat_map(|c| {
+            [
+                &["config", "show"][..],
+                &["config", "show", "--json"],
+                &["config", "check"],
+                &["backup"],
+                &["backup", "--json"],
+                &["backup", "list", "--json"],
+                &["recover", "--json"],
+            ]
+            .map(|a| (c.clone(), a))
+        })
+    {
         let out = Command::new(common::bin())
             .arg("--config")
-            .arg(&with_s3)
+            .arg(&config)
             .args(args)
             .env("RUST_LOG", "trace")
             .env("SYNTHORG_API_TOKEN", TOKEN)
@@ -315,6 +333,14 @@ async fn secrets_never_reach_logs_errors_or_json() {
         seen.push_str(&stderr(&out));
     }
     assert!(seen.contains("127.0.0.1:9"), "the commands ran: {seen}");
+    assert!(
+        seen.contains("app:***@127.0.0.1:9"),
+        "the URL is shown masked: {seen}"
+    );
+    assert!(
+        seen.contains("cannot reach the PostgreSQL server"),
+        "{seen}"
+    );
 
     // The server at trace level, with good and bad tokens.
     let mut child = demo
@@ -352,7 +378,7 @@ async fn secrets_never_reach_logs_errors_or_json() {
     child.wait().unwrap();
     seen.push_str(&rest);
     assert!(seen.contains("401"), "the server answered: {seen}");
-    for secret in [S3_SECRET, TOKEN] {
+    for secret in [S3_SECRET, TOKEN, PG_SECRET] {
         assert!(!seen.contains(secret), "{secret} leaked");
     }
 }

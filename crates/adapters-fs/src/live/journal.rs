@@ -12,6 +12,33 @@ pub(super) struct Journal {
     /// Directories of a swap inside a mount point, removed at the end.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) cleanup: Vec<PathBuf>,
+    /// The server database swapped by renames (PostgreSQL), first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) db: Option<DbMove>,
+}
+
+/// The live server database renamed aside and the staged one renamed into
+/// its place; the aside one is dropped when the swap finishes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct DbMove {
+    pub(super) live: String,
+    pub(super) aside: String,
+    pub(super) staged: String,
+}
+
+/// The server the journal's database move needs.
+pub(super) fn server_for<'a>(
+    journal: &Journal,
+    server: Option<&'a dyn ServerDatabase>,
+) -> io::Result<Option<&'a dyn ServerDatabase>> {
+    match (&journal.db, server) {
+        (None, _) => Ok(None),
+        (Some(_), Some(s)) => Ok(Some(s)),
+        (Some(m), None) => Err(io::Error::other(format!(
+            "the restore journal renames PostgreSQL database {} but backup.sources.database_url is not set; set it to the same server and run `synthorg recover`",
+            m.live
+        ))),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,8 +129,10 @@ pub(super) fn swap(
     journal_path: &Path,
     journal: &Journal,
     fault: Option<SwapFault>,
+    server: Option<&dyn ServerDatabase>,
 ) -> Result<(), SwapError> {
     let at_journal = || SwapError::at(Component::Persistence, journal_path);
+    let server = server_for(journal, server).map_err(at_journal())?;
     // Aside names must be free before the journal claims them: anything
     // there is a leftover (we hold the operation lock), and rolling back
     // must never mistake it for the live data it moved.
@@ -114,13 +143,17 @@ pub(super) fn swap(
     }
     write_journal(journal_path, journal).map_err(at_journal())?;
     let mut renames = 0usize;
-    let mut rename = |m: &Move, from: &Path, to: &Path| -> Result<(), SwapError> {
+    // Every rename, of a file or a database, counts for fault injection.
+    let mut step = |component: Component,
+                    from: &Path,
+                    run: &mut dyn FnMut() -> io::Result<()>|
+     -> Result<(), SwapError> {
         if fault == Some(SwapFault::FailBefore(renames)) {
-            return Err(SwapError::at(m.component, from)(io::Error::other(
+            return Err(SwapError::at(component, from)(io::Error::other(
                 "injected fault: swap interrupted",
             )));
         }
-        rename_synced(from, to).map_err(SwapError::at(m.component, from))?;
+        run().map_err(SwapError::at(component, from))?;
         if fault == Some(SwapFault::AbortAfter(renames)) {
             tracing::error!(
                 rename = renames,
@@ -132,6 +165,18 @@ pub(super) fn swap(
         Ok(())
     };
     let mut forward = || -> Result<(), SwapError> {
+        if let (Some(db), Some(server)) = (&journal.db, server) {
+            let name = |n: &str| PathBuf::from(format!("database {n}"));
+            step(Component::Persistence, &name(&db.live), &mut || {
+                server.rename(&db.live, &db.aside)
+            })?;
+            step(Component::Persistence, &name(&db.staged), &mut || {
+                server.rename(&db.staged, &db.live)
+            })?;
+        }
+        let mut rename = |m: &Move, from: &Path, to: &Path| {
+            step(m.component, from, &mut || rename_synced(from, to))
+        };
         for m in &journal.moves {
             if let Some(aside) = &m.aside {
                 rename(m, &m.live, aside)?;
@@ -143,7 +188,7 @@ pub(super) fn swap(
         Ok(())
     };
     if let Err(e) = forward() {
-        roll_back(journal).map_err(at_journal())?;
+        roll_back(journal, server).map_err(at_journal())?;
         remove_cleanup(journal).map_err(at_journal())?;
         std::fs::remove_file(journal_path).map_err(at_journal())?;
         fsio::fsync_dir(parent_of(journal_path)).map_err(at_journal())?;
@@ -154,7 +199,7 @@ pub(super) fn swap(
         ..journal.clone()
     };
     write_journal(journal_path, &committed).map_err(at_journal())?;
-    finish(&committed, journal_path).map_err(at_journal())
+    finish(&committed, journal_path, server).map_err(at_journal())
 }
 
 /// Removes the directories of a swap inside a mount point (idempotent).
@@ -167,7 +212,7 @@ pub(super) fn remove_cleanup(journal: &Journal) -> io::Result<()> {
 }
 
 /// Puts every live item back where it was (idempotent).
-pub(super) fn roll_back(journal: &Journal) -> io::Result<()> {
+pub(super) fn roll_back(journal: &Journal, server: Option<&dyn ServerDatabase>) -> io::Result<()> {
     for m in journal.moves.iter().rev() {
         match &m.aside {
             Some(aside) if exists(aside) => {
@@ -195,11 +240,32 @@ pub(super) fn roll_back(journal: &Journal) -> io::Result<()> {
             fsio::remove_any(staged)?;
         }
     }
+    if let (Some(db), Some(server)) = (&journal.db, server_for(journal, server)?) {
+        if server.exists(&db.aside)? {
+            if server.exists(&db.live)? {
+                // The staged database took its place: back to staging.
+                server.drop_database(&db.staged)?;
+                server.rename(&db.live, &db.staged)?;
+            }
+            server.rename(&db.aside, &db.live)?;
+        }
+        server.drop_database(&db.staged)?;
+    }
     Ok(())
 }
 
 /// Removes the old copies after a committed swap (idempotent).
-pub(super) fn finish(journal: &Journal, journal_path: &Path) -> io::Result<()> {
+pub(super) fn finish(
+    journal: &Journal,
+    journal_path: &Path,
+    server: Option<&dyn ServerDatabase>,
+) -> io::Result<()> {
+    if let (Some(db), Some(server)) = (&journal.db, server_for(journal, server)?) {
+        // Committed: the staged database is live (a kill between the two
+        // renames is rolled back, never committed).
+        server.drop_database(&db.aside)?;
+        server.drop_database(&db.staged)?;
+    }
     for m in &journal.moves {
         if let Some(aside) = m.aside.as_ref().filter(|_| !m.keep) {
             fsio::remove_any(aside)?;

@@ -150,6 +150,9 @@ impl LiveData {
         let Some(verifier) = self.verifier.clone() else {
             return Ok(None); // databases cannot be settled
         };
+        if self.server.is_some() && components.contains(&Component::Persistence) {
+            return Ok(None); // a server database is dumped, not moved
+        }
         let Some((db_schema_version, settled)) =
             self.settle_databases(&verifier, components).await?
         else {

@@ -11,6 +11,8 @@ pub(super) struct FsStaging {
     /// Components swapped inside their mount point, entry by entry.
     pub(super) inside: Vec<Component>,
     pub(super) dir_modes: Vec<(PathBuf, u32)>,
+    /// The staging database a server database was restored into.
+    pub(super) db_staging: Option<String>,
     /// Create, write and finish the staged items: each file whole on one
     /// of them, in turn (file creation is kernel work that two threads do
     /// side by side).
@@ -198,6 +200,32 @@ impl Staging for FsStaging {
         self.finish_writers().await?;
         for (c, root) in self.roots.clone() {
             match c {
+                Component::Persistence if self.live.server.is_some() => {
+                    if !exists(&root) {
+                        return Err(
+                            self.refuse(backup_core::path::PGDUMP_FILE, "missing from the backup")
+                        );
+                    }
+                    let server = self.live.server.clone();
+                    let name = server.as_ref().map(|s| {
+                        format!(
+                            "{}__restore_{}",
+                            s.name(),
+                            self.manifest.timestamp.timestamp()
+                        )
+                    });
+                    self.db_staging = name.clone();
+                    let expected = self.manifest.db_schema_version;
+                    let dump = root.clone();
+                    blocking(move || {
+                        if let (Some(server), Some(name)) = (server, name) {
+                            server.restore_into(&name, &dump, expected)?;
+                        }
+                        // The staging database holds it now.
+                        fsio::remove_any(&dump).map_err(|e| source_err(c, &dump, e))
+                    })
+                    .await?;
+                }
                 Component::Persistence => {
                     if !exists(&root) {
                         return Err(self.refuse("synthorg.db", "missing from the backup"));
@@ -255,19 +283,42 @@ impl Staging for FsStaging {
         let backup_id = self.manifest.id.to_string();
         let journal_path = live.journal_path();
         let fault = live.fault;
+        let db_staging = self.db_staging.clone();
+        let stamp = self.manifest.timestamp.timestamp();
         blocking(move || {
             // Staged files durable before the journal can make them live:
             // one syncfs per filesystem instead of an fsync per file.
+            // (Through the parent: a staged server-database dump is gone
+            // by now, restored into its staging database.)
             for (c, staged) in &roots {
-                fsio::sync_filesystem(staged).map_err(|e| source_err(*c, staged, e))?;
+                let dir = parent_of(staged);
+                fsio::sync_filesystem(dir).map_err(|e| source_err(*c, dir, e))?;
             }
             let mut journal = Journal {
                 backup_id,
                 state: JournalState::Swapping,
                 moves: Vec::new(),
                 cleanup: Vec::new(),
+                db: None,
             };
             for (c, staged) in roots {
+                if let (Component::Persistence, Some(server), Some(staged_db)) =
+                    (c, live.server(), db_staging.clone())
+                {
+                    let name = server.name().to_owned();
+                    let aside = format!("{name}__aside_{stamp}");
+                    // Any database of that name is a leftover (we hold the
+                    // lock): the journal must not mistake it for live data.
+                    server
+                        .drop_database(&aside)
+                        .map_err(|e| source_err(c, Path::new(&aside), e))?;
+                    journal.db = Some(DbMove {
+                        live: name,
+                        aside,
+                        staged: staged_db,
+                    });
+                    continue;
+                }
                 if inside.contains(&c) {
                     let root = live.live(c);
                     let aside = root.join(INSIDE_ASIDE);
@@ -303,7 +354,7 @@ impl Staging for FsStaging {
                     });
                 }
             }
-            swap(&journal_path, &journal, fault).map_err(SwapError::into_error)?;
+            swap(&journal_path, &journal, fault, live.server()).map_err(SwapError::into_error)?;
             SwapFault::abort_at(fault, SwapFault::AbortAfterCommit);
             Ok(())
         })
@@ -312,12 +363,19 @@ impl Staging for FsStaging {
 
     async fn discard(mut self: Box<Self>) -> Result<()> {
         let roots = self.roots.clone();
+        let server = self.live.server.clone();
+        let db_staging = self.db_staging.take();
         // Stop writing before removing (its error no longer matters).
         let _ = self.finish_writers().await;
         drop(self);
         blocking(move || {
             for (c, root) in roots {
                 fsio::remove_any(&root).map_err(|e| source_err(c, &root, e))?;
+            }
+            if let (Some(server), Some(name)) = (server, db_staging) {
+                server
+                    .drop_database(&name)
+                    .map_err(|e| source_err(Component::Persistence, Path::new(&name), e))?;
             }
             Ok(())
         })

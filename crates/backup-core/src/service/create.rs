@@ -562,6 +562,15 @@ impl BackupService {
             absent: produced.absent,
             sequence,
             db_schema_version: produced.db_schema_version,
+            engine: if produced
+                .files
+                .iter()
+                .any(|f| f.path.as_str() == crate::path::PGDUMP_FILE)
+            {
+                crate::manifest::Engine::Postgres
+            } else {
+                crate::manifest::Engine::Sqlite
+            },
             size_bytes: produced.files.iter().map(|f| f.size).sum(),
             checksum,
             compression: self.settings.compression,

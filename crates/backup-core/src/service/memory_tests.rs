@@ -90,6 +90,7 @@ fn service(store: &InMemoryStore, log: &Log, compression: Compression) -> Backup
     let app = RunningApp {
         version: semver::Version::new(1, 0, 0),
         supported_schema: Some(1),
+        engine: Default::default(),
     };
     BackupService::new(settings, ports, app).unwrap()
 }

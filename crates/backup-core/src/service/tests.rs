@@ -308,6 +308,7 @@ fn service(log: &Log, faults: Faults, listed: Vec<Listed>, max_count: u32) -> Ba
     let app = RunningApp {
         version: semver::Version::new(1, 0, 0),
         supported_schema: Some(1),
+        engine: Default::default(),
     };
     BackupService::new(settings, ports, app).unwrap()
 }
