@@ -395,3 +395,89 @@ async fn restore_options_without_persistence_leave_the_database_alone() {
         b"company: {name: changed}\n"
     );
 }
+
+/// The crash helper running `op` with `env`; its output.
+fn helper(
+    config_file: &std::path::Path,
+    fx: &Fixture,
+    op: &str,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_synthorg-crash-helper"));
+    cmd.arg(config_file).arg(&fx.layout.root).arg(op);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_comes_from_pgpassword_or_pgpass_and_a_missing_pg_dump_is_named() {
+    let Some(pg) = PgCluster::start() else { return };
+    seed(&pg, "x").await;
+    let fx = Fixture::new(300_000).await;
+    std::fs::remove_file(&fx.layout.database).unwrap();
+    let no_password = pg
+        .url(DB)
+        .replace(&format!(":{}@", synthorg_tests::pg_cluster::PASSWORD), "@");
+    assert!(!no_password.contains(synthorg_tests::pg_cluster::PASSWORD));
+    let yaml = synthorg_tests::config_yaml("").replace(
+        "    database: synthorg.db\n",
+        &format!("    database_url: {no_password}\n"),
+    );
+    let config_file = fx.dir.path().join("pg.yaml");
+    std::fs::write(&config_file, yaml).unwrap();
+    let empty_pgpass = fx.dir.path().join("empty.pgpass");
+    std::fs::write(&empty_pgpass, "").unwrap();
+
+    let out = helper(
+        &config_file,
+        &fx,
+        "backup",
+        &[
+            ("PGPASSWORD", synthorg_tests::pg_cluster::PASSWORD),
+            ("PGPASSFILE", empty_pgpass.to_str().unwrap()),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "PGPASSWORD: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let pgpass = fx.dir.path().join("pgpass");
+    std::fs::write(
+        &pgpass,
+        format!(
+            "127.0.0.1:{}:*:postgres:{}\n",
+            pg.port(),
+            synthorg_tests::pg_cluster::PASSWORD
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = helper(
+        &config_file,
+        &fx,
+        "backup",
+        &[("PGPASSFILE", pgpass.to_str().unwrap())],
+    );
+    assert!(
+        out.status.success(),
+        ".pgpass: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = helper(
+        &config_file,
+        &fx,
+        "backup",
+        &[
+            ("PGPASSFILE", pgpass.to_str().unwrap()),
+            ("PATH", "/nonexistent"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("pg_dump is not installed"), "{stderr}");
+}
