@@ -733,3 +733,31 @@ async fn hostile_labels_empty_components_and_auth_spellings_are_handled() {
     );
     sqlx::Connection::close(conn).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_backup_without_its_identity_is_422_decryption_key_naming_the_recipients() {
+    let fx = Fixture::new(300_000).await;
+    let (_, recipient) = backup_core::crypt::generate_identity();
+    let service = fx.service(&fx.config(&format!("encryption:\n  recipients: [{recipient}]")));
+    let m = service.create(Trigger::Manual).await.unwrap();
+    let app = router(service, true);
+    let id = m.id.to_string();
+    let (status, body) = post(
+        &app,
+        "/api/v1/admin/restore",
+        json!({"backup_id": id, "confirm": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["code"], "decryption_key");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(&recipient)),
+        "{body}"
+    );
+    let (status, body, _) = call(&app, "GET", "/api/v1/admin/backups", None, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["items"][0]["encrypted"], true, "{body}");
+    assert_eq!(body["items"][0]["recipients"][0], recipient.as_str());
+}

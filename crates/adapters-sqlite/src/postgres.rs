@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use backup_core::config::DatabaseUrl;
-use backup_core::ports::{ComponentSource, EntryKind, ServerDatabase, Snapshot, SnapshotEntry};
+use backup_core::ports::{ComponentSource, ServerDatabase, Snapshot};
 use backup_core::{ArchivePath, Component, Error, Result};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions as _, Connection as _};
@@ -278,22 +278,13 @@ impl ComponentSource for PgSource {
             "database dumped with pg_dump (one snapshot; writers were not blocked)");
         let path = ArchivePath::parse(backup_core::path::PGDUMP_FILE)
             .map_err(|e| db.err(e.to_string()))?;
-        let mtime = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        Ok(Box::new(FileSnapshot {
-            entries: vec![SnapshotEntry {
-                path,
-                kind: EntryKind::File,
-                size: meta.len(),
-                mode: 0o600,
-                mtime,
-                owner: None,
-            }],
-            file: dump,
-            schema: Some(schema),
-            scratch: Some(scratch),
-        }))
+        Ok(Box::new(FileSnapshot::one(
+            path,
+            dump,
+            (meta.len(), 0o600, None),
+            schema,
+            scratch,
+        )))
     }
 }
 
@@ -370,6 +361,20 @@ impl PgServer {
 
     fn io(e: Error) -> std::io::Error {
         std::io::Error::other(e.to_string())
+    }
+
+    /// Runs one statement of ours on the maintenance database.
+    fn admin_exec(&self, sql: String) -> std::io::Result<()> {
+        self.block(async {
+            let mut conn = self.admin().await?;
+            let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| self.db.sqlx_err(&e));
+            let _ = conn.close().await;
+            done.map(|_| ())
+        })
+        .map_err(Self::io)
     }
 }
 
@@ -490,31 +495,15 @@ impl ServerDatabase for PgServer {
     }
 
     fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
-        self.block(async {
-            let mut conn = self.admin().await?;
-            let sql = format!("ALTER DATABASE {} RENAME TO {}", ident(from), ident(to));
-            let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&mut conn)
-                .await
-                .map_err(|e| self.db.sqlx_err(&e));
-            let _ = conn.close().await;
-            done.map(|_| ())
-        })
-        .map_err(Self::io)
+        self.admin_exec(format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            ident(from),
+            ident(to)
+        ))
     }
 
     fn drop_database(&self, name: &str) -> std::io::Result<()> {
-        self.block(async {
-            let mut conn = self.admin().await?;
-            let sql = format!("DROP DATABASE IF EXISTS {}", ident(name));
-            let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&mut conn)
-                .await
-                .map_err(|e| self.db.sqlx_err(&e));
-            let _ = conn.close().await;
-            done.map(|_| ())
-        })
-        .map_err(Self::io)
+        self.admin_exec(format!("DROP DATABASE IF EXISTS {}", ident(name)))
     }
 
     fn staging_leftovers(&self) -> std::io::Result<Vec<String>> {

@@ -167,31 +167,51 @@ impl ComponentSource for SqliteSource {
             reason: e.to_string(),
             source: None,
         })?;
-        let mtime = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        Ok(Box::new(FileSnapshot {
-            entries: vec![SnapshotEntry {
-                path,
-                kind: EntryKind::File,
-                size: meta.len(),
-                mode: live_mode,
-                mtime,
-                owner,
-            }],
-            file: copy,
-            schema: Some(schema),
-            scratch: Some(scratch),
-        }))
+        Ok(Box::new(FileSnapshot::one(
+            path,
+            copy,
+            (meta.len(), live_mode, owner),
+            schema,
+            scratch,
+        )))
     }
 }
 
 /// A snapshot consisting of one scratch file.
 pub(crate) struct FileSnapshot {
-    pub(crate) entries: Vec<SnapshotEntry>,
-    pub(crate) file: PathBuf,
-    pub(crate) schema: Option<i64>,
-    pub(crate) scratch: Option<tempfile::TempDir>,
+    entries: Vec<SnapshotEntry>,
+    file: PathBuf,
+    schema: Option<i64>,
+    scratch: Option<tempfile::TempDir>,
+}
+
+impl FileSnapshot {
+    /// The database copy `file` in `scratch`, served as `path` with
+    /// (size, mode, owner), dated now, of schema version `schema`.
+    pub(crate) fn one(
+        path: ArchivePath,
+        file: PathBuf,
+        (size, mode, owner): (u64, u32, Option<(u32, u32)>),
+        schema: i64,
+        scratch: tempfile::TempDir,
+    ) -> FileSnapshot {
+        let mtime = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        FileSnapshot {
+            entries: vec![SnapshotEntry {
+                path,
+                kind: EntryKind::File,
+                size,
+                mode,
+                mtime,
+                owner,
+            }],
+            file,
+            schema: Some(schema),
+            scratch: Some(scratch),
+        }
+    }
 }
 
 #[async_trait]
