@@ -395,12 +395,23 @@ impl RestoreTarget for LiveData {
                     }
                 }
             }
+            // Staging databases of an interrupted restore are garbage, not
+            // live data: failing to list or drop them (a role that cannot
+            // reach the maintenance database) only leaves them for later.
             if let Some(server) = me.server() {
-                let err = |e: io::Error| source_err(Component::Persistence, Path::new(server.name()), e);
-                for name in server.staging_leftovers().map_err(err)? {
-                    server.drop_database(&name).map_err(err)?;
-                    tracing::warn!(database = %name, "dropped the staging database of an interrupted restore");
-                    done.push(format!("dropped database {name}"));
+                match server.staging_leftovers() {
+                    Ok(names) => {
+                        for name in names {
+                            match server.drop_database(&name) {
+                                Ok(()) => {
+                                    tracing::warn!(database = %name, "dropped the staging database of an interrupted restore");
+                                    done.push(format!("dropped database {name}"));
+                                }
+                                Err(e) => tracing::warn!(database = %name, error = %e, "cannot drop the staging database of an interrupted restore"),
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot look for staging databases of interrupted restores"),
                 }
             }
             for c in Component::ALL {
