@@ -433,3 +433,35 @@ fn bad_recipients_and_identity_settings_are_config_errors_naming_the_key() {
         "ssh-ed25519 keys are recipients"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssh_ed25519_key_is_a_recipient_and_its_private_key_an_identity() {
+    let fx = Fixture::new(500_000).await;
+    let key = fx.dir.path().join("id_ed25519");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "ops@vault", "-f"])
+        .arg(&key)
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: ssh-keygen is not installed here");
+        return;
+    }
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let svc = service(&fx, &encryption(&[public.trim()], Some(&key)));
+    let m = svc.create(Trigger::Manual).await.unwrap();
+    assert!(
+        m.recipients[0].starts_with("ssh-ed25519 "),
+        "{:?}",
+        m.recipients
+    );
+    assert!(svc.verify(&m.id).await.unwrap().ok);
+    assert!(
+        svc.check_keys().await.is_empty(),
+        "the identity opens its own recipient"
+    );
+    // And by hand: age takes the ssh key as an identity.
+    let by_hand = fx.dir.path().join("by-hand");
+    let archive = fx.layout.backups_dir.join(format!("{}.tar.gz.age", m.id));
+    open_by_hand(&key, &archive, &by_hand, "xzf -");
+    assert_tree_matches(&by_hand, &m);
+}
