@@ -11,7 +11,7 @@
 //! [`Identities::parse`].
 
 use std::fmt;
-use std::io::{self, BufRead, Read, Write};
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -230,17 +230,10 @@ impl Identities {
     /// Whether these identities decrypt what is encrypted to `recipient`
     /// (tried on a probe; works for every key type).
     pub fn opens(&self, recipient: &str) -> bool {
-        let Ok((key, _)) = parse_recipient(recipient) else {
-            return false;
-        };
-        let Ok(recipients) = (Recipients {
-            keys: Arc::from(vec![key]),
-            names: vec![recipient.to_owned()],
-        })
-        .encryptor() else {
-            return false;
-        };
-        seal_with(recipients, b"probe").is_ok_and(|sealed| self.open(&sealed).is_ok())
+        Recipients::parse(&[recipient.to_owned()])
+            .ok()
+            .and_then(|r| seal(b"probe", &r).ok())
+            .is_some_and(|sealed| self.open(&sealed).is_ok())
     }
 
     /// Decrypts a whole small age file (a sealed sidecar manifest).
@@ -260,12 +253,8 @@ impl Identities {
 /// # Errors
 /// A recipient age refuses (e.g. mixing kinds that may not be mixed).
 pub fn seal(plain: &[u8], recipients: &Recipients) -> io::Result<Vec<u8>> {
-    seal_with(recipients.encryptor()?, plain)
-}
-
-fn seal_with(encryptor: age::Encryptor, plain: &[u8]) -> io::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(plain.len() + 512);
-    let mut writer = encryptor.wrap_output(&mut out)?;
+    let mut writer = recipients.encryptor()?.wrap_output(&mut out)?;
     writer.write_all(plain)?;
     writer.finish()?;
     Ok(out)
@@ -278,6 +267,13 @@ struct ChannelWriter {
 }
 
 impl ChannelWriter {
+    fn new(tx: mpsc::Sender<io::Result<Bytes>>) -> ChannelWriter {
+        ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+        }
+    }
+
     fn send(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -304,7 +300,7 @@ impl Write for ChannelWriter {
 }
 
 /// A stream of what `rx` receives.
-fn receiver_stream(mut rx: mpsc::Receiver<io::Result<Bytes>>) -> ByteStream {
+pub(crate) fn receiver_stream(mut rx: mpsc::Receiver<io::Result<Bytes>>) -> ByteStream {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 
@@ -330,10 +326,7 @@ pub fn encrypt(input: ByteStream, recipients: Recipients) -> ByteStream {
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let reader = SyncIoBridge::new_with_handle(StreamReader::new(input), handle);
-        let mut out = ChannelWriter {
-            tx: tx.clone(),
-            buf: Vec::with_capacity(CHUNK),
-        };
+        let mut out = ChannelWriter::new(tx.clone());
         let result = recipients
             .encryptor()
             .and_then(|e| e.wrap_output(&mut out))
@@ -368,9 +361,8 @@ pub async fn decrypt(
     tokio::task::spawn_blocking(move || {
         let bridge = SyncIoBridge::new_with_handle(StreamReader::new(input), handle);
         let reader = io::BufReader::with_capacity(256 * 1024, bridge);
-        let opened = age::Decryptor::new_buffered(reader)
-            .and_then(|d| d.decrypt(identities.iter()))
-            .map(io::BufReader::new);
+        let opened =
+            age::Decryptor::new_buffered(reader).and_then(|d| d.decrypt(identities.iter()));
         let plain = match opened {
             Ok(plain) => {
                 let _ = head_tx.send(Ok(()));
@@ -381,11 +373,8 @@ pub async fn decrypt(
                 return;
             }
         };
-        let mut out = ChannelWriter {
-            tx: tx.clone(),
-            buf: Vec::with_capacity(CHUNK),
-        };
-        if let Err(e) = pump_buffered(plain, &mut out).and_then(|()| out.flush()) {
+        let mut out = ChannelWriter::new(tx.clone());
+        if let Err(e) = pump(plain, &mut out).and_then(|()| out.flush()) {
             let _ = tx.blocking_send(Err(e));
         }
     });
@@ -395,18 +384,6 @@ pub async fn decrypt(
         Err(_) => Err(age::DecryptError::Io(io::Error::other(
             "the decryption thread stopped",
         ))),
-    }
-}
-
-fn pump_buffered(mut reader: impl BufRead, out: &mut impl Write) -> io::Result<()> {
-    loop {
-        let buf = reader.fill_buf()?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let n = buf.len();
-        out.write_all(buf)?;
-        reader.consume(n);
     }
 }
 
@@ -432,23 +409,19 @@ pub enum IdentityState {
 /// on the day of a restore: an identity that cannot be loaded, or
 /// recipients none of which the identity can decrypt.
 pub fn key_warnings(identity: &IdentityState, recipients: Option<&Recipients>) -> Vec<String> {
-    let mut out = Vec::new();
-    {
-        match (identity, recipients) {
-            (IdentityState::Unavailable { file, reason }, _) => out.push(format!(
-                "the identity file {file} cannot be used ({reason}): encrypted backups cannot be verified or restored on this host"
-            )),
-            (IdentityState::Loaded(ids), Some(r)) if !r.names().iter().any(|n| ids.opens(n)) => {
-                out.push(format!(
-                    "none of the configured recipients ({}) matches the identity in {}{}: new backups cannot be decrypted with it",
-                    r.names().join(", "),
-                    ids.file(),
-                    describe_publics(ids)
-                ));
-            }
-            _ => {}
+    match (identity, recipients) {
+        (IdentityState::Unavailable { file, reason }, _) => vec![format!(
+            "the identity file {file} cannot be used ({reason}): encrypted backups cannot be verified or restored on this host"
+        )],
+        (IdentityState::Loaded(ids), Some(r)) if !r.names().iter().any(|n| ids.opens(n)) => {
+            vec![format!(
+                "none of the configured recipients ({}) matches the identity in {}{}: new backups cannot be decrypted with it",
+                r.names().join(", "),
+                ids.file(),
+                describe_publics(ids)
+            )]
         }
-        out
+        _ => Vec::new(),
     }
 }
 

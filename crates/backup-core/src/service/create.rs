@@ -273,8 +273,8 @@ impl BackupService {
             self.put_inner_manifest(&manifest).await?;
             manifest
         } else {
-            let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_DEPTH);
-            let tar: ByteStream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
+            let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_DEPTH);
+            let tar = crate::crypt::receiver_stream(rx);
             let compressed =
                 crate::compress::compress(tar, compression, self.settings.compression_level);
             // Member offsets refer to the compressed stream; the hash and
