@@ -155,11 +155,7 @@ pub fn hidden_entries(dir: &Path) -> Vec<String> {
 /// [`running_app`] for `config`: PostgreSQL when it names a database URL.
 pub fn running_app_for(config: &BackupConfig) -> RunningApp {
     RunningApp {
-        engine: if config.sources.database_url.is_some() {
-            backup_core::manifest::Engine::Postgres
-        } else {
-            backup_core::manifest::Engine::Sqlite
-        },
+        engine: config.sources.engine(),
         ..running_app()
     }
 }

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use backup_core::config::DatabaseUrl;
+use backup_core::config::{DatabaseUrl, SourcesConfig};
 use backup_core::ports::{ComponentSource, ServerDatabase, Snapshot};
 use backup_core::{ArchivePath, Component, Error, Result};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -36,6 +36,14 @@ impl PgDatabase {
     /// (unset: the highest `version` in `public.schema_version`, else 0).
     pub fn new(url: DatabaseUrl, schema_query: Option<String>) -> PgDatabase {
         PgDatabase { url, schema_query }
+    }
+
+    /// The database `sources` name (`database_url`), if any.
+    pub fn configured(sources: &SourcesConfig) -> Option<PgDatabase> {
+        sources
+            .database_url
+            .clone()
+            .map(|url| PgDatabase::new(url, sources.schema_version_query.clone()))
     }
 
     fn err(&self, reason: impl Into<String>) -> Error {
@@ -136,30 +144,17 @@ impl PgDatabase {
         let mut cmd = tokio::process::Command::new(tool);
         cmd.args(args)
             .arg(format!("--dbname={url}"))
-            .arg("--no-password")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .arg("--no-password");
         if let Some(password) = self.url.password() {
             cmd.env("PGPASSWORD", password);
         }
-        let out = cmd.output().await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                self.err(format!(
-                    "{tool} is not installed (install the PostgreSQL client tools, e.g. the postgresql-client package, of the server's major version or newer)"
-                ))
-            } else {
-                self.err(format!("cannot run {tool}: {e}"))
+        let stderr = match run_client(tool, cmd).await {
+            Ok(()) => return Ok(()),
+            Err(ClientFailure::NotRun(reason)) => return Err(self.err(reason)),
+            Err(ClientFailure::Failed(stderr)) => {
+                stderr.replace(self.url.expose(), &self.url.redacted())
             }
-        })?;
-        if out.status.success() {
-            return Ok(());
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let stderr = stderr
-            .trim()
-            .replace(self.url.expose(), &self.url.redacted());
+        };
         if stderr.contains("server version mismatch")
             || stderr.contains("aborting because of server version")
         {
@@ -169,6 +164,45 @@ impl PgDatabase {
             )));
         }
         Err(self.err(format!("{tool} failed: {stderr}")))
+    }
+}
+
+/// Why a PostgreSQL client tool did not succeed.
+enum ClientFailure {
+    /// It could not be started (e.g. not installed); the reason in words.
+    NotRun(String),
+    /// It ran and failed; its stderr.
+    Failed(String),
+}
+
+/// Runs a PostgreSQL client tool `tool` (the command `cmd`) to its end,
+/// without stdin or stdout.
+async fn run_client(
+    tool: &str,
+    mut cmd: tokio::process::Command,
+) -> std::result::Result<(), ClientFailure> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| {
+            ClientFailure::NotRun(if e.kind() == std::io::ErrorKind::NotFound {
+                format!(
+                    "{tool} is not installed (install the PostgreSQL client tools, e.g. the postgresql-client package, of the server's major version or newer)"
+                )
+            } else {
+                format!("cannot run {tool}: {e}")
+            })
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ClientFailure::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
     }
 }
 
@@ -294,37 +328,19 @@ impl ComponentSource for PgSource {
 /// # Errors
 /// `Source` naming the file and `pg_restore`'s complaint.
 pub async fn check_dump(path: &Path) -> Result<()> {
-    let out = tokio::process::Command::new("pg_restore")
-        .arg("--list")
-        .arg(path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .await
-        .map_err(|e| Error::Source {
-            component: COMPONENT,
-            path: path.display().to_string(),
-            reason: if e.kind() == std::io::ErrorKind::NotFound {
-                "pg_restore is not installed (install the PostgreSQL client tools, e.g. postgresql-client)".into()
-            } else {
-                format!("cannot run pg_restore: {e}")
-            },
-            source: None,
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Source {
-            component: COMPONENT,
-            path: path.display().to_string(),
-            reason: format!(
-                "pg_restore cannot read the dump: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            source: None,
-        })
-    }
+    let mut cmd = tokio::process::Command::new("pg_restore");
+    cmd.arg("--list").arg(path);
+    let reason = match run_client("pg_restore", cmd).await {
+        Ok(()) => return Ok(()),
+        Err(ClientFailure::NotRun(reason)) => reason,
+        Err(ClientFailure::Failed(stderr)) => format!("pg_restore cannot read the dump: {stderr}"),
+    };
+    Err(Error::Source {
+        component: COMPONENT,
+        path: path.display().to_string(),
+        reason,
+        source: None,
+    })
 }
 
 /// Another session on the live database: pid, user, application, client

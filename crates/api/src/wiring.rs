@@ -32,18 +32,10 @@ pub fn build_service(
 /// `sources.database_url` is set.
 pub fn live_data(config: &BackupConfig) -> LiveData {
     let live = LiveData::new(&config.sources).with_verifier(Arc::new(SqliteSnapshotter));
-    match pg_database(config) {
+    match PgDatabase::configured(&config.sources) {
         Some(db) => live.with_server_database(Arc::new(PgServer::new(db))),
         None => live,
     }
-}
-
-fn pg_database(config: &BackupConfig) -> Option<PgDatabase> {
-    config
-        .sources
-        .database_url
-        .as_ref()
-        .map(|url| PgDatabase::new(url.clone(), config.sources.schema_version_query.clone()))
 }
 
 /// As [`build_service`], with the restore target given (e.g. one with
@@ -89,7 +81,7 @@ pub fn build_service_with_clock(
         .iter()
         .map(|c| -> Arc<dyn ComponentSource> {
             match c {
-                Component::Persistence => match pg_database(config) {
+                Component::Persistence => match PgDatabase::configured(&config.sources) {
                     // Its scratch dump goes into the data directory.
                     Some(db) => Arc::new(PgSource::new(
                         db,

@@ -360,6 +360,18 @@ impl<'de> Deserialize<'de> for DatabaseUrl {
     }
 }
 
+impl SourcesConfig {
+    /// The engine of the persistence component: PostgreSQL when
+    /// `database_url` is set.
+    pub fn engine(&self) -> crate::manifest::Engine {
+        if self.database_url.is_some() {
+            crate::manifest::Engine::Postgres
+        } else {
+            crate::manifest::Engine::Sqlite
+        }
+    }
+}
+
 impl Default for SourcesConfig {
     fn default() -> Self {
         SourcesConfig {

@@ -49,15 +49,12 @@ async fn running_app(config: &BackupConfig) -> anyhow::Result<RunningApp> {
             code: exit::USAGE,
             message: format!("{}={raw:?} is not an integer", crate::env::SCHEMA_VERSION),
         })?),
-        None => match (config.supported_schema, &config.sources.database_url) {
+        None => match (
+            config.supported_schema,
+            adapters_sqlite::PgDatabase::configured(&config.sources),
+        ) {
             (Some(v), _) => Some(i64::from(v)),
-            (None, Some(url)) => adapters_sqlite::PgDatabase::new(
-                url.clone(),
-                config.sources.schema_version_query.clone(),
-            )
-            .read_schema_version()
-            .await
-            .ok(),
+            (None, Some(db)) => db.read_schema_version().await.ok(),
             (None, None) => adapters_sqlite::read_user_version(&config.sources.database)
                 .await
                 .ok(),
@@ -66,11 +63,7 @@ async fn running_app(config: &BackupConfig) -> anyhow::Result<RunningApp> {
     Ok(RunningApp {
         version,
         supported_schema,
-        engine: if config.sources.database_url.is_some() {
-            backup_core::manifest::Engine::Postgres
-        } else {
-            backup_core::manifest::Engine::Sqlite
-        },
+        engine: config.sources.engine(),
     })
 }
 

@@ -200,29 +200,23 @@ impl Staging for FsStaging {
         self.finish_writers().await?;
         for (c, root) in self.roots.clone() {
             match c {
-                Component::Persistence if self.live.server.is_some() => {
+                Component::Persistence if let Some(server) = self.live.server.clone() => {
                     if !exists(&root) {
                         return Err(
                             self.refuse(backup_core::path::PGDUMP_FILE, "missing from the backup")
                         );
                     }
-                    let server = self.live.server.clone();
-                    let name = server.as_ref().map(|s| {
-                        format!(
-                            "{}__restore_{}",
-                            s.name(),
-                            self.manifest.timestamp.timestamp()
-                        )
-                    });
-                    self.db_staging = name.clone();
+                    let name = format!(
+                        "{}__restore_{}",
+                        server.name(),
+                        self.manifest.timestamp.timestamp()
+                    );
+                    self.db_staging = Some(name.clone());
                     let expected = self.manifest.db_schema_version;
-                    let dump = root.clone();
                     blocking(move || {
-                        if let (Some(server), Some(name)) = (server, name) {
-                            server.restore_into(&name, &dump, expected)?;
-                        }
+                        server.restore_into(&name, &root, expected)?;
                         // The staging database holds it now.
-                        fsio::remove_any(&dump).map_err(|e| source_err(c, &dump, e))
+                        fsio::remove_any(&root).map_err(|e| source_err(c, &root, e))
                     })
                     .await?;
                 }
