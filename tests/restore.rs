@@ -750,15 +750,23 @@ async fn without_a_known_supported_schema_a_backup_newer_than_the_store_is_refus
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_and_dry_run_run_the_staged_checks_of_a_restore() {
+    // The memory database, and the main database (checked while the rest
+    // of the backup still stages).
+    for damaged in ["memory/mem0_history.db", "synthorg.db"] {
+        staged_checks_refuse(damaged).await;
+    }
+}
+
+async fn staged_checks_refuse(damaged: &str) {
     use backup_core::manifest::{Summary, tree_checksum};
     let fx = Fixture::new(300_000).await;
     let service = fx.service(&fx.config("compression: none"));
     let backup = service.create(Trigger::Manual).await.unwrap();
-    // A backup whose hashes all match but whose memory database is
-    // corrupt: re-signed after damaging a page (what a bug, a bad disk
-    // under the source or a tampering tool could publish).
+    // A backup whose hashes all match but whose database is corrupt:
+    // re-signed after damaging a page (what a bug, a bad disk under the
+    // source or a tampering tool could publish).
     let dir = fx.layout.backups_dir.join(backup.id.to_string());
-    let db = dir.join("memory/mem0_history.db");
+    let db = dir.join(damaged);
     let mut bytes = std::fs::read(&db).unwrap();
     assert!(bytes.len() > 8192);
     for b in &mut bytes[4096..4196] {
@@ -767,7 +775,7 @@ async fn verify_and_dry_run_run_the_staged_checks_of_a_restore() {
     std::fs::write(&db, &bytes).unwrap();
     let mut m = backup.clone();
     for f in &mut m.files {
-        if f.path.as_str() == "memory/mem0_history.db" {
+        if f.path.as_str() == damaged {
             f.sha256 = backup_core::Sha256Digest::of(&bytes);
         }
     }
@@ -788,12 +796,12 @@ async fn verify_and_dry_run_run_the_staged_checks_of_a_restore() {
     .unwrap();
 
     let report = service.verify(&m.id).await.unwrap();
-    assert!(!report.ok, "hashes match, but it would not restore");
-    let problem = report.problem.unwrap();
     assert!(
-        problem.contains("memory/mem0_history.db") && problem.contains("would not restore"),
-        "{problem}"
+        !report.ok,
+        "{damaged}: hashes match, but it would not restore"
     );
+    let problem = report.problem.unwrap();
+    assert!(problem.contains(damaged), "{problem}");
     let raw = synthorg_tests::raw_bytes(&fx.layout);
     let dry = RestoreOptions {
         dry_run: true,
@@ -806,10 +814,13 @@ async fn verify_and_dry_run_run_the_staged_checks_of_a_restore() {
         matches!(err, Error::Source { .. } | Error::Integrity { .. }),
         "{err}"
     );
-    assert_eq!(synthorg_tests::raw_bytes(&fx.layout), raw);
+    assert_eq!(synthorg_tests::raw_bytes(&fx.layout), raw, "{damaged}");
     // Nothing left in the data directory by the checks.
     let hidden = synthorg_tests::hidden_entries(&fx.layout.root);
-    assert!(hidden.is_empty(), "{hidden:?}");
+    assert!(hidden.is_empty(), "{damaged}: {hidden:?}");
+    // No safety backup of a restore that did not happen.
+    let listed = service.list().await.unwrap();
+    assert_eq!(listed.len(), 1, "{damaged}: {:?}", ids_of(&listed));
     // A good backup verifies and dry-runs clean.
     let good = service.create(Trigger::Manual).await.unwrap();
     assert!(service.verify(&good.id).await.unwrap().ok);

@@ -326,7 +326,7 @@ impl RestoreTarget for LiveData {
                 .map(|_| StageWriter::start())
                 .collect::<Result<_>>()?,
             current: 0,
-            next: 0,
+            db_check: None,
         }))
     }
 

@@ -55,6 +55,63 @@ impl Sha256Hasher {
     }
 }
 
+/// SHA-256 on a thread of its own, fed in order: the caller's thread
+/// (which parses, checks and passes the data on) does not also hash it.
+/// At most [`BackgroundHash::QUEUE`] chunks wait.
+pub struct BackgroundHash {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    thread: std::thread::JoinHandle<(Sha256Digest, u64)>,
+}
+
+impl BackgroundHash {
+    /// Chunks queued at most.
+    pub const QUEUE: usize = 16;
+
+    /// Starts the thread.
+    ///
+    /// # Errors
+    /// The thread could not be started.
+    pub fn start() -> std::io::Result<BackgroundHash> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(Self::QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("synthorg-hash".into())
+            .spawn(move || {
+                let mut hasher = Sha256Hasher::new();
+                let mut size = 0u64;
+                while let Some(chunk) = rx.blocking_recv() {
+                    hasher.update(&chunk);
+                    size += chunk.len() as u64;
+                }
+                (hasher.finish(), size)
+            })?;
+        Ok(BackgroundHash { tx, thread })
+    }
+
+    /// A sender for the bytes to hash, in order (for streams that feed it).
+    pub fn sender(&self) -> tokio::sync::mpsc::Sender<bytes::Bytes> {
+        self.tx.clone()
+    }
+
+    /// Feeds bytes (waits while the queue is full).
+    pub async fn update(&self, chunk: bytes::Bytes) {
+        // The thread only stops once every sender is gone.
+        let _ = self.tx.send(chunk).await;
+    }
+
+    /// The digest and size of everything fed, once every sender is gone.
+    ///
+    /// # Errors
+    /// The thread panicked.
+    pub async fn finish(self) -> std::io::Result<(Sha256Digest, u64)> {
+        drop(self.tx);
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(|_| std::io::Error::other("the hashing thread panicked"))
+    }
+}
+
 impl fmt::Debug for Sha256Hasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Sha256Hasher")
@@ -159,6 +216,28 @@ impl<'de> Deserialize<'de> for Checksum {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_background_hash_is_the_hash_of_everything_fed_in_order() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let hash = BackgroundHash::start().unwrap();
+        let sender = hash.sender();
+        // More chunks than the queue holds, through both ways of feeding.
+        for (i, chunk) in data.chunks(10_007).enumerate() {
+            let chunk = bytes::Bytes::copy_from_slice(chunk);
+            if i % 2 == 0 {
+                hash.update(chunk).await;
+            } else {
+                sender.send(chunk).await.unwrap();
+            }
+        }
+        drop(sender);
+        let (digest, size) = hash.finish().await.unwrap();
+        assert_eq!(size, data.len() as u64);
+        assert_eq!(digest, Sha256Digest::of(&data));
+        let (empty, n) = BackgroundHash::start().unwrap().finish().await.unwrap();
+        assert_eq!((empty, n), (Sha256Digest::of(b""), 0));
+    }
 
     #[test]
     fn known_vector_and_round_trip() {

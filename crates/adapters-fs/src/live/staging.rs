@@ -19,8 +19,9 @@ pub(super) struct FsStaging {
     pub(super) writers: Vec<StageWriter>,
     /// The writer of the file being written.
     pub(super) current: usize,
-    /// The writer of the next file.
-    pub(super) next: usize,
+    /// The staged SQLite database's checks, started as soon as it is
+    /// written (it comes first), so they overlap the rest of the staging.
+    pub(super) db_check: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
 impl FsStaging {
@@ -36,6 +37,16 @@ impl FsStaging {
         first
     }
 
+    /// The writer for a file at `path`: the one of its directory, so that
+    /// two writers do not contend for one directory's lock (creating
+    /// entries in one directory is serialised by the kernel anyway).
+    fn writer_for(&self, path: &Path) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        path.parent().hash(&mut h);
+        (h.finish() % self.writers.len().max(1) as u64) as usize
+    }
+
     fn writer(&mut self, i: usize) -> Result<&mut StageWriter> {
         self.writers
             .get_mut(i)
@@ -44,6 +55,37 @@ impl FsStaging {
 }
 
 impl FsStaging {
+    /// For the SQLite database (`c` persistence, staged at `staged`):
+    /// starts its checks once `written` delivers the finished file, and
+    /// starts writing it back meanwhile, so that the `syncfs` before the
+    /// swap finds it on disk already. Whether it started them.
+    fn start_db_check(
+        &mut self,
+        c: Component,
+        staged: PathBuf,
+        written: tokio::sync::oneshot::Receiver<std::fs::File>,
+    ) -> bool {
+        let Some(verifier) = self.live.verifier.clone() else {
+            return false;
+        };
+        if c != Component::Persistence || self.live.server.is_some() || self.db_check.is_some() {
+            return false;
+        }
+        let expected = self.manifest.db_schema_version;
+        self.db_check = Some(tokio::spawn(async move {
+            let file = written
+                .await
+                .map_err(|_| Error::Internal("the staged database was not finished".into()))?;
+            // Writeback while the rest stages; its errors surface at the
+            // syncfs before the swap.
+            let flushing = tokio::task::spawn_blocking(move || file.sync_data());
+            let checked = verifier.verify(c, &staged, expected).await;
+            let _ = flushing.await;
+            checked.map(|_| ())
+        }));
+        true
+    }
+
     fn root(&self, c: Component) -> Result<&Path> {
         self.roots
             .iter()
@@ -72,20 +114,22 @@ impl FsStaging {
     ) -> Option<(u32, u32)> {
         use std::os::unix::fs::MetadataExt;
         let root = self.live.live(c);
-        let live = match c {
-            Component::Persistence | Component::Config => root.clone(),
-            Component::Memory | Component::Checkpoints => {
-                let mut p = root.clone();
-                p.extend(path.segments().skip(1));
-                p
-            }
-        };
+        let live = self.live_counterpart(c, path);
         let owner_of = |p: &Path| {
             std::fs::symlink_metadata(p)
                 .ok()
                 .map(|m| (m.uid(), m.gid()))
         };
         owner_of(&live).or(recorded).or_else(|| owner_of(&root))
+    }
+
+    /// The live item an archive path of component `c` replaces.
+    fn live_counterpart(&self, c: Component, path: &ArchivePath) -> PathBuf {
+        let mut live = self.live.live(c);
+        if matches!(c, Component::Memory | Component::Checkpoints) {
+            live.extend(path.segments().skip(1));
+        }
+        live
     }
 
     /// Where an archive path goes in staging.
@@ -148,8 +192,7 @@ impl EntrySink for FsStaging {
     async fn file_start(&mut self, entry: &FileEntry) -> Result<()> {
         let (c, path) = self.staged_path(&entry.path)?;
         let twice = self.refuse(entry.path.as_str(), "written twice");
-        self.current = self.next;
-        self.next = (self.next + 1) % self.writers.len().max(1);
+        self.current = self.writer_for(&path);
         self.writer(self.current)?
             .run(Box::new(move |open| {
                 let file = fsio::create_new_file_blocking(&path).map_err(|e| match e.kind() {
@@ -176,9 +219,11 @@ impl EntrySink for FsStaging {
     }
 
     async fn file_end(&mut self, entry: &FileEntry) -> Result<()> {
-        let (c, _) = self.staged_path(&entry.path)?;
+        let (c, staged) = self.staged_path(&entry.path)?;
         let owner = self.owner_for(c, &entry.path, entry.uid.zip(entry.gid));
         let (mode, mtime) = (entry.mode, entry.mtime);
+        let (written, done) = tokio::sync::oneshot::channel::<std::fs::File>();
+        let early = self.start_db_check(c, staged, done);
         self.writer(self.current)?
             .run(Box::new(move |open| {
                 let Some((file, path, c)) = open.file.take() else {
@@ -187,7 +232,11 @@ impl EntrySink for FsStaging {
                 // Made durable all at once before the swap (see `commit`).
                 fsio::finish_file_blocking(&file, mode, mtime)
                     .and_then(|()| set_owner(&path, owner))
-                    .map_err(|e| source_err(c, &path, e))
+                    .map_err(|e| source_err(c, &path, e))?;
+                if early {
+                    let _ = written.send(file);
+                }
+                Ok(())
             }))
             .await
     }
@@ -224,7 +273,11 @@ impl Staging for FsStaging {
                     if !exists(&root) {
                         return Err(self.refuse("synthorg.db", "missing from the backup"));
                     }
-                    if let Some(v) = &self.live.verifier {
+                    if let Some(check) = self.db_check.take() {
+                        check.await.map_err(|e| {
+                            Error::Internal(format!("checking the staged database: {e}"))
+                        })??;
+                    } else if let Some(v) = &self.live.verifier {
                         v.verify(c, &root, self.manifest.db_schema_version).await?;
                     }
                 }
@@ -359,6 +412,9 @@ impl Staging for FsStaging {
         let roots = self.roots.clone();
         let server = self.live.server.clone();
         let db_staging = self.db_staging.take();
+        if let Some(check) = self.db_check.take() {
+            check.abort();
+        }
         // Stop writing before removing (its error no longer matters).
         let _ = self.finish_writers().await;
         drop(self);

@@ -18,15 +18,26 @@ use tokio::io::AsyncReadExt;
 use crate::archive::{TarError, TarKind, TarReader};
 use crate::compress::{decompress, decompress_members, member_lengths};
 use crate::crypt::Identities;
-use crate::digest::Sha256Hasher;
+use crate::digest::{BackgroundHash, Sha256Hasher};
 use crate::error::{Error, Result};
 use crate::id::Component;
 use crate::manifest::{FileEntry, MAX_MANIFEST_BYTES, Manifest};
 use crate::path::{ArchivePath, MANIFEST_FILE};
 use crate::ports::{BackupStore, ByteStream, EntrySink, ObjectName};
+use bytes::Bytes;
 
-/// Read buffer for entry data.
-const READ_CHUNK: usize = 256 * 1024;
+/// Read buffer for entry data (below glibc's mmap threshold as `synthorg`
+/// sets it, so that the copies sinks make come from the heap, not from a
+/// fresh mapping each).
+const READ_CHUNK: usize = 64 * 1024;
+/// Files from this size on are hashed on a thread of their own.
+const BACKGROUND_HASH_FROM: u64 = 8 * 1024 * 1024;
+
+/// Where a file's content is hashed.
+enum FileHash {
+    Here(Sha256Hasher),
+    Background(BackgroundHash),
+}
 /// Zero padding allowed after the end-of-archive marker (GNU tar pads to
 /// 10 KiB records).
 const MAX_TRAILING: u64 = 64 * 1024;
@@ -56,11 +67,9 @@ fn integrity(m: &Manifest, path: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Hashes what the store delivers and remembers whether the store failed.
+/// Whether the store failed while it delivered the archive.
 #[derive(Debug, Default)]
 struct Tap {
-    hasher: Sha256Hasher,
-    size: u64,
     store_error: Option<String>,
 }
 
@@ -92,18 +101,27 @@ pub(crate) async fn read_backup(
             &ObjectName::archive(manifest.compression, manifest.encrypted),
         )
         .await?;
+    // The stored bytes are hashed on a thread of their own, as they come.
+    let archive_hash = BackgroundHash::start()
+        .map_err(|e| Error::Internal(format!("cannot start the hashing thread: {e}")))?;
+    let feed = archive_hash.sender();
     let tap = Arc::new(Mutex::new(Tap::default()));
     let tapped = Arc::clone(&tap);
     let stream: ByteStream = raw
-        .inspect(move |item| {
-            if let Ok(mut t) = tapped.lock() {
-                match item {
+        .then(move |item| {
+            let (feed, tapped) = (feed.clone(), Arc::clone(&tapped));
+            async move {
+                match &item {
                     Ok(chunk) => {
-                        t.hasher.update(chunk);
-                        t.size += chunk.len() as u64;
+                        let _ = feed.send(chunk.clone()).await;
                     }
-                    Err(e) => t.store_error = Some(e.to_string()),
+                    Err(e) => {
+                        if let Ok(mut t) = tapped.lock() {
+                            t.store_error = Some(e.to_string());
+                        }
+                    }
                 }
+                item
             }
         })
         .boxed();
@@ -166,10 +184,12 @@ pub(crate) async fn read_backup(
             "unexpected data after the end of the archive",
         ));
     }
-    let (digest, size) = tap
-        .lock()
-        .map(|t| (t.hasher.clone().finish(), t.size))
-        .map_err(|_| integrity(manifest, "<archive>", "hash state poisoned"))?;
+    // Every sender (the stream's) gone, the thread ends with the digest.
+    drop(rest);
+    let (digest, size) = archive_hash
+        .finish()
+        .await
+        .map_err(|e| Error::Internal(format!("hashing the archive: {e}")))?;
     if size != info.size_bytes {
         return Err(integrity(
             manifest,
@@ -374,14 +394,34 @@ async fn read_file<'d, R: tokio::io::AsyncRead + Unpin>(
     if let Some(sink) = sink.as_deref_mut() {
         sink.file_start(file).await?;
     }
-    let mut hasher = Sha256Hasher::new();
+    // A large file (the database) is hashed on a thread of its own while
+    // this one passes its data on; small ones here, without a hand-off.
+    let mut hasher = if size >= BACKGROUND_HASH_FROM {
+        FileHash::Background(
+            BackgroundHash::start()
+                .map_err(|e| Error::Internal(format!("cannot start the hashing thread: {e}")))?,
+        )
+    } else {
+        FileHash::Here(Sha256Hasher::new())
+    };
     while let n @ 1.. = read_chunk(tar, manifest, buf).await? {
-        hasher.update(&buf[..n]);
+        match &mut hasher {
+            FileHash::Here(h) => h.update(&buf[..n]),
+            FileHash::Background(h) => h.update(Bytes::copy_from_slice(&buf[..n])).await,
+        }
         if let Some(sink) = sink.as_deref_mut() {
             sink.file_data(&buf[..n]).await?;
         }
     }
-    let digest = hasher.finish();
+    let digest = match hasher {
+        FileHash::Here(h) => h.finish(),
+        FileHash::Background(h) => {
+            h.finish()
+                .await
+                .map_err(|e| Error::Internal(format!("hashing {path}: {e}")))?
+                .0
+        }
+    };
     if digest != file.sha256 {
         return Err(integrity(
             manifest,
