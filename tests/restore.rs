@@ -642,6 +642,29 @@ async fn restoring_the_oldest_backup_at_max_count_keeps_it() {
     }
 }
 
+/// A restore deletes no backup (the app waits for it); the next backup's
+/// retention trims the pool of safety backups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_deletes_nothing_and_the_next_backup_trims_the_safety_pool() {
+    let fx = Fixture::new(200_000).await;
+    let service = fx.service(&fx.config("retention: { max_count: 5, keep_pre_restore: 2 }"));
+    let a = service.create(Trigger::Manual).await.unwrap().id;
+    let mut safeties = Vec::new();
+    for _ in 0..4 {
+        let report = service.restore(&a, confirmed()).await.unwrap();
+        safeties.push(report.safety_backup_id.unwrap());
+        let ids = ids_of(&service.list().await.unwrap());
+        for id in safeties.iter().chain([&a]) {
+            assert!(ids.contains(id), "{id} was deleted by a restore: {ids:?}");
+        }
+    }
+    let b = service.create(Trigger::Manual).await.unwrap().id;
+    let ids = ids_of(&service.list().await.unwrap());
+    assert!(ids.contains(&a) && ids.contains(&b), "{ids:?}");
+    let kept: Vec<_> = safeties.iter().filter(|id| ids.contains(id)).collect();
+    assert_eq!(kept, safeties[2..].iter().collect::<Vec<_>>(), "{ids:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_restores_leave_no_safety_backups_to_push_out_real_ones() {
     let fx = Fixture::new(300_000).await;
