@@ -415,9 +415,11 @@ impl ServerDatabase for PgServer {
                     "this role lacks the CREATEDB privilege, which a restore needs (it restores into a new database and renames it into place): ALTER ROLE … CREATEDB, or restore as the database's owner with it",
                 ));
             }
+            // Autovacuum workers are not the app: the rename ends them
+            // (PostgreSQL cancels them when a database must be alone).
             let sessions: Vec<Session> =
                 sqlx::query_as(
-                    "SELECT pid, usename::text, application_name, client_addr::text FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    "SELECT pid, usename::text, application_name, client_addr::text FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type <> 'autovacuum worker'",
                 )
                 .bind(self.name())
                 .fetch_all(&mut conn)

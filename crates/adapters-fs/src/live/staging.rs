@@ -56,34 +56,32 @@ impl FsStaging {
 
 impl FsStaging {
     /// For the SQLite database (`c` persistence, staged at `staged`):
-    /// starts its checks once `written` delivers the finished file, and
-    /// starts writing it back meanwhile, so that the `syncfs` before the
-    /// swap finds it on disk already. Whether it started them.
+    /// starts its checks once the writer hands over the finished file, and
+    /// its writeback meanwhile, so that the `syncfs` before the swap finds
+    /// it on disk already. The sender to hand the file over with, when it
+    /// started them.
     fn start_db_check(
         &mut self,
         c: Component,
         staged: PathBuf,
-        written: tokio::sync::oneshot::Receiver<std::fs::File>,
-    ) -> bool {
-        let Some(verifier) = self.live.verifier.clone() else {
-            return false;
-        };
+    ) -> Option<tokio::sync::oneshot::Sender<std::fs::File>> {
         if c != Component::Persistence || self.live.server.is_some() || self.db_check.is_some() {
-            return false;
+            return None;
         }
+        let verifier = self.live.verifier.clone()?;
         let expected = self.manifest.db_schema_version;
+        let (written, finished) = tokio::sync::oneshot::channel::<std::fs::File>();
         self.db_check = Some(tokio::spawn(async move {
-            let file = written
+            let file = finished
                 .await
                 .map_err(|_| Error::Internal("the staged database was not finished".into()))?;
-            // Writeback while the rest stages; its errors surface at the
-            // syncfs before the swap.
+            // Its errors surface at the syncfs before the swap.
             let flushing = tokio::task::spawn_blocking(move || file.sync_data());
             let checked = verifier.verify(c, &staged, expected).await;
             let _ = flushing.await;
             checked.map(|_| ())
         }));
-        true
+        Some(written)
     }
 
     fn root(&self, c: Component) -> Result<&Path> {
@@ -222,8 +220,7 @@ impl EntrySink for FsStaging {
         let (c, staged) = self.staged_path(&entry.path)?;
         let owner = self.owner_for(c, &entry.path, entry.uid.zip(entry.gid));
         let (mode, mtime) = (entry.mode, entry.mtime);
-        let (written, done) = tokio::sync::oneshot::channel::<std::fs::File>();
-        let early = self.start_db_check(c, staged, done);
+        let early = self.start_db_check(c, staged);
         self.writer(self.current)?
             .run(Box::new(move |open| {
                 let Some((file, path, c)) = open.file.take() else {
@@ -233,7 +230,7 @@ impl EntrySink for FsStaging {
                 fsio::finish_file_blocking(&file, mode, mtime)
                     .and_then(|()| set_owner(&path, owner))
                     .map_err(|e| source_err(c, &path, e))?;
-                if early {
+                if let Some(written) = early {
                     let _ = written.send(file);
                 }
                 Ok(())
