@@ -11,8 +11,8 @@
 //! 1. `pre-migration` backups are pinned: always kept, and they take no
 //!    `max_count` slot. Only an explicit, forced delete removes them.
 //! 2. The newest backup is always kept, and so is every backup the caller
-//!    protects: the one an operation just created, the one a restore just
-//!    restored.
+//!    protects: the one the running backup just created (a restore runs no
+//!    retention; the next backup trims the safety pool).
 //! 3. `pre-restore` safety backups form their own pool: ranked newest first
 //!    among themselves, kept while the rank is below `keep_pre_restore` and
 //!    they are at most `max_age_days` old. They never take `max_count`
@@ -123,7 +123,7 @@ pub enum Reason {
     Pinned,
     /// Rule 2.
     Newest,
-    /// Rule 2: just created or just restored by the running operation.
+    /// Rule 2: protected by the running operation (the backup it created).
     Protected,
     /// Rule 3: `rank` (0 = newest) is below `max_count` and the age is within bounds.
     WithinLimits {
@@ -167,7 +167,7 @@ impl fmt::Display for Reason {
         match self {
             Reason::Pinned => f.write_str("pinned (pre-migration)"),
             Reason::Newest => f.write_str("newest backup"),
-            Reason::Protected => f.write_str("just created or restored"),
+            Reason::Protected => f.write_str("protected by the running operation"),
             Reason::WithinLimits { rank } => write!(f, "within limits (#{} newest)", rank + 1),
             Reason::KeepDaily => f.write_str("newest of its day (keep_daily)"),
             Reason::KeepWeekly => f.write_str("newest of its week (keep_weekly)"),
