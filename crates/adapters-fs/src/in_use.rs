@@ -10,7 +10,7 @@
 //! directory we may not read (other users, when not root) are invisible;
 //! without `/proc` (not Linux) nothing is found.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -34,52 +34,67 @@ impl std::fmt::Display for Holder {
     }
 }
 
-/// The first process found holding one of `files` open (missing files are
-/// skipped).
-pub(crate) fn find_holder(files: &[PathBuf]) -> Option<Holder> {
-    let wanted: Vec<((u64, u64), &Path)> = files
-        .iter()
-        .filter_map(|p| {
-            let meta = std::fs::metadata(p).ok()?;
-            Some(((meta.dev(), meta.ino()), p.as_path()))
-        })
-        .collect();
-    if wanted.is_empty() {
-        return None;
-    }
-    let keys: HashSet<(u64, u64)> = wanted.iter().map(|(k, _)| *k).collect();
-    let procs = std::fs::read_dir("/proc").ok()?;
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
+/// Every file some process holds open, by device and inode: one pass over
+/// `/proc/<pid>/fd`, then any number of cheap lookups.
+#[derive(Debug, Default)]
+pub(crate) struct OpenFiles {
+    /// (device, inode) -> the first pid found holding it.
+    held: HashMap<(u64, u64), u32>,
+}
+
+impl OpenFiles {
+    /// Scans `/proc` (nothing is found without it).
+    pub(crate) fn scan() -> OpenFiles {
+        let mut held = HashMap::new();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return OpenFiles { held };
         };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Ok(meta) = std::fs::metadata(fd.path()) else {
+        for entry in procs.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
-            let key = (meta.dev(), meta.ino());
-            if !keys.contains(&key) {
+            let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
                 continue;
+            };
+            for fd in fds.flatten() {
+                if let Ok(meta) = std::fs::metadata(fd.path()) {
+                    held.entry((meta.dev(), meta.ino())).or_insert(pid);
+                }
             }
-            let path = wanted
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, p)| p.to_path_buf())
-                .unwrap_or_default();
-            let name = std::fs::read_to_string(entry.path().join("comm"))
-                .ok()
-                .map(|s| s.trim().to_owned());
-            return Some(Holder { path, pid, name });
         }
+        OpenFiles { held }
     }
-    None
+
+    /// Whether no process holds anything open that we can see.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// The process holding the file at `path` (described by `meta`) open.
+    pub(crate) fn holder(&self, path: &Path, meta: &std::fs::Metadata) -> Option<Holder> {
+        let pid = *self.held.get(&(meta.dev(), meta.ino()))?;
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()
+            .map(|s| s.trim().to_owned());
+        Some(Holder {
+            path: path.to_path_buf(),
+            pid,
+            name,
+        })
+    }
+
+    /// The first process holding one of `files` open (missing files are
+    /// skipped).
+    pub(crate) fn holder_of(&self, files: &[PathBuf]) -> Option<Holder> {
+        files.iter().find_map(|p| {
+            let meta = std::fs::metadata(p).ok()?;
+            self.holder(p, &meta)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -88,18 +103,19 @@ mod tests {
 
     #[test]
     fn finds_our_own_open_file_and_not_a_closed_one() {
+        let find = |files: &[PathBuf]| OpenFiles::scan().holder_of(files);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         std::fs::write(&path, b"x").unwrap();
         let other = dir.path().join("other");
         std::fs::write(&other, b"y").unwrap();
-        assert_eq!(find_holder(std::slice::from_ref(&path)), None);
+        assert_eq!(find(std::slice::from_ref(&path)), None);
         let open = std::fs::File::open(&path).unwrap();
-        let holder = find_holder(&[other.clone(), path.clone()]).unwrap();
+        let holder = find(&[other.clone(), path.clone()]).unwrap();
         assert_eq!(holder.pid, std::process::id());
         assert_eq!(holder.path, path);
         drop(open);
-        assert_eq!(find_holder(&[other, path]), None);
-        assert_eq!(find_holder(&[dir.path().join("missing")]), None);
+        assert_eq!(find(&[other, path]), None);
+        assert_eq!(find(&[dir.path().join("missing")]), None);
     }
 }

@@ -217,6 +217,7 @@ impl RestoreTarget for LiveData {
         let me = self.clone();
         let components = components.to_vec();
         blocking(move || {
+            let mut open = None;
             for c in components {
                 if let (Component::Persistence, Some(server)) = (c, me.server()) {
                     // Sessions on the live database, and the privilege to
@@ -224,17 +225,16 @@ impl RestoreTarget for LiveData {
                     server.check_restorable()?;
                     continue;
                 }
-                let mut files = me.live_items(c);
-                if c == Component::Memory && me.memory_dir.is_dir() {
-                    let candidates = sqlite_candidates(&me.memory_dir)
-                        .map_err(|e| source_err(c, &me.memory_dir, e))?;
-                    for file in candidates {
-                        if read_header(&file).is_ok_and(|h| h.starts_with(b"SQLite format 3\0")) {
-                            files.extend(with_companions(&file));
-                        }
-                    }
+                let open = open.get_or_insert_with(crate::in_use::OpenFiles::scan);
+                if open.is_empty() {
+                    continue;
                 }
-                if let Some(holder) = crate::in_use::find_holder(&files) {
+                let mut holder = open.holder_of(&me.live_items(c));
+                if holder.is_none() && c == Component::Memory && me.memory_dir.is_dir() {
+                    holder = sqlite_holder(&me.memory_dir, open)
+                        .map_err(|e| source_err(c, &me.memory_dir, e))?;
+                }
+                if let Some(holder) = holder {
                     return Err(Error::InUse {
                         component: c,
                         path: holder.path.display().to_string(),
@@ -315,9 +315,11 @@ impl RestoreTarget for LiveData {
             Ok((roots, inside))
         })
         .await?;
+        let live_roots = roots.iter().map(|(c, _)| (*c, self.live(*c))).collect();
         Ok(Box::new(FsStaging {
             live: self.clone(),
             manifest: manifest.clone(),
+            live_roots,
             roots,
             inside,
             dir_modes: Vec::new(),
@@ -325,7 +327,7 @@ impl RestoreTarget for LiveData {
             writers: (0..backup_core::compress::parallelism().clamp(1, 4))
                 .map(|_| StageWriter::start())
                 .collect::<Result<_>>()?,
-            current: 0,
+            current: None,
             db_check: None,
         }))
     }

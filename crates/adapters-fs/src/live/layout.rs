@@ -145,11 +145,65 @@ pub(super) fn set_owner(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()
     }
 }
 
+/// [`set_owner`] for an open file (no path lookups: a restore does this
+/// for each of thousands of files).
+pub(super) fn set_file_owner(
+    file: &std::fs::File,
+    path: &Path,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    let meta = file.metadata()?;
+    if (meta.uid(), meta.gid()) == (uid, gid) {
+        return Ok(());
+    }
+    match std::os::unix::fs::fchown(file, Some(uid), Some(gid)) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            tracing::debug!(path = %path.display(), uid, gid, "cannot give the restored item its owner (not root)");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 pub(super) fn read_header(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read;
     let mut buf = Vec::with_capacity(100);
     std::fs::File::open(path)?.take(100).read_to_end(&mut buf)?;
     Ok(buf)
+}
+
+/// A process holding a SQLite database under `dir` open, or its `-wal`,
+/// `-shm` or `-journal`: only the headers of files someone holds are read
+/// (not those of thousands of memory segments, twice per restore).
+pub(super) fn sqlite_holder(
+    dir: &Path,
+    open: &crate::in_use::OpenFiles,
+) -> io::Result<Option<crate::in_use::Holder>> {
+    for file in sqlite_candidates(dir)? {
+        let Ok(meta) = std::fs::symlink_metadata(&file) else {
+            continue; // gone since the listing
+        };
+        let Some(holder) = open.holder(&file, &meta) else {
+            continue;
+        };
+        use std::os::unix::ffi::OsStrExt;
+        let name = file.as_os_str().as_bytes();
+        let main = crate::dir_source::SQLITE_COMPANIONS
+            .iter()
+            .find_map(|s| name.strip_suffix(s.as_bytes()))
+            .map_or_else(
+                || file.clone(),
+                |m| PathBuf::from(std::ffi::OsStr::from_bytes(m)),
+            );
+        if read_header(&main).is_ok_and(|h| h.starts_with(b"SQLite format 3\0")) {
+            return Ok(Some(holder));
+        }
+    }
+    Ok(None)
 }
 
 /// Regular files under `root`.
@@ -168,4 +222,43 @@ pub(super) fn sqlite_candidates(root: &Path) -> io::Result<Vec<PathBuf>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::in_use::OpenFiles;
+
+    #[test]
+    fn a_held_sqlite_database_or_companion_counts_and_a_held_segment_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents");
+        std::fs::create_dir_all(&agents).unwrap();
+        let db = agents.join("mem.db");
+        let mut header = b"SQLite format 3\0".to_vec();
+        header.resize(4096, 0);
+        std::fs::write(&db, &header).unwrap();
+        let wal = agents.join("mem.db-wal");
+        std::fs::write(&wal, b"frames").unwrap();
+        let segment = agents.join("segment-0001.bin");
+        std::fs::write(&segment, b"vectors").unwrap();
+        let holder = || sqlite_holder(dir.path(), &OpenFiles::scan()).unwrap();
+        assert_eq!(holder(), None);
+
+        let held = std::fs::File::open(&segment).unwrap();
+        assert_eq!(holder(), None, "a segment file is not a database");
+        drop(held);
+        let held = std::fs::File::open(&wal).unwrap();
+        assert_eq!(holder().map(|h| h.path), Some(wal.clone()));
+        drop(held);
+        let held = std::fs::File::open(&db).unwrap();
+        let found = holder().unwrap();
+        assert_eq!((found.path, found.pid), (db.clone(), std::process::id()));
+        drop(held);
+
+        // A -wal beside a file that is not SQLite does not count.
+        std::fs::write(&db, b"not a database").unwrap();
+        let _held = std::fs::File::open(&wal).unwrap();
+        assert_eq!(holder(), None);
+    }
 }

@@ -94,14 +94,15 @@ fn copy_durably(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn hash_file(path: &Path) -> io::Result<(u64, backup_core::Sha256Digest)> {
+/// Hashes the file at `path` through `buf` (one per thread: a fresh
+/// buffer per file is a fresh mapping, faulted in, for each of thousands).
+fn hash_file(path: &Path, buf: &mut [u8]) -> io::Result<(u64, backup_core::Sha256Digest)> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256Hasher::new();
-    let mut buf = vec![0u8; HASH_CHUNK];
     let mut size = 0u64;
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file.read(buf)?;
         if n == 0 {
             break;
         }
@@ -111,23 +112,25 @@ fn hash_file(path: &Path) -> io::Result<(u64, backup_core::Sha256Digest)> {
     Ok((size, hasher.finish()))
 }
 
-/// Hashes `files` (path in the backup, file) on every allowed core.
+/// Hashes `files` (path in the backup, file) on every allowed core, each
+/// thread taking the next file as it is done (the database alone is most
+/// of the bytes: fixed shares would leave a thread idle).
 async fn hash_all(
     files: Vec<(ArchivePath, Component, PathBuf)>,
 ) -> Result<HashMap<ArchivePath, (u64, backup_core::Sha256Digest)>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let workers = backup_core::compress::parallelism().max(1);
-    let mut groups: Vec<Vec<(ArchivePath, Component, PathBuf)>> = vec![Vec::new(); workers];
-    for (i, f) in files.into_iter().enumerate() {
-        groups[i % workers].push(f);
-    }
-    let tasks: Vec<_> = groups
-        .into_iter()
-        .map(|group| {
+    let files = Arc::new(files);
+    let next = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let (files, next) = (Arc::clone(&files), Arc::clone(&next));
             blocking(move || {
-                let mut out = Vec::with_capacity(group.len());
-                for (path, c, file) in group {
-                    let hashed = hash_file(&file).map_err(|e| source_err(c, &file, e))?;
-                    out.push((path, hashed));
+                let mut out = Vec::new();
+                let mut buf = vec![0u8; HASH_CHUNK];
+                while let Some((path, c, file)) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let hashed = hash_file(file, &mut buf).map_err(|e| source_err(*c, file, e))?;
+                    out.push((path.clone(), hashed));
                 }
                 Ok(out)
             })
@@ -158,6 +161,7 @@ impl LiveData {
         else {
             return Ok(None);
         };
+        let started = std::time::Instant::now();
         let me = self.clone();
         let comps = components.to_vec();
         let dest = dest.to_path_buf();
@@ -219,7 +223,16 @@ impl LiveData {
             Ok((entries, files, moved))
         })
         .await?;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "safety backup: live items listed"
+        );
         let hashes = hash_all(files).await?;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            files = hashes.len(),
+            "safety backup: live files hashed"
+        );
         SwapFault::abort_at(self.fault, SwapFault::AbortAfterPreserve);
         let mut preserved = Preserved {
             moved,
