@@ -164,6 +164,14 @@ async fn an_encrypted_backup_opens_by_hand_with_age_and_tar_and_restores() {
 
     std::fs::write(&fx.layout.company_config, b"company: {name: changed}\n").unwrap();
     std::fs::remove_dir_all(&fx.layout.checkpoints_dir).unwrap();
+    {
+        let mut db = synthorg_tests::open(&fx.layout.database).await;
+        sqlx::query("UPDATE tasks SET status = 'changed after the backup'")
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    let changed = capture(&fx.layout).await;
     let report = svc.restore(&m.id, confirmed()).await.unwrap();
     assert_eq!(capture(&fx.layout).await, before);
     // The safety backup of an encrypting host is encrypted too (never the
@@ -172,6 +180,15 @@ async fn an_encrypted_backup_opens_by_hand_with_age_and_tar_and_restores() {
     assert!(dir.join(format!("{safety}.tar.gz.age")).exists());
     assert!(!dir.join(safety.to_string()).exists());
     assert!(svc.verify(&safety).await.unwrap().ok);
+    // It holds the state the restore replaced (its database read in place;
+    // the checkpoints were absent then, so the live ones are left).
+    svc.restore(&safety, confirmed()).await.unwrap();
+    let after = capture(&fx.layout).await;
+    assert_eq!(
+        (&after.database, &after.memory, &after.config),
+        (&changed.database, &changed.memory, &changed.config)
+    );
+    assert_ne!(after.database, before.database);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -902,3 +902,42 @@ async fn the_local_safety_backup_keeps_a_killed_writers_wal_and_shares_nothing_w
     sqlx::Connection::close(conn).await.unwrap();
     assert!(rows > 20 && n == rows, "n {n}, rows {rows}");
 }
+
+/// A restore's regular safety backup (S3, encryption) reads the settled
+/// live database in place instead of copying it with `VACUUM INTO`; a write
+/// while it is read fails the snapshot instead of archiving a torn copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_database_is_read_in_place_and_a_change_while_read_fails_the_snapshot() {
+    use backup_core::ports::ComponentSource;
+    use futures::StreamExt;
+    let fx = Fixture::new(1_000_000).await;
+    let db = fx.layout.database.clone();
+    let source = adapters_sqlite::SqliteSource::new(&db);
+    let before = synthorg_tests::hidden_entries(&fx.layout.root);
+
+    let snapshot = source.snapshot_settled().await.unwrap();
+    // In place: no scratch copy next to the data.
+    assert_eq!(synthorg_tests::hidden_entries(&fx.layout.root), before);
+    let entry = snapshot.entries()[0].clone();
+    let mut opened = snapshot.open(&entry.path).await.unwrap();
+    let mut read = Vec::new();
+    while let Some(chunk) = opened.stream.next().await {
+        read.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(read, std::fs::read(&db).unwrap());
+    assert_eq!(entry.size, read.len() as u64);
+    snapshot.finish().await.unwrap();
+
+    let snapshot = source.snapshot_settled().await.unwrap();
+    let mut conn = synthorg_tests::open(&db).await;
+    sqlx::query("CREATE TABLE written_meanwhile(x)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    let err = snapshot.finish().await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Source { reason, .. } if reason.contains("changed while it was read")),
+        "{err}"
+    );
+}

@@ -68,6 +68,57 @@ pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
+/// [`remove_any`] for every path of `paths` (missing ones skipped), on a
+/// few threads: deleting a tree of thousands of files is mostly waiting for
+/// the filesystem (one that discards freed blocks waits on the device for
+/// each file; this machine's took 0.8 s for a restore's 15,000, 0.5 s on
+/// four threads). The subtrees two levels down are the units of work.
+pub(crate) fn remove_all_parallel(paths: &[PathBuf]) -> io::Result<()> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const THREADS: usize = 4;
+    const DEPTH: usize = 2;
+    let (mut units, mut dirs) = (Vec::new(), Vec::new());
+    let mut expand = paths.iter().map(|p| (p.clone(), 0)).collect::<Vec<_>>();
+    while let Some((path, depth)) = expand.pop() {
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() && depth < DEPTH => {
+                for entry in std::fs::read_dir(&path)? {
+                    expand.push((entry?.path(), depth + 1));
+                }
+                dirs.push((path, depth));
+            }
+            Ok(_) => units.push(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<io::Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS.min(units.len()) {
+            scope.spawn(|| {
+                while let Some(unit) = units.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if let Err(e) = remove_any(unit)
+                        && let Ok(mut first) = failed.lock()
+                    {
+                        first.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    // The directories the units were in, now empty: deepest first.
+    dirs.sort_by_key(|(_, depth)| std::cmp::Reverse(*depth));
+    for (dir, _) in dirs {
+        remove_any(&dir)?;
+    }
+    Ok(())
+}
+
 /// Creates a directory and its parents with [`DIR_MODE`].
 pub(crate) fn create_dir_private(path: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new()
@@ -249,4 +300,41 @@ pub(crate) async fn finish_file(
     tokio::task::spawn_blocking(move || finish_file_blocking(&file, mode, mtime))
         .await
         .map_err(io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remove_all_parallel_removes_trees_and_files_but_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep.txt"), b"not ours").unwrap();
+        let tree = dir.path().join("tree");
+        for a in 0..5 {
+            for b in 0..7 {
+                let deep = tree.join(format!("a{a}/b{b}/c"));
+                std::fs::create_dir_all(&deep).unwrap();
+                std::fs::write(deep.join("f"), b"x").unwrap();
+                std::fs::write(tree.join(format!("a{a}/b{b}/g")), b"y").unwrap();
+            }
+            std::fs::write(tree.join(format!("a{a}/h")), b"z").unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, tree.join("a0/link")).unwrap();
+        std::fs::create_dir_all(tree.join("empty/deeper")).unwrap();
+        let file = dir.path().join("db");
+        std::fs::write(&file, b"database").unwrap();
+        let missing = dir.path().join("missing");
+
+        remove_all_parallel(&[tree.clone(), file.clone(), missing]).unwrap();
+        assert!(!tree.exists() && !file.exists());
+        assert_eq!(
+            std::fs::read(outside.join("keep.txt")).unwrap(),
+            b"not ours"
+        );
+        // Idempotent, as a recovery repeating it needs.
+        remove_all_parallel(&[tree, file]).unwrap();
+    }
 }

@@ -175,14 +175,81 @@ impl ComponentSource for SqliteSource {
             scratch,
         )))
     }
+
+    /// The live database itself, once its WAL is folded in: no one writes
+    /// it (see the trait), so the copy `VACUUM INTO` makes for a running
+    /// app (a full write and read of the database, its B-trees rebuilt) is
+    /// not needed. A change while it is read fails the snapshot.
+    async fn snapshot_settled(&self) -> Result<Box<dyn Snapshot>> {
+        let component = Component::Persistence;
+        if tokio::fs::symlink_metadata(&self.path).await.is_err() {
+            return self.snapshot().await; // reports what is missing
+        }
+        let schema = crate::settle_database(component, &self.path).await?;
+        let wal = PathBuf::from(format!("{}-wal", self.path.display()));
+        if tokio::fs::metadata(&wal).await.is_ok_and(|m| m.len() > 0) {
+            tracing::warn!(database = %self.path.display(), "the WAL is still there after a checkpoint; copying the database with VACUUM INTO");
+            return self.snapshot().await;
+        }
+        let meta = tokio::fs::metadata(&self.path)
+            .await
+            .map_err(|e| Error::Source {
+                component,
+                path: self.path.display().to_string(),
+                reason: e.to_string(),
+                source: Some(Box::new(e)),
+            })?;
+        let path = ArchivePath::parse(component.archive_root()).map_err(|e| Error::Source {
+            component,
+            path: self.path.display().to_string(),
+            reason: e.to_string(),
+            source: None,
+        })?;
+        tracing::info!(database = %self.path.display(), bytes = meta.len(), schema_version = schema,
+            "database read in place (settled: no process has it open)");
+        Ok(Box::new(FileSnapshot::in_place(
+            path,
+            self.path.clone(),
+            &meta,
+            schema,
+        )))
+    }
 }
 
-/// A snapshot consisting of one scratch file.
+/// What tells that a file was written to: a writer changes its size, its
+/// mtime or (always, even when it sets the mtime back) its ctime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileState {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileState {
+    fn of(meta: &std::fs::Metadata) -> FileState {
+        use std::os::unix::fs::MetadataExt;
+        FileState {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// A snapshot consisting of one file: a scratch copy, or the settled live
+/// database read in place.
 pub(crate) struct FileSnapshot {
     entries: Vec<SnapshotEntry>,
     file: PathBuf,
     schema: Option<i64>,
     scratch: Option<tempfile::TempDir>,
+    /// Read in place: the file's state when the snapshot was taken, which
+    /// must still be its state when it has been read.
+    in_place: Option<FileState>,
 }
 
 impl FileSnapshot {
@@ -210,6 +277,27 @@ impl FileSnapshot {
             file,
             schema: Some(schema),
             scratch: Some(scratch),
+            in_place: None,
+        }
+    }
+
+    /// The settled live database `file` (described by `meta`), served in
+    /// place as `path` with its own mode, owner and mtime.
+    fn in_place(path: ArchivePath, file: PathBuf, meta: &std::fs::Metadata, schema: i64) -> Self {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        FileSnapshot {
+            entries: vec![SnapshotEntry {
+                path,
+                kind: EntryKind::File,
+                size: meta.len(),
+                mode: meta.permissions().mode() & 0o7777,
+                mtime: meta.mtime(),
+                owner: Some((meta.uid(), meta.gid())),
+            }],
+            file,
+            schema: Some(schema),
+            scratch: None,
+            in_place: Some(FileState::of(meta)),
         }
     }
 }
@@ -253,6 +341,17 @@ impl Snapshot for FileSnapshot {
     }
 
     async fn finish(mut self: Box<Self>) -> Result<()> {
+        if let Some(before) = self.in_place {
+            let now = tokio::fs::metadata(&self.file).await.ok();
+            if now.as_ref().map(FileState::of) != Some(before) {
+                return Err(Error::Source {
+                    component: Component::Persistence,
+                    path: self.file.display().to_string(),
+                    reason: "the database changed while it was read in place: a process is writing it; stop the app and retry".into(),
+                    source: None,
+                });
+            }
+        }
         if let Some(dir) = self.scratch.take() {
             let path = dir.path().display().to_string();
             dir.close().map_err(|e| Error::Source {

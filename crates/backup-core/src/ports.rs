@@ -489,6 +489,19 @@ pub trait ComponentSource: Debug + Send + Sync + 'static {
     /// `Source` naming the path: missing database, not SQLite, locked or
     /// corrupt, permission denied.
     async fn snapshot(&self) -> Result<Box<dyn Snapshot>>;
+
+    /// A snapshot of a source no one writes now (the caller made sure, as a
+    /// restore does before its safety backup: no process holds the live
+    /// files, the operation lock is held): it may read the live files in
+    /// place instead of copying them first, and fails when they change
+    /// while it is read. The same as [`snapshot`](Self::snapshot) unless a
+    /// source knows better.
+    ///
+    /// # Errors
+    /// As `snapshot`; `Source` when the files changed while they were read.
+    async fn snapshot_settled(&self) -> Result<Box<dyn Snapshot>> {
+        self.snapshot().await
+    }
 }
 
 /// Makes a consistent copy of a live file that a byte copy could tear, such

@@ -121,6 +121,10 @@ pub struct CreateOptions {
     pub progress: Option<ProgressFn>,
     /// Back up only these components (each needs a source); `include` when `None`.
     pub components: Option<Vec<Component>>,
+    /// No one writes the sources now (see
+    /// [`ComponentSource::snapshot_settled`]): a restore's safety backup,
+    /// taken while the app is stopped.
+    pub settled: bool,
 }
 
 impl std::fmt::Debug for CreateOptions {
@@ -129,6 +133,7 @@ impl std::fmt::Debug for CreateOptions {
             .field("labels", &self.labels)
             .field("progress", &self.progress.is_some())
             .field("components", &self.components)
+            .field("settled", &self.settled)
             .finish()
     }
 }

@@ -266,10 +266,15 @@ pub(super) fn finish(
         server.drop_database(&db.aside)?;
         server.drop_database(&db.staged)?;
     }
+    // The replaced items not kept by a safety backup, all at once.
+    let replaced: Vec<PathBuf> = journal
+        .moves
+        .iter()
+        .filter(|m| !m.keep)
+        .filter_map(|m| m.aside.clone())
+        .collect();
+    fsio::remove_all_parallel(&replaced)?;
     for m in &journal.moves {
-        if let Some(aside) = m.aside.as_ref().filter(|_| !m.keep) {
-            fsio::remove_any(aside)?;
-        }
         if let Some(kept) = m.aside.as_ref().filter(|_| m.keep) {
             fsio::fsync_dir(parent_of(kept))?;
         }

@@ -445,7 +445,11 @@ impl BackupService {
         produced: &mut Produced,
     ) -> Result<()> {
         let component = source.component();
-        let snapshot = source.snapshot().await?;
+        let snapshot = if options.settled {
+            source.snapshot_settled().await?
+        } else {
+            source.snapshot().await?
+        };
         if snapshot.absent() {
             tracing::warn!(backup_id = %id, component = %component,
                 "component source does not exist; the backup records it as absent");

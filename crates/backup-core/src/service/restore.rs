@@ -357,8 +357,12 @@ impl BackupService {
                 tracing::warn!(error = %e, "a safety backup by moving the live items failed; taking a regular one");
             }
         }
+        // The app is stopped (no process holds the live files) and we hold
+        // the lock: the sources may be read in place (no `VACUUM INTO` of
+        // the whole database into a scratch copy first).
         let options = CreateOptions {
             components: Some(components.to_vec()),
+            settled: true,
             ..CreateOptions::default()
         };
         self.create_locked(Trigger::PreRestore, &options)

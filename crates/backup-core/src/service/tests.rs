@@ -110,7 +110,7 @@ pub(super) fn memory_source(log: &Log, faults: Faults) -> MockComponentSource {
     source.expect_component().return_const(Component::Memory);
     source.expect_needs_quiesce().return_const(true);
     let log = Arc::clone(log);
-    source.expect_snapshot().returning(move || {
+    let snapshot = Arc::new(move || -> Result<Box<dyn crate::ports::Snapshot>> {
         push(&log, "snapshot");
         if faults.snapshot_panics {
             panic!("source panicked");
@@ -136,6 +136,12 @@ pub(super) fn memory_source(log: &Log, faults: Faults) -> MockComponentSource {
             fail_open: faults.open_fails,
         }))
     });
+    // A restore's safety backup snapshots settled sources: the same here.
+    let settled = Arc::clone(&snapshot);
+    source.expect_snapshot().returning(move || snapshot());
+    source
+        .expect_snapshot_settled()
+        .returning(move || settled());
     source
 }
 
