@@ -4,7 +4,8 @@
 //! so no temp names are needed. What is S3's own is here: an object
 //! smaller than `part_size` is one PUT; a larger one is a multipart upload
 //! of `part_size` parts (all equal but the last), at most
-//! [`PARTS_IN_FLIGHT`] in flight, so memory stays bounded. The layout's
+//! [`PARTS_IN_FLIGHT`] in memory (the one being filled included), so
+//! memory stays bounded. The layout's
 //! listing cache (`_index.json`) is kept here, where one GET per backup
 //! would make listing slow.
 //!
@@ -32,7 +33,8 @@ use crate::errors::{map_err, store_err};
 
 mod multipart;
 
-/// Parts uploaded concurrently per object.
+/// Parts of one object in memory at once: uploading, or being filled
+/// while the others upload.
 pub const PARTS_IN_FLIGHT: usize = 2;
 /// Where upload markers live, under the prefix.
 const UPLOADS_DIR: &str = "_uploads";

@@ -101,6 +101,17 @@ pub struct SqliteSource {
 }
 
 impl SqliteSource {
+    /// Where the database goes in a backup.
+    fn archive_path(&self) -> Result<ArchivePath> {
+        let component = Component::Persistence;
+        ArchivePath::parse(component.archive_root()).map_err(|e| Error::Source {
+            component,
+            path: self.path.display().to_string(),
+            reason: e.to_string(),
+            source: None,
+        })
+    }
+
     /// The live database at `path`.
     pub fn new(path: impl Into<PathBuf>) -> SqliteSource {
         SqliteSource {
@@ -161,12 +172,7 @@ impl ComponentSource for SqliteSource {
             schema_version = schema,
             "database snapshot taken with VACUUM INTO (one read transaction; WAL writers were not blocked)"
         );
-        let path = ArchivePath::parse(component.archive_root()).map_err(|e| Error::Source {
-            component,
-            path: self.path.display().to_string(),
-            reason: e.to_string(),
-            source: None,
-        })?;
+        let path = self.archive_path()?;
         Ok(Box::new(FileSnapshot::one(
             path,
             copy,
@@ -199,12 +205,7 @@ impl ComponentSource for SqliteSource {
                 reason: e.to_string(),
                 source: Some(Box::new(e)),
             })?;
-        let path = ArchivePath::parse(component.archive_root()).map_err(|e| Error::Source {
-            component,
-            path: self.path.display().to_string(),
-            reason: e.to_string(),
-            source: None,
-        })?;
+        let path = self.archive_path()?;
         tracing::info!(database = %self.path.display(), bytes = meta.len(), schema_version = schema,
             "database read in place (settled: no process has it open)");
         Ok(Box::new(FileSnapshot::in_place(

@@ -128,21 +128,9 @@ pub(super) fn recorded_owner(manifest: &Manifest, c: Component) -> Option<(u32, 
 /// Gives `path` the owner `owner` when it has another one. Without the
 /// right to (not root), the item stays ours: the only owner we can give.
 pub(super) fn set_owner(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let Some((uid, gid)) = owner else {
-        return Ok(());
-    };
-    let meta = std::fs::symlink_metadata(path)?;
-    if (meta.uid(), meta.gid()) == (uid, gid) {
-        return Ok(());
-    }
-    match std::os::unix::fs::lchown(path, Some(uid), Some(gid)) {
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            tracing::debug!(path = %path.display(), uid, gid, "cannot give the restored item its owner (not root)");
-            Ok(())
-        }
-        other => other,
-    }
+    give_owner(path, owner, std::fs::symlink_metadata(path), |uid, gid| {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+    })
 }
 
 /// [`set_owner`] for an open file (no path lookups: a restore does this
@@ -152,15 +140,28 @@ pub(super) fn set_file_owner(
     path: &Path,
     owner: Option<(u32, u32)>,
 ) -> io::Result<()> {
+    give_owner(path, owner, file.metadata(), |uid, gid| {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))
+    })
+}
+
+/// Changes the owner of the item at `path` (now `meta`) to `owner` with
+/// `chown`, unless it has it; not being allowed to is not an error.
+fn give_owner(
+    path: &Path,
+    owner: Option<(u32, u32)>,
+    meta: io::Result<std::fs::Metadata>,
+    chown: impl FnOnce(u32, u32) -> io::Result<()>,
+) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let Some((uid, gid)) = owner else {
         return Ok(());
     };
-    let meta = file.metadata()?;
+    let meta = meta?;
     if (meta.uid(), meta.gid()) == (uid, gid) {
         return Ok(());
     }
-    match std::os::unix::fs::fchown(file, Some(uid), Some(gid)) {
+    match chown(uid, gid) {
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             tracing::debug!(path = %path.display(), uid, gid, "cannot give the restored item its owner (not root)");
             Ok(())

@@ -167,13 +167,17 @@ impl S3Prefix {
         let mut next = Some(first);
         let mut index = 0;
         while let Some(payload) = next.take() {
+            in_flight.push_back(put(index, payload));
+            index += 1;
+            // A slot is free before the next part is read: at most
+            // PARTS_IN_FLIGHT parts in memory, the one being filled
+            // included (one more, 8 MiB by default, pushed a restore from
+            // S3, whose safety backup uploads while it stages, past 64 MiB).
             if in_flight.len() >= PARTS_IN_FLIGHT
                 && let Some(part) = in_flight.next().await
             {
                 parts.push(part.map_err(|e| map_err(&self.location, &upload.key, e))?);
             }
-            in_flight.push_back(put(index, payload));
-            index += 1;
             let (payload, ended) = self.next_part(data, carry, &upload.key).await?;
             written += payload.content_length() as u64;
             if payload.content_length() > 0 {

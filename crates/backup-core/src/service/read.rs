@@ -8,7 +8,7 @@
 //! own sha256 and size are checked at the end, and nothing may follow the
 //! end-of-archive marker but a little zero padding.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -245,7 +245,15 @@ async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
     let tar_err = |e: TarError| integrity(manifest, "<archive>", e.to_string());
     let expected = expected_entries(manifest);
     let max_entries = manifest.entry_count() + 1;
-    let mut seen: HashSet<String> = HashSet::new();
+    // Entries met so far, by their index in `expected` (not a copy of
+    // each of thousands of paths).
+    let slot = |listed: &Expected| match listed {
+        Expected::File(i) => *i,
+        Expected::Dir(i) => manifest.files.len() + i,
+        Expected::Symlink(i) => manifest.files.len() + manifest.dirs.len() + i,
+    };
+    let mut seen =
+        vec![false; manifest.files.len() + manifest.dirs.len() + manifest.symlinks.len()];
     let mut inner_manifest = false;
     let mut stats = ReadStats::default();
     let mut count = 0usize;
@@ -276,7 +284,7 @@ async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
                 "entry is not in the manifest",
             ));
         };
-        if !seen.insert(path.as_str().to_owned()) {
+        if std::mem::replace(&mut seen[slot(listed)], true) {
             return Err(integrity(manifest, path.as_str(), "duplicate entry"));
         }
         let wanted = wants(Some(component));
@@ -322,7 +330,10 @@ async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
             }
         }
     }
-    if let Some(missing) = expected.keys().find(|p| !seen.contains(**p)) {
+    if let Some(missing) = expected
+        .iter()
+        .find_map(|(p, listed)| (!seen[slot(listed)]).then_some(*p))
+    {
         return Err(integrity(
             manifest,
             missing,
@@ -439,7 +450,15 @@ async fn read_file<'d, R: tokio::io::AsyncRead + Unpin>(
 }
 
 fn check_inner_manifest(manifest: &Manifest, json: &[u8]) -> Result<()> {
-    let inner = Manifest::from_json(json)
+    /// What the comparison needs: the sidecar was parsed and checked in
+    /// full already, and a second copy of its thousands of entries would
+    /// only add to the restore's peak memory.
+    #[derive(serde::Deserialize)]
+    struct Names {
+        id: crate::id::BackupId,
+        checksum: crate::digest::Checksum,
+    }
+    let inner: Names = serde_json::from_slice(json)
         .map_err(|e| integrity(manifest, MANIFEST_FILE, format!("embedded manifest: {e}")))?;
     if inner.id != manifest.id || inner.checksum != manifest.checksum {
         return Err(integrity(
