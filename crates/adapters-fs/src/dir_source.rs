@@ -394,8 +394,6 @@ struct DirSnapshot {
 const READ_AHEAD_BYTES: u64 = 2 * 1024 * 1024;
 const READ_AHEAD_FILES: usize = 64;
 
-/// What identifies a file's version: if any of it differs after reading,
-/// the file changed while it was read.
 /// What [`DirSnapshot::read_small_blocking`] found.
 enum SmallRead {
     Data(Vec<u8>),
@@ -403,6 +401,8 @@ enum SmallRead {
     Changed,
 }
 
+/// What identifies a file's version: if any of it differs after reading,
+/// the file changed while it was read.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 struct Stamp {
     len: u64,

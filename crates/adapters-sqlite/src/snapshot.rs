@@ -192,7 +192,8 @@ impl ComponentSource for SqliteSource {
             return self.snapshot().await; // reports what is missing
         }
         let schema = crate::settle_database(component, &self.path).await?;
-        let wal = PathBuf::from(format!("{}-wal", self.path.display()));
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
         if tokio::fs::metadata(&wal).await.is_ok_and(|m| m.len() > 0) {
             tracing::warn!(database = %self.path.display(), "the WAL is still there after a checkpoint; copying the database with VACUUM INTO");
             return self.snapshot().await;

@@ -117,11 +117,7 @@ impl FsStaging {
     }
 
     fn refuse(&self, path: &str, reason: &str) -> Error {
-        Error::Integrity {
-            id: self.manifest.id.to_string(),
-            path: path.to_owned(),
-            reason: reason.to_owned(),
-        }
+        refusal(&self.manifest, path, reason)
     }
 
     /// The owner a restored item gets: that of the live item it replaces,
@@ -250,11 +246,7 @@ impl EntrySink for FsStaging {
                 first.extend_from_slice(data);
                 current.gathered = None;
                 let (c, path) = (current.c, current.path.clone());
-                let twice = Error::Integrity {
-                    id: self.manifest.id.to_string(),
-                    path: current.archive.clone(),
-                    reason: "written twice".into(),
-                };
+                let twice = refusal(&self.manifest, &current.archive, "written twice");
                 Box::new(move |open| {
                     use std::io::Write;
                     let mut file = create_staged(c, &path, twice)?;
@@ -318,6 +310,15 @@ impl EntrySink for FsStaging {
                 Ok(())
             }))
             .await
+    }
+}
+
+/// The error refusing the backup's entry at `path` for `reason`.
+fn refusal(manifest: &Manifest, path: &str, reason: &str) -> Error {
+    Error::Integrity {
+        id: manifest.id.to_string(),
+        path: path.to_owned(),
+        reason: reason.to_owned(),
     }
 }
 

@@ -67,12 +67,6 @@ fn integrity(m: &Manifest, path: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Whether the store failed while it delivered the archive.
-#[derive(Debug, Default)]
-struct Tap {
-    store_error: Option<String>,
-}
-
 /// Reads the whole backup, passing entries of `wanted` components (all when
 /// `None`) to `sink`. Everything is verified, wanted or not.
 ///
@@ -105,8 +99,9 @@ pub(crate) async fn read_backup(
     let archive_hash = BackgroundHash::start()
         .map_err(|e| Error::Internal(format!("cannot start the hashing thread: {e}")))?;
     let feed = archive_hash.sender();
-    let tap = Arc::new(Mutex::new(Tap::default()));
-    let tapped = Arc::clone(&tap);
+    // Whether the store failed while it delivered the archive.
+    let store_failure: Arc<Mutex<Option<String>>> = Arc::default();
+    let tapped = Arc::clone(&store_failure);
     let stream: ByteStream = raw
         .then(move |item| {
             let (feed, tapped) = (feed.clone(), Arc::clone(&tapped));
@@ -116,8 +111,8 @@ pub(crate) async fn read_backup(
                         let _ = feed.send(chunk.clone()).await;
                     }
                     Err(e) => {
-                        if let Ok(mut t) = tapped.lock() {
-                            t.store_error = Some(e.to_string());
+                        if let Ok(mut failed) = tapped.lock() {
+                            *failed = Some(e.to_string());
                         }
                     }
                 }
@@ -133,7 +128,7 @@ pub(crate) async fn read_backup(
         match crate::crypt::decrypt(stream, identities).await {
             Ok(plain) => plain,
             Err(e) => {
-                if let Some(reason) = tap.lock().ok().and_then(|t| t.store_error.clone()) {
+                if let Some(reason) = store_failure.lock().ok().and_then(|f| f.clone()) {
                     return Err(store_failed(store, manifest, &reason));
                 }
                 return Err(integrity(
@@ -163,7 +158,7 @@ pub(crate) async fn read_backup(
     };
     let mut tar = TarReader::new(content);
     let result = read_entries(&mut tar, manifest, &wants, sink).await;
-    let store_error = tap.lock().ok().and_then(|t| t.store_error.clone());
+    let store_error = store_failure.lock().ok().and_then(|f| f.clone());
     if let Some(reason) = store_error {
         return Err(store_failed(store, manifest, &reason));
     }
@@ -245,8 +240,8 @@ async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
     let tar_err = |e: TarError| integrity(manifest, "<archive>", e.to_string());
     let expected = expected_entries(manifest);
     let max_entries = manifest.entry_count() + 1;
-    // Entries met so far, by their index in `expected` (not a copy of
-    // each of thousands of paths).
+    // Entries met so far, one flag per manifest entry (files, then
+    // directories, then symlinks), not a copy of each of thousands of paths.
     let slot = |listed: &Expected| match listed {
         Expected::File(i) => *i,
         Expected::Dir(i) => manifest.files.len() + i,
