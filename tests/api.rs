@@ -505,6 +505,65 @@ async fn runtime_backs_up_at_startup_on_schedule_before_migration_and_at_shutdow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_migration_backup_waits_for_a_running_operation_within_the_timeout() {
+    let fx = Fixture::new(200_000).await;
+    let config = fx.config("");
+    let state = AdminState::new(fx.service(&config), None, true);
+    let runtime_config = |timeout_ms| RuntimeConfig {
+        enabled: false,
+        on_startup: false,
+        on_shutdown: false,
+        schedule: Duration::from_secs(3600),
+        shutdown_timeout: Duration::from_millis(timeout_ms),
+        verify_every: None,
+        overdue_check: Duration::from_secs(300),
+    };
+    let lock = adapters_fs::FileLock::in_dir(&config.path);
+    let acquire = || {
+        backup_core::ports::OperationLock::try_acquire(&lock, backup_core::ports::Operation::Backup)
+    };
+
+    // Another operation (say a scheduled backup) runs for 1.5 s: the
+    // pre-migration backup waits for it and then succeeds.
+    let runtime = BackupRuntime::start(
+        state.clone(),
+        runtime_config(30_000),
+        Arc::new(adapters_fs::SystemClock),
+    )
+    .await;
+    let held = acquire().await.unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        drop(held);
+    });
+    let started = std::time::Instant::now();
+    let pm = runtime.before_migration(3, 4).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "it waited"
+    );
+    release.await.unwrap();
+    let shown = state.service().show(&pm).await.unwrap();
+    assert_eq!(shown.id.trigger(), Trigger::PreMigration);
+    runtime.shutdown().await;
+
+    // It outlasts the wait: Busy, naming the holder, and nothing published.
+    let runtime = BackupRuntime::start(
+        state.clone(),
+        runtime_config(600),
+        Arc::new(adapters_fs::SystemClock),
+    )
+    .await;
+    let held = acquire().await.unwrap();
+    let before = state.service().list().await.unwrap().len();
+    let e = runtime.before_migration(4, 5).await.unwrap_err();
+    assert!(matches!(e, backup_core::Error::Busy { .. }), "{e}");
+    assert_eq!(state.service().list().await.unwrap().len(), before);
+    drop(held);
+    runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_mutations_run_one_at_a_time_and_lose_nothing() {
     let fx = Fixture::new(5_000_000).await;
     let service = fx.service(&fx.config("retention: { max_count: 100 }"));

@@ -24,7 +24,9 @@ pub struct RuntimeConfig {
     pub on_shutdown: bool,
     /// Time between scheduled backups.
     pub schedule: Duration,
-    /// Longest the shutdown backup may take.
+    /// Longest the shutdown backup may take, and longest the pre-migration
+    /// backup waits for another running operation (a scheduled backup, an
+    /// API request) before it fails with `Busy`.
     pub shutdown_timeout: Duration,
     /// Time between verifications of the newest backup; `None`: off.
     pub verify_every: Option<Duration>,
@@ -110,11 +112,22 @@ impl BackupRuntime {
     /// Takes a pinned `pre-migration` backup labelled `migration: from->to`;
     /// the host calls it before running schema migrations.
     ///
+    /// When another operation runs (a scheduled backup, an API request),
+    /// it waits for it, up to `shutdown_timeout`: the migration must not
+    /// fail because a routine backup happened to be running.
+    ///
     /// # Errors
-    /// As a backup; the host should not migrate without it.
+    /// As a backup (`Busy` when the other operation outlasts the wait); the
+    /// host should not migrate without it.
     pub async fn before_migration(&self, from: i64, to: i64) -> Result<BackupId> {
         let labels = BTreeMap::from([("migration".to_owned(), format!("{from}->{to}"))]);
-        match self.state.run_backup(Trigger::PreMigration, labels).await {
+        let run = run_when_free(
+            &self.state,
+            Trigger::PreMigration,
+            labels,
+            self.config.shutdown_timeout,
+        );
+        match run.await {
             Ok(m) => {
                 tracing::info!(backup_id = %m.id, from, to, "pre-migration backup done");
                 Ok(m.id)
@@ -137,14 +150,45 @@ impl BackupRuntime {
             let _ = w.await;
         }
         if self.config.enabled && self.config.on_shutdown {
-            let run = self.state.run_backup(Trigger::Shutdown, BTreeMap::new());
-            match tokio::time::timeout(self.config.shutdown_timeout, run).await {
+            let timeout = self.config.shutdown_timeout;
+            let run = run_when_free(&self.state, Trigger::Shutdown, BTreeMap::new(), timeout);
+            match tokio::time::timeout(timeout, run).await {
                 Ok(result) => log_outcome(Trigger::Shutdown, result),
                 Err(_) => tracing::error!(
                     timeout_secs = self.config.shutdown_timeout.as_secs(),
                     "shutdown backup timed out and was abandoned; nothing partial was published"
                 ),
             }
+        }
+    }
+}
+
+/// How often a backup that must happen asks again for the lock.
+const BUSY_RETRY: Duration = Duration::from_millis(200);
+
+/// Runs a backup that must happen (pre-migration, shutdown): while another
+/// operation holds the lock, asks again every [`BUSY_RETRY`] for up to
+/// `wait`, then gives up with that `Busy`.
+async fn run_when_free(
+    state: &AdminState,
+    trigger: Trigger,
+    labels: BTreeMap<String, String>,
+    wait: Duration,
+) -> Result<backup_core::Manifest> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut told = false;
+    loop {
+        match state.run_backup(trigger, labels.clone()).await {
+            Err(Error::Busy { holder, .. })
+                if tokio::time::Instant::now() + BUSY_RETRY < deadline =>
+            {
+                if !told {
+                    tracing::info!(trigger = %trigger, holder = %holder, "waiting for another operation to finish");
+                    told = true;
+                }
+                tokio::time::sleep(BUSY_RETRY).await;
+            }
+            other => return other,
         }
     }
 }
