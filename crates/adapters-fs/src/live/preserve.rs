@@ -114,18 +114,26 @@ fn hash_file(path: &Path, buf: &mut [u8]) -> io::Result<(u64, backup_core::Sha25
 
 /// Hashes `files` (path in the backup, file) on every allowed core, each
 /// thread taking the next file as it is done (the database alone is most
-/// of the bytes: fixed shares would leave a thread idle).
+/// of the bytes: fixed shares would leave a thread idle). The threads run
+/// at a lower priority: the restore's critical path is staging the backup
+/// and checking the staged database, and this hashing (of the live files
+/// the swap moves into the safety backup) only has to be done by the swap,
+/// so it takes the CPU time they leave.
 async fn hash_all(
     files: Vec<(ArchivePath, Component, PathBuf)>,
 ) -> Result<HashMap<ArchivePath, (u64, backup_core::Sha256Digest)>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    type Hashed = Vec<(ArchivePath, (u64, backup_core::Sha256Digest))>;
     let workers = backup_core::compress::parallelism().max(1);
     let files = Arc::new(files);
     let next = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..workers)
-        .map(|_| {
-            let (files, next) = (Arc::clone(&files), Arc::clone(&next));
-            blocking(move || {
+    let mut threads = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (files, next) = (Arc::clone(&files), Arc::clone(&next));
+        let thread = std::thread::Builder::new()
+            .name("synthorg-safety".into())
+            .spawn(move || -> Result<Hashed> {
+                fsio::lower_thread_priority();
                 let mut out = Vec::new();
                 let mut buf = vec![0u8; HASH_CHUNK];
                 while let Some((path, c, file)) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
@@ -134,13 +142,20 @@ async fn hash_all(
                 }
                 Ok(out)
             })
-        })
-        .collect();
-    let mut all = HashMap::new();
-    for done in futures::future::join_all(tasks).await {
-        all.extend(done?);
+            .map_err(|e| Error::Internal(format!("cannot start a hashing thread: {e}")))?;
+        threads.push(thread);
     }
-    Ok(all)
+    blocking(move || {
+        let mut all = HashMap::new();
+        for thread in threads {
+            let done = thread
+                .join()
+                .map_err(|_| Error::Internal("a hashing thread panicked".into()))?;
+            all.extend(done?);
+        }
+        Ok(all)
+    })
+    .await
 }
 
 impl LiveData {
