@@ -49,7 +49,10 @@ fn service_with(fx: &Fixture, app: RunningApp, extra: &str) -> BackupService {
 
 #[tokio::test]
 async fn restore_brings_back_every_component_and_keeps_a_safety_backup() {
-    let fx = Fixture::new(2_000_000).await;
+    // A database of more than 8 MiB: read in owned chunks, hashed on a
+    // thread of its own and handed to the staging without a copy.
+    let fx = Fixture::new(16_000_000).await;
+    assert!(std::fs::metadata(&fx.layout.database).unwrap().len() > 8 << 20);
     let service = fx.service(&fx.config(""));
     let before = synthorg_tests::capture(&fx.layout).await;
     let backup = service.create(Trigger::Manual).await.unwrap();

@@ -620,6 +620,16 @@ pub trait EntrySink: Send {
     /// `Store`/`Source` when they cannot be written (e.g. disk full).
     async fn file_data(&mut self, data: &[u8]) -> Result<()>;
 
+    /// Bytes of the current file, owned: a large file's chunks come this
+    /// way (the same chunk is hashed on another thread), so a sink that
+    /// hands data to a thread of its own takes it without a copy.
+    ///
+    /// # Errors
+    /// As [`EntrySink::file_data`], which it defaults to.
+    async fn file_bytes(&mut self, data: bytes::Bytes) -> Result<()> {
+        self.file_data(&data).await
+    }
+
     /// The current file is complete and verified.
     ///
     /// # Errors

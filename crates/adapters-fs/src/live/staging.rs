@@ -183,6 +183,70 @@ impl FsStaging {
     }
 }
 
+/// Bytes of the file being staged, as the reader has them.
+enum Chunk<'a> {
+    Borrowed(&'a [u8]),
+    /// Handed to the writer as they are (no copy).
+    Owned(bytes::Bytes),
+}
+
+impl Chunk<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Chunk::Borrowed(data) => data,
+            Chunk::Owned(data) => data,
+        }
+    }
+}
+
+impl FsStaging {
+    /// Gathers a small file's data for one job, else passes it to the
+    /// file's writer.
+    async fn data(&mut self, data: Chunk<'_>) -> Result<()> {
+        let Some(current) = self.current.as_mut() else {
+            return Err(Error::Internal("file data outside a file".into()));
+        };
+        let writer = current.writer;
+        let job: Job = match current.gathered.as_mut() {
+            Some(gathered) if gathered.len() + data.as_slice().len() <= GATHER => {
+                gathered.extend_from_slice(data.as_slice());
+                return Ok(());
+            }
+            // Too large to gather: its writer creates it now and writes
+            // the rest as it comes.
+            Some(gathered) => {
+                let mut first = std::mem::take(gathered);
+                first.extend_from_slice(data.as_slice());
+                current.gathered = None;
+                let (c, path) = (current.c, current.path.clone());
+                let twice = refusal(&self.manifest, &current.archive, "written twice");
+                Box::new(move |open| {
+                    use std::io::Write;
+                    let mut file = create_staged(c, &path, twice)?;
+                    file.write_all(&first)
+                        .map_err(|e| source_err(c, &path, e))?;
+                    open.file = Some((file, path, c));
+                    Ok(())
+                })
+            }
+            None => {
+                let data = match data {
+                    Chunk::Borrowed(data) => bytes::Bytes::copy_from_slice(data),
+                    Chunk::Owned(data) => data,
+                };
+                Box::new(move |open| {
+                    use std::io::Write;
+                    let Some((file, path, c)) = open.file.as_mut() else {
+                        return Err(Error::Internal("file data outside a file".into()));
+                    };
+                    file.write_all(&data).map_err(|e| source_err(*c, path, e))
+                })
+            }
+        };
+        self.writer(writer)?.run(job).await
+    }
+}
+
 #[async_trait]
 impl EntrySink for FsStaging {
     async fn dir(&mut self, entry: &DirEntry) -> Result<()> {
@@ -230,44 +294,11 @@ impl EntrySink for FsStaging {
     }
 
     async fn file_data(&mut self, data: &[u8]) -> Result<()> {
-        let Some(current) = self.current.as_mut() else {
-            return Err(Error::Internal("file data outside a file".into()));
-        };
-        let writer = current.writer;
-        let job: Job = match current.gathered.as_mut() {
-            Some(gathered) if gathered.len() + data.len() <= GATHER => {
-                gathered.extend_from_slice(data);
-                return Ok(());
-            }
-            // Too large to gather: its writer creates it now and writes
-            // the rest as it comes.
-            Some(gathered) => {
-                let mut first = std::mem::take(gathered);
-                first.extend_from_slice(data);
-                current.gathered = None;
-                let (c, path) = (current.c, current.path.clone());
-                let twice = refusal(&self.manifest, &current.archive, "written twice");
-                Box::new(move |open| {
-                    use std::io::Write;
-                    let mut file = create_staged(c, &path, twice)?;
-                    file.write_all(&first)
-                        .map_err(|e| source_err(c, &path, e))?;
-                    open.file = Some((file, path, c));
-                    Ok(())
-                })
-            }
-            None => {
-                let data = data.to_vec();
-                Box::new(move |open| {
-                    use std::io::Write;
-                    let Some((file, path, c)) = open.file.as_mut() else {
-                        return Err(Error::Internal("file data outside a file".into()));
-                    };
-                    file.write_all(&data).map_err(|e| source_err(*c, path, e))
-                })
-            }
-        };
-        self.writer(writer)?.run(job).await
+        self.data(Chunk::Borrowed(data)).await
+    }
+
+    async fn file_bytes(&mut self, data: bytes::Bytes) -> Result<()> {
+        self.data(Chunk::Owned(data)).await
     }
 
     async fn file_end(&mut self, entry: &FileEntry) -> Result<()> {

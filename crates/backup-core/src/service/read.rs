@@ -412,11 +412,20 @@ async fn read_file<'d, R: tokio::io::AsyncRead + Unpin>(
     };
     while let n @ 1.. = read_chunk(tar, manifest, buf).await? {
         match &mut hasher {
-            FileHash::Here(h) => h.update(&buf[..n]),
-            FileHash::Background(h) => h.update(Bytes::copy_from_slice(&buf[..n])).await,
-        }
-        if let Some(sink) = sink.as_deref_mut() {
-            sink.file_data(&buf[..n]).await?;
+            FileHash::Here(h) => {
+                h.update(&buf[..n]);
+                if let Some(sink) = sink.as_deref_mut() {
+                    sink.file_data(&buf[..n]).await?;
+                }
+            }
+            // One copy, shared by the hashing thread and the sink.
+            FileHash::Background(h) => {
+                let chunk = Bytes::copy_from_slice(&buf[..n]);
+                h.update(chunk.clone()).await;
+                if let Some(sink) = sink.as_deref_mut() {
+                    sink.file_bytes(chunk).await?;
+                }
+            }
         }
     }
     let digest = match hasher {

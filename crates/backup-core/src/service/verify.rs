@@ -183,6 +183,10 @@ impl EntrySink for Reporting<'_> {
         self.inner.file_data(data).await
     }
 
+    async fn file_bytes(&mut self, data: bytes::Bytes) -> Result<()> {
+        self.inner.file_bytes(data).await
+    }
+
     async fn file_end(&mut self, entry: &crate::manifest::FileEntry) -> Result<()> {
         self.inner.file_end(entry).await?;
         self.progress.files_done += 1;
