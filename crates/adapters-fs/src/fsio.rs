@@ -7,8 +7,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use backup_core::buffers::BufferPool;
 use backup_core::ports::ByteStream;
-use bytes::BytesMut;
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -195,19 +195,27 @@ pub(crate) async fn write_bytes_atomically(final_path: &Path, bytes: Vec<u8>) ->
     write_atomically(final_path, stream).await
 }
 
-/// Streams a whole file in [`CHUNK`]-sized pieces.
+/// Read buffers kept for reuse: the chunks in flight between a file and
+/// its consumer (see [`backup_core::buffers`]).
+static CHUNKS: BufferPool = BufferPool::new(16, CHUNK);
+
+/// Streams a whole file in [`CHUNK`]-sized pieces, read into pooled
+/// buffers.
 pub(crate) fn stream_file(file: tokio::fs::File) -> ByteStream {
     futures::stream::try_unfold(file, |mut file| async move {
-        let mut buf = BytesMut::with_capacity(CHUNK);
-        while buf.len() < CHUNK {
-            if file.read_buf(&mut buf).await? == 0 {
-                break;
+        let mut buf = CHUNKS.take_filled(CHUNK);
+        let mut filled = 0;
+        while filled < CHUNK {
+            match file.read(&mut buf[filled..]).await? {
+                0 => break,
+                n => filled += n,
             }
         }
+        buf.truncate(filled);
         if buf.is_empty() {
             Ok(None)
         } else {
-            Ok(Some((buf.freeze(), file)))
+            Ok(Some((CHUNKS.bytes(buf), file)))
         }
     })
     .into_stream()

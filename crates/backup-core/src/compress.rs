@@ -14,6 +14,7 @@ use futures::StreamExt;
 use tokio::io::AsyncRead;
 use tokio_util::io::StreamReader;
 
+use crate::buffers::BufferPool;
 use crate::config::Compression;
 use crate::ports::ByteStream;
 
@@ -201,7 +202,7 @@ fn pieces(
                     Some(Err(e)) => Some((Err(e), (input, Bytes::new(), lengths, true))),
                 };
             };
-            let mut piece = pooled(len);
+            let mut piece = MEMBERS.take(len);
             while piece.len() < len {
                 if carry.is_empty() {
                     match input.next().await {
@@ -221,55 +222,14 @@ fn pieces(
                 let take = carry.len().min(len - piece.len());
                 piece.extend_from_slice(&carry.split_to(take));
             }
-            Some((
-                Ok(Bytes::from_owner(Pooled(piece))),
-                (input, carry, lengths, false),
-            ))
+            Some((Ok(MEMBERS.bytes(piece)), (input, carry, lengths, false)))
         },
     )
 }
 
-/// Member buffers kept for reuse, at most [`POOL_MAX`]. A fresh buffer of
-/// a member's size is a fresh mapping (`synthorg` fixes glibc's mmap
-/// threshold at 128 KiB) whose pages the kernel faults in and zeroes one by
-/// one, then unmaps: perf put that at 8 % of a restore's CPU.
-static POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
-/// Buffers pooled at most (the members in flight, read and decompressed).
-const POOL_MAX: usize = 8;
-
-/// An empty buffer with room for `len` bytes, reused when one is pooled.
-fn pooled(len: usize) -> Vec<u8> {
-    let mut buf = POOL
-        .lock()
-        .ok()
-        .and_then(|mut p| p.pop())
-        .unwrap_or_default();
-    buf.clear();
-    buf.reserve(len);
-    buf
-}
-
-/// Bytes of a pooled buffer, which goes back to the pool when dropped.
-struct Pooled(Vec<u8>);
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.0);
-        // Only buffers of our members' size: an odd large one is not kept.
-        if buf.capacity() <= 4 * BLOCK_SIZE
-            && let Ok(mut pool) = POOL.lock()
-            && pool.len() < POOL_MAX
-        {
-            pool.push(buf);
-        }
-    }
-}
+/// Member buffers kept for reuse: the members in flight, read and
+/// decompressed (see [`crate::buffers`]).
+static MEMBERS: BufferPool = BufferPool::new(8, 4 * BLOCK_SIZE);
 
 thread_local! {
     /// One libdeflate compressor per blocking thread, for its last level.
@@ -303,8 +263,7 @@ fn decompress_member(member: &[u8], compression: Compression) -> io::Result<Byte
                     "gzip member of {isize} bytes, more than {MAX_MEMBER}"
                 )));
             }
-            let mut out = pooled(isize);
-            out.resize(isize, 0);
+            let mut out = MEMBERS.take_filled(isize);
             let n = INFLATER
                 .with(|d| d.borrow_mut().gzip_decompress(member, &mut out))
                 .map_err(|e| bad_member(format!("gzip member: {e}")))?;
@@ -313,7 +272,7 @@ fn decompress_member(member: &[u8], compression: Compression) -> io::Result<Byte
                     "gzip member gave {n} bytes, its trailer says {isize}"
                 )));
             }
-            Ok(Bytes::from_owner(Pooled(out)))
+            Ok(MEMBERS.bytes(out))
         }
         Compression::Zstd => {
             let size = match zstd::zstd_safe::get_frame_content_size(member) {

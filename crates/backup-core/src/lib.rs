@@ -12,6 +12,7 @@
 //! with unit and property tests.
 
 pub mod archive;
+pub mod buffers;
 pub mod compat;
 pub mod compress;
 pub mod config;

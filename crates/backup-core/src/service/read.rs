@@ -24,7 +24,6 @@ use crate::id::Component;
 use crate::manifest::{FileEntry, MAX_MANIFEST_BYTES, Manifest};
 use crate::path::{ArchivePath, MANIFEST_FILE};
 use crate::ports::{BackupStore, ByteStream, EntrySink, ObjectName};
-use bytes::Bytes;
 
 /// Read buffer for entry data (below glibc's mmap threshold as `synthorg`
 /// sets it, so that the copies sinks make come from the heap, not from a
@@ -32,6 +31,9 @@ use bytes::Bytes;
 const READ_CHUNK: usize = 64 * 1024;
 /// Files from this size on are hashed on a thread of their own.
 const BACKGROUND_HASH_FROM: u64 = 8 * 1024 * 1024;
+/// File data chunks kept for reuse: those in flight to a hashing thread
+/// and a sink's writers (their queues hold 16 and 32).
+static FILE_CHUNKS: crate::buffers::BufferPool = crate::buffers::BufferPool::new(64, READ_CHUNK);
 
 /// Where a file's content is hashed.
 enum FileHash {
@@ -310,7 +312,6 @@ async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
                     file,
                     entry.size,
                     wanted.then_some(&mut *sink),
-                    &mut buf,
                 )
                 .await?;
                 stats.files += 1;
@@ -387,7 +388,6 @@ async fn read_file<'d, R: tokio::io::AsyncRead + Unpin>(
     file: &FileEntry,
     size: u64,
     mut sink: Option<&mut (dyn EntrySink + 'd)>,
-    buf: &mut [u8],
 ) -> Result<()> {
     let path = file.path.as_str();
     if size != file.size {
@@ -410,22 +410,23 @@ async fn read_file<'d, R: tokio::io::AsyncRead + Unpin>(
     } else {
         FileHash::Here(Sha256Hasher::new())
     };
-    while let n @ 1.. = read_chunk(tar, manifest, buf).await? {
+    loop {
+        // Read into a pooled buffer: shared by the hashing thread and the
+        // sink without a copy, and no fresh allocation per chunk (freed by
+        // another thread, they made glibc trim and regrow its arenas).
+        let mut chunk = FILE_CHUNKS.take_filled(READ_CHUNK);
+        let n = read_chunk(tar, manifest, &mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        chunk.truncate(n);
+        let chunk = FILE_CHUNKS.bytes(chunk);
         match &mut hasher {
-            FileHash::Here(h) => {
-                h.update(&buf[..n]);
-                if let Some(sink) = sink.as_deref_mut() {
-                    sink.file_data(&buf[..n]).await?;
-                }
-            }
-            // One copy, shared by the hashing thread and the sink.
-            FileHash::Background(h) => {
-                let chunk = Bytes::copy_from_slice(&buf[..n]);
-                h.update(chunk.clone()).await;
-                if let Some(sink) = sink.as_deref_mut() {
-                    sink.file_bytes(chunk).await?;
-                }
-            }
+            FileHash::Here(h) => h.update(&chunk),
+            FileHash::Background(h) => h.update(chunk.clone()).await,
+        }
+        if let Some(sink) = sink.as_deref_mut() {
+            sink.file_bytes(chunk).await?;
         }
     }
     let digest = match hasher {
