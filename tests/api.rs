@@ -525,12 +525,14 @@ async fn pre_migration_backup_waits_for_a_running_operation_within_the_timeout()
 
     // Another operation (say a scheduled backup) runs for 1.5 s: the
     // pre-migration backup waits for it and then succeeds.
-    let runtime = BackupRuntime::start(
-        state.clone(),
-        runtime_config(30_000),
-        Arc::new(adapters_fs::SystemClock),
-    )
-    .await;
+    let start = |timeout_ms| {
+        BackupRuntime::start(
+            state.clone(),
+            runtime_config(timeout_ms),
+            Arc::new(adapters_fs::SystemClock),
+        )
+    };
+    let runtime = start(30_000).await;
     let held = acquire().await.unwrap();
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -548,12 +550,7 @@ async fn pre_migration_backup_waits_for_a_running_operation_within_the_timeout()
     runtime.shutdown().await;
 
     // It outlasts the wait: Busy, naming the holder, and nothing published.
-    let runtime = BackupRuntime::start(
-        state.clone(),
-        runtime_config(600),
-        Arc::new(adapters_fs::SystemClock),
-    )
-    .await;
+    let runtime = start(600).await;
     let held = acquire().await.unwrap();
     let before = state.service().list().await.unwrap().len();
     let e = runtime.before_migration(4, 5).await.unwrap_err();

@@ -51,7 +51,7 @@ fn service_with(fx: &Fixture, app: RunningApp, extra: &str) -> BackupService {
 async fn restore_brings_back_every_component_and_keeps_a_safety_backup() {
     // A database of more than 8 MiB: read in owned chunks, hashed on a
     // thread of its own and handed to the staging without a copy.
-    let fx = Fixture::new(16_000_000).await;
+    let fx = Fixture::new(12_000_000).await;
     assert!(std::fs::metadata(&fx.layout.database).unwrap().len() > 8 << 20);
     let service = fx.service(&fx.config(""));
     let before = synthorg_tests::capture(&fx.layout).await;
@@ -558,9 +558,11 @@ async fn restore_under_a_live_writer_process_is_refused_and_its_rows_stay() {
     let fx = Fixture::new(1_000_000).await;
     let service = fx.service(&fx.config(""));
     let backup = service.create(Trigger::Manual).await.unwrap();
+    // It writes for 6 s: long enough to still run when the restore looks,
+    // even on a loaded machine running the other tests.
     let writer = std::process::Command::new(env!("CARGO_BIN_EXE_synthorg-bench-writer"))
         .arg(&fx.layout.database)
-        .arg("3")
+        .arg("6")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -342,7 +342,19 @@ async fn backup_list_verify_restore_round_trip_through_s3() {
         2,
         "the safety backup went to S3 too"
     );
-    assert!(report.safety_backup_id.is_some());
+    let safety = report.safety_backup_id.unwrap();
+    // The safety backup is compressed at the fastest level (the app is
+    // down while it is taken), the regular one at the default: the gzip
+    // header's XFL says which (4: fastest, 0: in between).
+    let xfl = |id: &backup_core::BackupId| {
+        let archive = server
+            .root
+            .join("round-trip/site/a")
+            .join(format!("{id}.tar.gz"));
+        std::fs::read(&archive).unwrap_or_else(|e| panic!("{}: {e}", archive.display()))[8]
+    };
+    assert_eq!(xfl(&m.id), 0, "default level");
+    assert_eq!(xfl(&safety), 4, "fastest level");
 }
 
 /// The S3 server as a child process, so that it can be stopped.

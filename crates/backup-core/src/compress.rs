@@ -29,6 +29,9 @@ pub const BLOCK_SIZE: usize = 1024 * 1024;
 pub const DEFAULT_GZIP_LEVEL: u32 = 3;
 /// Default zstd level.
 pub const DEFAULT_ZSTD_LEVEL: u32 = 3;
+/// The fastest level of gzip and zstd alike (libdeflate level 1: 342 MB/s
+/// per core at ratio 0.226 on the demo data, level 3: 195 MB/s at 0.209).
+pub const FASTEST_LEVEL: u32 = 1;
 
 /// Members compressed at once: one per core (the next block is gathered
 /// meanwhile, so cores do not wait).

@@ -125,6 +125,9 @@ pub struct CreateOptions {
     /// [`ComponentSource::snapshot_settled`]): a restore's safety backup,
     /// taken while the app is stopped.
     pub settled: bool,
+    /// The compression level of this backup; the configured one when
+    /// `None`. A restore's regular safety backup takes the fastest.
+    pub compression_level: Option<u32>,
 }
 
 impl std::fmt::Debug for CreateOptions {
@@ -134,6 +137,7 @@ impl std::fmt::Debug for CreateOptions {
             .field("progress", &self.progress.is_some())
             .field("components", &self.components)
             .field("settled", &self.settled)
+            .field("compression_level", &self.compression_level)
             .finish()
     }
 }

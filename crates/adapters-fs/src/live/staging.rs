@@ -288,7 +288,11 @@ impl EntrySink for FsStaging {
             writer: self.writer_for(&path),
             path,
             owner,
-            gathered: Some(Vec::new()),
+            // Sized once: grown by doubling, the last step of a file near
+            // GATHER would be a fresh mapping above malloc's threshold.
+            gathered: Some(Vec::with_capacity(
+                usize::try_from(entry.size).map_or(GATHER, |n| n.min(GATHER)),
+            )),
         });
         Ok(())
     }

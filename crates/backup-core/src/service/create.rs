@@ -275,8 +275,10 @@ impl BackupService {
         } else {
             let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_DEPTH);
             let tar = crate::crypt::receiver_stream(rx);
-            let compressed =
-                crate::compress::compress(tar, compression, self.settings.compression_level);
+            let level = options
+                .compression_level
+                .or(self.settings.compression_level);
+            let compressed = crate::compress::compress(tar, compression, level);
             // Member offsets refer to the compressed stream; the hash and
             // size to what is stored (after encryption, when encrypting).
             let members = compression != Compression::None;

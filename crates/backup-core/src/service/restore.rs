@@ -359,10 +359,13 @@ impl BackupService {
         }
         // The app is stopped (no process holds the live files) and we hold
         // the lock: the sources may be read in place (no `VACUUM INTO` of
-        // the whole database into a scratch copy first).
+        // the whole database into a scratch copy first). It is compressed
+        // at the fastest level: the app stays down while it is taken, and
+        // it is kept only until the safety pool is trimmed.
         let options = CreateOptions {
             components: Some(components.to_vec()),
             settled: true,
+            compression_level: Some(crate::compress::FASTEST_LEVEL),
             ..CreateOptions::default()
         };
         self.create_locked(Trigger::PreRestore, &options)
