@@ -200,9 +200,13 @@ pub(crate) async fn write_bytes_atomically(final_path: &Path, bytes: Vec<u8>) ->
 static CHUNKS: BufferPool = BufferPool::new(16, CHUNK);
 
 /// Streams a whole file in [`CHUNK`]-sized pieces, read into pooled
-/// buffers.
+/// buffers. A piece shorter than [`CHUNK`] was ended by the file's end, so
+/// no further read (and no further buffer) is spent learning it.
 pub(crate) fn stream_file(file: tokio::fs::File) -> ByteStream {
-    futures::stream::try_unfold(file, |mut file| async move {
+    futures::stream::try_unfold((file, false), |(mut file, ended)| async move {
+        if ended {
+            return Ok(None);
+        }
         let mut buf = CHUNKS.take_filled(CHUNK);
         let mut filled = 0;
         while filled < CHUNK {
@@ -211,12 +215,10 @@ pub(crate) fn stream_file(file: tokio::fs::File) -> ByteStream {
                 n => filled += n,
             }
         }
-        buf.truncate(filled);
-        if buf.is_empty() {
-            Ok(None)
-        } else {
-            Ok(Some((CHUNKS.bytes(buf), file)))
+        if filled == 0 {
+            return Ok(None);
         }
+        Ok(Some((CHUNKS.bytes(buf, filled), (file, filled < CHUNK))))
     })
     .into_stream()
     .boxed()

@@ -55,10 +55,18 @@ impl BufferPool {
             .unwrap_or_default()
     }
 
-    /// `buf` as `Bytes`; it comes back to the pool when the last clone is
-    /// dropped.
-    pub fn bytes(&'static self, buf: Vec<u8>) -> Bytes {
-        Bytes::from_owner(Pooled { buf, pool: self })
+    /// The first `len` bytes of `buf` (all of it when shorter) as `Bytes`;
+    /// `buf` comes back to the pool, whole, when the last clone is dropped.
+    /// Passing the length instead of truncating keeps the rest of the
+    /// buffer initialised, so [`take_filled`](Self::take_filled) does not
+    /// zero it again: a buffer is zeroed once in its life, not on each use.
+    pub fn bytes(&'static self, buf: Vec<u8>, len: usize) -> Bytes {
+        let len = len.min(buf.len());
+        Bytes::from_owner(Pooled {
+            buf,
+            len,
+            pool: self,
+        })
     }
 
     fn give_back(&self, buf: Vec<u8>) {
@@ -71,15 +79,17 @@ impl BufferPool {
     }
 }
 
-/// Bytes of a pooled buffer, which goes back to its pool when dropped.
+/// The first `len` bytes of a pooled buffer, which goes back to its pool
+/// when dropped.
 struct Pooled {
     buf: Vec<u8>,
+    len: usize,
     pool: &'static BufferPool,
 }
 
 impl AsRef<[u8]> for Pooled {
     fn as_ref(&self) -> &[u8] {
-        &self.buf
+        &self.buf[..self.len]
     }
 }
 
@@ -99,7 +109,8 @@ mod tests {
         let mut buf = POOL.take(100);
         buf.extend_from_slice(b"hello");
         let ptr = buf.as_ptr();
-        let bytes = POOL.bytes(buf);
+        let len = buf.len();
+        let bytes = POOL.bytes(buf, len);
         let clone = bytes.slice(1..3);
         drop(bytes);
         assert_eq!(&clone[..], b"el", "still alive through the clone");
@@ -109,11 +120,11 @@ mod tests {
         assert_eq!(again.as_ptr(), ptr, "the same allocation, reused");
         assert!(again.is_empty());
         // Larger than the pool's size class: freed, not kept.
-        drop(POOL.bytes(vec![0u8; 4096]));
+        drop(POOL.bytes(vec![0u8; 4096], 4096));
         assert!(POOL.free.lock().unwrap().is_empty());
         // At most `keep` kept.
-        drop(POOL.bytes(again));
-        drop(POOL.bytes(Vec::with_capacity(8)));
+        drop(POOL.bytes(again, 0));
+        drop(POOL.bytes(Vec::with_capacity(8), 0));
         assert_eq!(POOL.free.lock().unwrap().len(), 1);
     }
 
@@ -121,9 +132,14 @@ mod tests {
     fn take_filled_gives_exactly_len_bytes_zeroing_only_what_grows() {
         static POOL: BufferPool = BufferPool::new(1, 1024);
         assert_eq!(POOL.take_filled(5), vec![0; 5]);
-        drop(POOL.bytes(b"abcdef".to_vec()));
+        drop(POOL.bytes(b"abcdef".to_vec(), 6));
         assert_eq!(POOL.take_filled(3), b"abc", "left over, not zeroed");
-        drop(POOL.bytes(b"ab".to_vec()));
+        drop(POOL.bytes(b"ab".to_vec(), 2));
         assert_eq!(POOL.take_filled(4), b"ab\0\0");
+        // Bytes of a part of a buffer: the whole buffer comes back.
+        let part = POOL.bytes(b"wxyz".to_vec(), 1);
+        assert_eq!(&part[..], b"w");
+        drop(part);
+        assert_eq!(POOL.take_filled(4), b"wxyz", "not truncated to the part");
     }
 }

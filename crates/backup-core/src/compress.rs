@@ -225,7 +225,11 @@ fn pieces(
                 let take = carry.len().min(len - piece.len());
                 piece.extend_from_slice(&carry.split_to(take));
             }
-            Some((Ok(MEMBERS.bytes(piece)), (input, carry, lengths, false)))
+            let len = piece.len();
+            Some((
+                Ok(MEMBERS.bytes(piece, len)),
+                (input, carry, lengths, false),
+            ))
         },
     )
 }
@@ -275,7 +279,7 @@ fn decompress_member(member: &[u8], compression: Compression) -> io::Result<Byte
                     "gzip member gave {n} bytes, its trailer says {isize}"
                 )));
             }
-            Ok(MEMBERS.bytes(out))
+            Ok(MEMBERS.bytes(out, isize))
         }
         Compression::Zstd => {
             let size = match zstd::zstd_safe::get_frame_content_size(member) {

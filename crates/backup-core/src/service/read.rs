@@ -25,9 +25,8 @@ use crate::manifest::{FileEntry, MAX_MANIFEST_BYTES, Manifest};
 use crate::path::{ArchivePath, MANIFEST_FILE};
 use crate::ports::{BackupStore, ByteStream, EntrySink, ObjectName};
 
-/// Read buffer for entry data (below glibc's mmap threshold as `synthorg`
-/// sets it, so that the copies sinks make come from the heap, not from a
-/// fresh mapping each).
+/// Largest chunk of entry data read at once (below glibc's mmap threshold
+/// as `synthorg` sets it; chunks come from [`FILE_CHUNKS`]).
 const READ_CHUNK: usize = 64 * 1024;
 /// Files from this size on are hashed on a thread of their own.
 const BACKGROUND_HASH_FROM: u64 = 8 * 1024 * 1024;
@@ -410,17 +409,22 @@ async fn read_file<'d, R: tokio::io::AsyncRead + Unpin>(
     } else {
         FileHash::Here(Sha256Hasher::new())
     };
-    loop {
+    let mut left = size;
+    while left > 0 {
         // Read into a pooled buffer: shared by the hashing thread and the
         // sink without a copy, and no fresh allocation per chunk (freed by
-        // another thread, they made glibc trim and regrow its arenas).
-        let mut chunk = FILE_CHUNKS.take_filled(READ_CHUNK);
+        // another thread, they made glibc trim and regrow its arenas). Only
+        // what is left of the entry is asked for: a small file's buffer is
+        // not grown (and zeroed) to a whole chunk, and no read is spent
+        // learning that the entry ended.
+        let want = usize::try_from(left).map_or(READ_CHUNK, |l| l.min(READ_CHUNK));
+        let mut chunk = FILE_CHUNKS.take_filled(want);
         let n = read_chunk(tar, manifest, &mut chunk).await?;
         if n == 0 {
-            break;
+            break; // cannot happen (the reader fails on truncation); checked below
         }
-        chunk.truncate(n);
-        let chunk = FILE_CHUNKS.bytes(chunk);
+        left -= n as u64;
+        let chunk = FILE_CHUNKS.bytes(chunk, n);
         match &mut hasher {
             FileHash::Here(h) => h.update(&chunk),
             FileHash::Background(h) => h.update(chunk.clone()).await,
@@ -532,7 +536,7 @@ async fn read_directory(
             }
             hasher.update(&chunk);
             if wanted {
-                sink.file_data(&chunk).await?;
+                sink.file_bytes(chunk).await?;
             }
         }
         let digest = hasher.finish();
