@@ -326,35 +326,39 @@ async fn backup_list_verify_restore_round_trip_through_s3() {
     assert!(service.verify(&m.id).await.unwrap().ok);
 
     std::fs::write(&fx.layout.company_config, b"company: {name: changed}\n").unwrap();
-    let report = service
-        .restore(
-            &m.id,
-            backup_core::RestoreOptions {
-                confirm: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let changed = synthorg_tests::capture(&fx.layout).await;
+    let confirmed = || backup_core::RestoreOptions {
+        confirm: true,
+        ..Default::default()
+    };
+    let report = service.restore(&m.id, confirmed()).await.unwrap();
     assert_eq!(synthorg_tests::capture(&fx.layout).await, before);
     assert_eq!(
         service.list().await.unwrap().len(),
         2,
-        "the safety backup went to S3 too"
+        "the safety backup is listed"
     );
+    // It stays on this machine, at backup.path, in directory form (the
+    // replaced items renamed into it): not compressed, not uploaded.
     let safety = report.safety_backup_id.unwrap();
-    // The safety backup is compressed at the fastest level (the app is
-    // down while it is taken), the regular one at the default: the gzip
-    // header's XFL says which (4: fastest, 0: in between).
-    let xfl = |id: &backup_core::BackupId| {
-        let archive = server
-            .root
-            .join("round-trip/site/a")
-            .join(format!("{id}.tar.gz"));
-        std::fs::read(&archive).unwrap_or_else(|e| panic!("{}: {e}", archive.display()))[8]
-    };
-    assert_eq!(xfl(&m.id), 0, "default level");
-    assert_eq!(xfl(&safety), 4, "fastest level");
+    assert_eq!(safety.trigger(), Trigger::PreRestore);
+    let pooled = fx.layout.backups_dir.join(safety.to_string());
+    assert!(
+        pooled.join("manifest.json").is_file(),
+        "{}",
+        pooled.display()
+    );
+    let in_s3: Vec<String> = std::fs::read_dir(server.root.join("round-trip/site/a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&safety.to_string()))
+        .collect();
+    assert!(in_s3.is_empty(), "uploaded: {in_s3:?}");
+    assert!(service.verify(&safety).await.unwrap().ok);
+    // Undoing the restore: the safety backup gives the replaced state back.
+    service.restore(&safety, confirmed()).await.unwrap();
+    assert_eq!(synthorg_tests::capture(&fx.layout).await, changed);
+    assert_eq!(service.list().await.unwrap().len(), 3);
 }
 
 /// The S3 server as a child process, so that it can be stopped.

@@ -329,6 +329,7 @@ impl RestoreTarget for LiveData {
                 .collect::<Result<_>>()?,
             current: None,
             db_check: None,
+            flushing: None,
         }))
     }
 

@@ -22,6 +22,8 @@ pub type LocalFsStore = Layout<LocalDir>;
 #[derive(Debug, Clone)]
 pub struct LocalDir {
     root: PathBuf,
+    /// Created by the first write, not by `open`; missing, it is empty.
+    lazy: bool,
 }
 
 impl LocalDir {
@@ -30,7 +32,10 @@ impl LocalDir {
     /// # Errors
     /// `Store` when the directory cannot be created or is not a directory.
     pub fn open(root: impl Into<PathBuf>) -> Result<LocalDir> {
-        let dir = LocalDir { root: root.into() };
+        let dir = LocalDir {
+            root: root.into(),
+            lazy: false,
+        };
         fsio::create_dir_private(&dir.root).map_err(|e| dir.io_err(&dir.root, "create", e))?;
         if !dir.root.is_dir() {
             return Err(dir.err(&dir.root, "not a directory".into(), None));
@@ -44,6 +49,29 @@ impl LocalDir {
     /// As [`open`](Self::open).
     pub fn store(root: impl Into<PathBuf>) -> Result<LocalFsStore> {
         LocalDir::open(root).map(Layout::new)
+    }
+
+    /// The store over the directory at `root`, created (mode 0700) by the
+    /// first write: until then it lists as empty. For a directory used
+    /// only now and then (a remote store's pool of safety backups), which
+    /// should not appear before it is.
+    pub fn lazy_store(root: impl Into<PathBuf>) -> LocalFsStore {
+        Layout::new(LocalDir {
+            root: root.into(),
+            lazy: true,
+        })
+    }
+
+    /// Creates a lazy directory before its first write.
+    async fn ensure_root(&self) -> Result<()> {
+        if !self.lazy {
+            return Ok(());
+        }
+        let root = self.root.clone();
+        self.blocking(&self.root, "create", move || {
+            fsio::create_dir_private(&root)
+        })
+        .await
     }
 
     /// The backup directory.
@@ -86,10 +114,15 @@ impl LocalDir {
     /// Removes the temp files whose names start with `prefix`.
     async fn remove_temps(&self, prefix: String) -> Result<Vec<String>> {
         let root = self.root.clone();
+        let lazy = self.lazy;
         let removed = self
             .blocking(&self.root, "remove temp files", move || {
                 let mut removed = Vec::new();
-                for entry in std::fs::read_dir(&root)? {
+                let entries = match std::fs::read_dir(&root) {
+                    Err(e) if lazy && e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+                    entries => entries?,
+                };
+                for entry in entries {
                     let name = entry?.file_name().to_string_lossy().into_owned();
                     if name.starts_with(&prefix) && name.contains(TEMP_MARKER) {
                         fsio::remove_any(&root.join(&name))?;
@@ -117,9 +150,14 @@ impl ObjectSpace for LocalDir {
 
     async fn list_root(&self) -> Result<RootListing> {
         let root = self.root.clone();
+        let lazy = self.lazy;
         self.blocking(&self.root, "list", move || {
             let mut listing = RootListing::default();
-            for entry in std::fs::read_dir(&root)? {
+            let entries = match std::fs::read_dir(&root) {
+                Err(e) if lazy && e.kind() == io::ErrorKind::NotFound => return Ok(listing),
+                entries => entries?,
+            };
+            for entry in entries {
                 let entry = entry?;
                 let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                     continue; // not ours: our names are ASCII
@@ -152,6 +190,7 @@ impl ObjectSpace for LocalDir {
     }
 
     async fn write_small(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        self.ensure_root().await?;
         let path = self.path(name);
         fsio::write_bytes_atomically(&path, bytes)
             .await
@@ -160,6 +199,7 @@ impl ObjectSpace for LocalDir {
     }
 
     async fn put(&self, name: &str, data: ByteStream) -> Result<u64> {
+        self.ensure_root().await?;
         let path = self.path(name);
         if let Some(parent) = path.parent().filter(|p| *p != self.root) {
             let parent = parent.to_path_buf();

@@ -68,6 +68,36 @@ async fn local_store_passes_the_conformance_suite() {
 }
 
 #[tokio::test]
+async fn a_lazy_store_appears_with_its_first_write_and_passes_the_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pool/backups");
+    let store = LocalDir::lazy_store(&root);
+    assert!(store.list().await.unwrap().is_empty());
+    assert!(store.cleanup_incomplete().await.unwrap().is_empty());
+    assert!(matches!(
+        store.manifest(&id(1_800_000_000)).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(!root.exists(), "reading does not create it");
+    store
+        .put(
+            &id(1_800_000_000),
+            &ObjectName::Archive(Compression::Gzip),
+            bytes_stream(b"x".to_vec()),
+        )
+        .await
+        .unwrap();
+    let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    store.discard(&id(1_800_000_000)).await.unwrap();
+    let target = Local {
+        root: root.clone(),
+        store: Arc::new(store),
+    };
+    conformance::run_all(&target).await;
+}
+
+#[tokio::test]
 async fn backup_directory_and_files_are_private() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("a/b/backups");

@@ -8,6 +8,7 @@ use adapters_sqlite::{PgDatabase, PgServer, PgSource, SqliteSnapshotter, SqliteS
 use backup_core::ports::{
     BackupStore, Clock, ComponentSource, NoNotifier, NoQuiesce, OperationLock, Quiesce,
 };
+use backup_core::safety_pool::SafetyPool;
 use backup_core::{BackupConfig, BackupService, Component, Ports, Result, RunningApp, Settings};
 
 /// Builds the service for `config`: the S3 target of `backup.s3` when
@@ -66,6 +67,10 @@ pub fn build_service_with_clock(
     let (store, lock): (Arc<dyn BackupStore>, Arc<dyn OperationLock>) = match &config.s3 {
         Some(s3) => {
             let (store, lock) = adapters_s3::connect(s3)?;
+            // A restore's safety backup stays on this machine, at
+            // `backup.path` (see `SafetyPool`).
+            let pool = LocalDir::lazy_store(&config.path);
+            let store = SafetyPool::new(Arc::new(store), Arc::new(pool));
             (Arc::new(store), Arc::new(lock))
         }
         None => {

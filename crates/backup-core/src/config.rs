@@ -509,7 +509,8 @@ impl S3Config {
 pub struct BackupConfig {
     /// Master switch for automatic backups (scheduled, startup, shutdown).
     pub enabled: bool,
-    /// Local-disk target, used when there is no `s3` block.
+    /// Local-disk target, used when there is no `s3` block; with one, where
+    /// a restore keeps its safety backup (see `safety_pool`).
     pub path: PathBuf,
     /// Hours between scheduled backups. 1–168.
     #[serde(deserialize_with = "bounded::<_, 1, 168>")]
@@ -688,9 +689,7 @@ impl BackupConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] naming `backup.path` and the source.
     pub fn check_layout(&self) -> Result<(), ConfigError> {
-        if self.s3.is_some() {
-            return Ok(());
-        }
+        // With S3 too: there it holds the restores' safety backups.
         let path = &self.path;
         for (key, dir) in [
             ("backup.sources.memory_dir", &self.sources.memory_dir),
@@ -1195,8 +1194,13 @@ backup:
         // Beside the sources in the same data directory: the seed's layout.
         assert!(load_at("backup: {path: ./data/backups}").is_ok());
         assert!(load_at("backup: {path: /var/backups/synthorg}").is_ok());
-        // With an S3 target, backup.path is not used.
-        assert!(load_at("backup: {path: ./data/memory, s3: {bucket: b-1}}").is_ok());
+        // With an S3 target too: backup.path holds the restores' safety
+        // backups (the memory directory would be moved into itself).
+        let e = load_at("backup: {path: ./data/memory, s3: {bucket: b-1}}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backup.path") && e.contains("memory_dir"), "{e}");
+        assert!(load_at("backup: {path: ./data/backups, s3: {bucket: b-1}}").is_ok());
     }
 
     #[test]

@@ -39,6 +39,17 @@ pub trait Target: Send + Sync {
     async fn exists_raw(&self, name: &str) -> bool;
 }
 
+/// The ids `store` lists, in its order.
+pub async fn listed_ids(store: &dyn BackupStore) -> Vec<BackupId> {
+    store
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.id().clone())
+        .collect()
+}
+
 /// Runs every check.
 pub async fn run_all(target: &dyn Target) {
     put_get_publish_list_delete(target).await;
@@ -203,14 +214,7 @@ pub async fn unpublished_backups_are_invisible_and_cleaned_up(target: &dyn Targe
         .put(&half, &gz, stream_of(b"interrupted".to_vec()))
         .await
         .unwrap();
-    let ids: Vec<BackupId> = store
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .map(|l| l.id().clone())
-        .collect();
-    assert_eq!(ids, vec![done.clone()]);
+    assert_eq!(listed_ids(store.as_ref()).await, vec![done.clone()]);
     let removed = store.cleanup_incomplete().await.unwrap();
     assert!(
         removed.iter().any(|r| r.contains(&half.to_string())),
@@ -343,13 +347,7 @@ pub async fn every_id_form_round_trips(target: &dyn Target) {
         m.compression = Compression::Zstd;
         store.publish(&m).await.unwrap();
     }
-    let listed: Vec<BackupId> = store
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .map(|l| l.id().clone())
-        .collect();
+    let listed = listed_ids(store.as_ref()).await;
     let mut want = ids.clone();
     want.sort_by(|a, b| b.cmp(a));
     assert_eq!(listed, want);

@@ -28,6 +28,7 @@ pub mod memory;
 pub mod path;
 pub mod ports;
 pub mod retention;
+pub mod safety_pool;
 pub mod service;
 pub mod status;
 pub mod wire;

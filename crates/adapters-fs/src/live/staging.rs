@@ -26,6 +26,9 @@ pub(super) struct FsStaging {
     /// The staged SQLite database's checks, started as soon as it is
     /// written (it comes first), so they overlap the rest of the staging.
     pub(super) db_check: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// Writeback of the staged files, started once they are all written
+    /// (see `verify`); awaited, errors and all, by `commit`.
+    pub(super) flushing: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
 /// Data gathered for one file before its writer gets it whole: a small
@@ -348,6 +351,17 @@ impl EntrySink for FsStaging {
     }
 }
 
+/// Makes the filesystems of the staged `roots` durable (`syncfs`), through
+/// their parents: a staged server-database dump is gone by the swap,
+/// restored into its staging database.
+fn sync_roots(roots: &[(Component, PathBuf)]) -> Result<()> {
+    for (c, staged) in roots {
+        let dir = parent_of(staged);
+        fsio::sync_filesystem(dir).map_err(|e| source_err(*c, dir, e))?;
+    }
+    Ok(())
+}
+
 /// The error refusing the backup's entry at `path` for `reason`.
 fn refusal(manifest: &Manifest, path: &str, reason: &str) -> Error {
     Error::Integrity {
@@ -370,6 +384,12 @@ impl Staging for FsStaging {
     async fn verify(&mut self) -> Result<()> {
         // Everything queued is on disk (not yet durable) first.
         self.finish_writers().await?;
+        // Its writeback starts now, while the staged database's checks may
+        // still run: the `syncfs` before the swap then finds little to do.
+        // Errors count: the swap's own `syncfs` would not report one that
+        // happened before it opened the filesystem.
+        let roots = self.roots.clone();
+        self.flushing = Some(tokio::task::spawn_blocking(move || sync_roots(&roots)));
         for (c, root) in self.roots.clone() {
             match c {
                 Component::Persistence if let Some(server) = self.live.server.clone() => {
@@ -445,7 +465,12 @@ impl Staging for FsStaging {
         .await
     }
 
-    async fn commit(self: Box<Self>, keep: Option<&Kept>) -> Result<()> {
+    async fn commit(mut self: Box<Self>, keep: Option<&Kept>) -> Result<()> {
+        if let Some(flushing) = self.flushing.take() {
+            flushing
+                .await
+                .map_err(|e| Error::Internal(format!("writing the staging back: {e}")))??;
+        }
         let keep = keep.cloned();
         let live = self.live.clone();
         let roots = self.roots.clone();
@@ -458,12 +483,7 @@ impl Staging for FsStaging {
         blocking(move || {
             // Staged files durable before the journal can make them live:
             // one syncfs per filesystem instead of an fsync per file.
-            // (Through the parent: a staged server-database dump is gone
-            // by now, restored into its staging database.)
-            for (c, staged) in &roots {
-                let dir = parent_of(staged);
-                fsio::sync_filesystem(dir).map_err(|e| source_err(*c, dir, e))?;
-            }
+            sync_roots(&roots)?;
             let mut journal = Journal {
                 backup_id,
                 state: JournalState::Swapping,
@@ -537,6 +557,9 @@ impl Staging for FsStaging {
         let db_staging = self.db_staging.take();
         if let Some(check) = self.db_check.take() {
             check.abort();
+        }
+        if let Some(flushing) = self.flushing.take() {
+            let _ = flushing.await; // before removing what it writes back
         }
         // Stop writing before removing (its error no longer matters).
         let _ = self.finish_writers().await;
