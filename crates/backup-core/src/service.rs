@@ -52,9 +52,9 @@ pub struct Settings {
     /// Longest the memory writer may stay paused.
     pub quiesce_timeout: Duration,
     /// Recipients new backups are encrypted to (`None`: in the clear);
-    /// `Err` for a config naming bad ones, so that backups fail rather
-    /// than go out unencrypted.
-    pub encrypt_to: std::result::Result<Option<Recipients>, String>,
+    /// `Err` (the key, what is wrong with it) for a config naming bad
+    /// ones, so that backups fail rather than go out unencrypted.
+    pub encrypt_to: std::result::Result<Option<Recipients>, (String, String)>,
     /// The identity that decrypts encrypted backups, as the host loaded it.
     pub identity: IdentityState,
 }
@@ -71,7 +71,10 @@ impl From<&BackupConfig> for Settings {
             quiesce_timeout: Duration::from_secs(u64::from(c.quiesce_timeout_secs)),
             encrypt_to: match &c.encryption {
                 None => Ok(None),
-                Some(e) => e.recipients().map(Some).map_err(|e| e.to_string()),
+                Some(e) => e.recipients().map(Some).map_err(|e| match e {
+                    crate::config::ConfigError::Invalid { key, reason } => (key, reason),
+                    other => ("backup.encryption.recipients".into(), other.to_string()),
+                }),
             },
             identity: IdentityState::None,
         }

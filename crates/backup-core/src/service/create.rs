@@ -260,11 +260,8 @@ impl BackupService {
     ) -> Result<Manifest> {
         let compression = self.settings.compression;
         let store = self.ports.store.as_ref();
-        let encrypt_to = self.settings.encrypt_to.clone().map_err(|reason| {
-            Error::Config(crate::config::ConfigError::Invalid {
-                key: "backup.encryption.recipients".into(),
-                reason,
-            })
+        let encrypt_to = self.settings.encrypt_to.clone().map_err(|(key, reason)| {
+            Error::Config(crate::config::ConfigError::Invalid { key, reason })
         })?;
         let manifest = if compression == Compression::None && encrypt_to.is_none() {
             let sink = Sink::Dir { store, id };

@@ -106,9 +106,9 @@ impl BackupService {
     pub async fn key_warnings(&self, newest: Option<&Summary>) -> Vec<String> {
         let recipients = match &self.settings.encrypt_to {
             Ok(r) => r.as_ref(),
-            Err(reason) => {
+            Err((key, reason)) => {
                 return vec![format!(
-                    "backup.encryption.recipients is invalid ({reason}): backups fail until it is fixed"
+                    "{key} is invalid ({reason}): backups fail until it is fixed"
                 )];
             }
         };

@@ -568,3 +568,19 @@ async fn progress_reports_bytes_and_files() {
     );
     assert_eq!(seen.last().unwrap().phase, super::Phase::Finish);
 }
+
+#[test]
+fn bad_recipients_that_bypassed_validation_fail_backups_naming_the_key_once() {
+    let config = crate::config::BackupConfig {
+        encryption: Some(crate::config::EncryptionConfig {
+            recipients: vec!["age1bogus".into()],
+            identity_file: None,
+        }),
+        ..Default::default()
+    };
+    let (key, reason) = Settings::from(&config).encrypt_to.unwrap_err();
+    assert_eq!(key, "backup.encryption.recipients[0]");
+    assert!(!reason.contains("backup.encryption"), "{reason}");
+    let e = Error::Config(crate::config::ConfigError::Invalid { key, reason }).to_string();
+    assert_eq!(e.matches("backup.encryption.recipients").count(), 1, "{e}");
+}
