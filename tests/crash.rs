@@ -354,6 +354,18 @@ async fn backup_state(service: &BackupService, id: &BackupId, layout_of: &Path) 
     state
 }
 
+/// The `pre-restore` backups `service` lists.
+async fn pre_restore_ids(service: &backup_core::BackupService) -> Vec<BackupId> {
+    service
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.id().clone())
+        .filter(|id| id.trigger() == Trigger::PreRestore)
+        .collect()
+}
+
 /// What runs after the killed restore, instead of `recover`.
 #[derive(Debug, Clone, Copy)]
 enum Next {
@@ -391,6 +403,7 @@ async fn restore_killed_after_every_rename(next: Next) {
                 (n - 1).to_string()
             }
         };
+        let safety_before = pre_restore_ids(&scene.service).await;
         let status = scene
             .helper(&["restore", &backup_a.to_string()])
             .env("SYNTHORG_CRASH_ABORT_AFTER_RENAME", &step)
@@ -434,6 +447,26 @@ async fn restore_killed_after_every_rename(next: Next) {
             }
         };
         let live = capture(&scene.fx.layout).await;
+        // A restore whose swap committed left its safety backup, published
+        // by the restore or, when it died first, by recovery; one rolled
+        // back left none.
+        let safety: Vec<BackupId> = pre_restore_ids(&scene.service)
+            .await
+            .into_iter()
+            .filter(|s| !safety_before.contains(s))
+            .collect();
+        if live == state_a {
+            let [s] = &safety[..] else {
+                panic!("{what}: the restored state, safety backups {safety:?}");
+            };
+            assert_eq!(
+                backup_state(&scene.service, s, &scratch).await,
+                state_b,
+                "{what}: the safety backup holds the replaced state"
+            );
+        } else {
+            assert_eq!(safety, Vec::<BackupId>::new(), "{what}: rolled back");
+        }
         let stored = backup_state(&scene.service, &id, &scratch).await;
         assert_eq!(
             stored, live,

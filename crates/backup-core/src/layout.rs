@@ -161,6 +161,45 @@ impl<S: ObjectSpace> Layout<S> {
     }
 
     /// The sidecar: parsed and validated, or the encrypted one.
+    /// Publishes a `pre-restore` backup in directory form that a restore's
+    /// swap completed but that was not published (the process died in
+    /// between): its manifest was written before the swap, and every file
+    /// and directory it lists is there only if the swap committed (it
+    /// renamed the replaced live items in; a swap that recovery rolled back
+    /// took them out again, and recovery runs before this). Whether it was.
+    async fn finish_safety(&self, id: &BackupId) -> Result<bool> {
+        if id.trigger() != crate::id::Trigger::PreRestore {
+            return Ok(false);
+        }
+        let inner = format!("{id}/{MANIFEST_FILE}");
+        let Small::Found(bytes) = self.space.read_small(&inner, MAX_MANIFEST_BYTES).await? else {
+            return Ok(false);
+        };
+        let Ok(m) = Manifest::from_sidecar(&bytes, id) else {
+            return Ok(false);
+        };
+        if m.is_archive() || m.encrypted {
+            return Ok(false);
+        }
+        let paths = m
+            .files
+            .iter()
+            .map(|f| &f.path)
+            .chain(m.dirs.iter().map(|d| &d.path));
+        for path in paths {
+            if self
+                .space
+                .get(&format!("{id}/{}", path.as_str()))
+                .await?
+                .is_none()
+            {
+                return Ok(false);
+            }
+        }
+        self.publish(&m).await?;
+        Ok(true)
+    }
+
     async fn read_sidecar(&self, id: &BackupId) -> Result<Sidecar> {
         let too_large = |size| Error::Manifest {
             id: id.to_string(),
@@ -470,6 +509,12 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
         for name in names {
             let Some(id) = data_owner(name) else { continue };
             if published.contains(&id) {
+                continue;
+            }
+            if *name == id.to_string() && self.finish_safety(&id).await? {
+                tracing::warn!(store = %self.space.location(), safety_backup = %id,
+                    "published the safety backup of a restore interrupted after its swap");
+                removed.push(format!("published {id}"));
                 continue;
             }
             if self.space.remove(name).await? {
