@@ -169,6 +169,15 @@ async fn failures_and_successes_are_notified_and_the_status_follows_them() {
         receiver.event("restore.succeeded").await["backup_id"],
         m.id.to_string()
     );
+    // Its safety backup is newer, but not a backup that succeeded: the
+    // status still counts from m (nor is it what the runtime verifies).
+    assert_eq!(service.list().await.unwrap().len(), 2);
+    let status = service.status(true, SIX_HOURS).await.unwrap();
+    assert_eq!(status.last_success.unwrap().id, m.id);
+    assert_eq!(
+        service.verify_newest().await.unwrap().unwrap().backup_id,
+        m.id
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,4 +327,53 @@ async fn the_runtime_verifies_on_schedule_and_reports_overdue_once() {
             .contains("synthorg_backup_status 2")
     );
     runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restores_safety_backup_does_not_postpone_the_first_scheduled_backup() {
+    let fx = Fixture::new(200_000).await;
+    let clock = Arc::new(synthorg_tests::ShiftedClock::default());
+    let service = service_with_clock(&fx, "", Arc::clone(&clock));
+    // The last backup is 7 hours old; a restore of it just now took a
+    // safety backup, the newest backup listed.
+    *clock.0.lock().unwrap() = -chrono::TimeDelta::hours(7);
+    let old = service.create(Trigger::Scheduled).await.unwrap();
+    *clock.0.lock().unwrap() = chrono::TimeDelta::zero();
+    service
+        .restore(&old.id, synthorg_tests::confirmed())
+        .await
+        .unwrap();
+    assert_eq!(
+        service.list().await.unwrap()[0].id().trigger(),
+        Trigger::PreRestore
+    );
+    let schedule = Duration::from_secs(6 * 3600);
+    let state = synthorg_api::AdminState::new(service.clone(), None, true).with_schedule(schedule);
+    let config = synthorg_api::RuntimeConfig {
+        enabled: true,
+        on_startup: false,
+        on_shutdown: false,
+        schedule,
+        shutdown_timeout: Duration::from_secs(60),
+        verify_every: None,
+        overdue_check: Duration::from_secs(300),
+    };
+    let runtime = synthorg_api::BackupRuntime::start(state, config, clock).await;
+    let started = std::time::Instant::now();
+    let scheduled = loop {
+        let listed = service.list().await.unwrap();
+        if let Some(l) = listed
+            .iter()
+            .find(|l| l.id().trigger() == Trigger::Scheduled && *l.id() != old.id)
+        {
+            break l.id().clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no scheduled backup at start: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    runtime.shutdown().await;
+    assert!(scheduled > old.id);
 }

@@ -252,8 +252,10 @@ async fn watch_health(
 }
 
 /// Every `interval`, a scheduled backup; once at start if the newest
-/// backup is older than the interval. Never overlapping: each run is
-/// awaited, and a run that finds the lock taken is skipped.
+/// backup (a restore's safety backup aside: it holds the state the restore
+/// replaced, not the live one) is older than the interval. Never
+/// overlapping: each run is awaited, and a run that finds the lock taken
+/// is skipped.
 async fn schedule(
     state: AdminState,
     interval: Duration,
@@ -262,8 +264,8 @@ async fn schedule(
 ) {
     let newest = match state.service().list().await {
         Ok(listed) => listed.iter().find_map(|l| match l {
-            Listed::Complete(m) => Some(m.timestamp),
-            Listed::Damaged { .. } => None,
+            Listed::Complete(m) if m.id.trigger() != Trigger::PreRestore => Some(m.timestamp),
+            _ => None,
         }),
         Err(e) => {
             tracing::error!(error = %e, "listing backups for the scheduler failed");

@@ -224,8 +224,13 @@ fn newest_complete(listed: &[Listed]) -> Option<&crate::manifest::Summary> {
     listed
         .iter()
         .filter_map(|l| match l {
-            Listed::Complete(s) => Some(s.as_ref()),
-            Listed::Damaged { .. } => None,
+            // A restore's safety backup holds the state it replaced: taking
+            // one is not a backup that succeeded (it would hide failing or
+            // overdue backups behind a restore).
+            Listed::Complete(s) if s.id.trigger() != crate::id::Trigger::PreRestore => {
+                Some(s.as_ref())
+            }
+            _ => None,
         })
         .max_by_key(|s| (s.sequence, s.timestamp, s.id.clone()))
 }
