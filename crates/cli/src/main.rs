@@ -79,13 +79,30 @@ fn main() -> ExitCode {
     match runtime.block_on(run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             if cli.verbose > 1 {
                 eprintln!("{e:?}");
             }
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The error and its causes, each once: most of ours already name their
+/// cause in their message (which `{:#}` would then print twice).
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn init_logging(verbose: u8, quiet: bool) {

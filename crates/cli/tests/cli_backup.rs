@@ -137,6 +137,9 @@ async fn invalid_ids_exit_2_with_a_clear_error() {
             let err = stderr(&out);
             assert!(err.starts_with("error: invalid backup id"), "{err}");
             assert!(err.len() < 400, "bounded message: {err}");
+            let reason = err.trim_start_matches("error: invalid backup id: ");
+            let head: String = reason.chars().take(30).collect();
+            assert_eq!(err.matches(head.as_str()).count(), 1, "said once: {err}");
         }
     }
 }
