@@ -348,6 +348,11 @@ async fn backup_list_verify_restore_round_trip_through_s3() {
         "{}",
         pooled.display()
     );
+    assert_eq!(
+        report.safety_backup_path.as_deref(),
+        Some(pooled.to_str().unwrap()),
+        "the report says where"
+    );
     let in_s3: Vec<String> = std::fs::read_dir(server.root.join("round-trip/site/a"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -131,7 +131,9 @@ pub fn document() -> Value {
                     "components": { "type": "array", "items": { "type": "object" }, "description": "what is (or would be) replaced: component, live_path, files, bytes" },
                     "bytes": { "type": "integer" }, "compatibility": { "type": "object" },
                     "warnings": { "type": "array", "items": { "type": "string" } },
-                    "safety_backup_id": { "type": "string", "nullable": true }, "restart_required": { "type": "boolean" } } },
+                    "safety_backup_id": { "type": "string", "nullable": true },
+                    "safety_backup_path": { "type": "string", "description": "where the safety backup's files are on the restoring machine, when it is the replaced items moved into a directory (with S3: the local pool at backup.path); absent otherwise" },
+                    "restart_required": { "type": "boolean" } } },
                 "StatusReport": { "type": "object", "required": ["status", "schedule_secs"], "properties": {
                     "status": { "type": "string", "enum": ["ok", "failing", "overdue", "disabled"] },
                     "last_success": { "type": "object", "nullable": true },
@@ -254,6 +256,7 @@ mod tests {
                     compatibility: backup_core::CompatReport::default(),
                     warnings: vec![],
                     safety_backup_id: None,
+                    safety_backup_path: Some(String::new()),
                     restart_required: false,
                 }),
             ),

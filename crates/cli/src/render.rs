@@ -537,8 +537,12 @@ impl Output {
         for w in &r.warnings {
             println!("  warning: {w}");
         }
-        if let Some(s) = &r.safety_backup_id {
-            println!("safety backup of the previous state: {s}");
+        match (&r.safety_backup_id, &r.safety_backup_path) {
+            (Some(s), Some(path)) => {
+                println!("safety backup of the previous state: {s} (its files at {path})");
+            }
+            (Some(s), None) => println!("safety backup of the previous state: {s}"),
+            _ => {}
         }
         if r.restart_required {
             println!("restart SynthOrg now so that it opens the restored data");

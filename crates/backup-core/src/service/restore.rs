@@ -67,6 +67,11 @@ pub struct RestoreReport {
     pub warnings: Vec<String>,
     /// The safety backup of the state before the restore.
     pub safety_backup_id: Option<BackupId>,
+    /// Where that safety backup's files are on this machine, when it is
+    /// the replaced items moved into a directory (with S3: in the local
+    /// pool at `backup.path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety_backup_path: Option<String>,
     /// The host must restart (or reopen its pools) after a restore.
     pub restart_required: bool,
 }
@@ -208,6 +213,7 @@ impl BackupService {
                 .collect(),
             compatibility: report_compat,
             safety_backup_id: None,
+            safety_backup_path: None,
             restart_required: !options.dry_run,
         };
         report.bytes = report.components.iter().map(|c| c.bytes).sum();
@@ -319,10 +325,13 @@ impl BackupService {
         tracing::info!(backup_id = %manifest.id, elapsed_ms = started.elapsed().as_millis() as u64,
             "swap committed");
         let safety = match safety {
-            Some(Safety::Moved(m, _)) => match self.ports.store.publish(&m).await {
+            Some(Safety::Moved(m, kept)) => match self.ports.store.publish(&m).await {
                 // Published only now: the swap has just moved the replaced
                 // live items into it.
-                Ok(()) => Some(m.id),
+                Ok(()) => {
+                    report.safety_backup_path = Some(kept.dir.display().to_string());
+                    Some(m.id)
+                }
                 Err(e) => {
                     tracing::error!(backup_id = %manifest.id, safety_backup = %m.id, error = %e,
                         "publishing the safety backup failed; the previous state is not kept");
