@@ -118,9 +118,8 @@ impl LocalDir {
         let removed = self
             .blocking(&self.root, "remove temp files", move || {
                 let mut removed = Vec::new();
-                let entries = match std::fs::read_dir(&root) {
-                    Err(e) if lazy && e.kind() == io::ErrorKind::NotFound => return Ok(removed),
-                    entries => entries?,
+                let Some(entries) = read_root(&root, lazy)? else {
+                    return Ok(removed);
                 };
                 for entry in entries {
                     let name = entry?.file_name().to_string_lossy().into_owned();
@@ -142,6 +141,15 @@ impl LocalDir {
     }
 }
 
+/// The entries of the backup directory `root`; `None` when it is `lazy`
+/// and not created yet (empty).
+fn read_root(root: &Path, lazy: bool) -> io::Result<Option<std::fs::ReadDir>> {
+    match std::fs::read_dir(root) {
+        Err(e) if lazy && e.kind() == io::ErrorKind::NotFound => Ok(None),
+        entries => entries.map(Some),
+    }
+}
+
 #[async_trait]
 impl ObjectSpace for LocalDir {
     fn location(&self) -> String {
@@ -153,9 +161,8 @@ impl ObjectSpace for LocalDir {
         let lazy = self.lazy;
         self.blocking(&self.root, "list", move || {
             let mut listing = RootListing::default();
-            let entries = match std::fs::read_dir(&root) {
-                Err(e) if lazy && e.kind() == io::ErrorKind::NotFound => return Ok(listing),
-                entries => entries?,
+            let Some(entries) = read_root(&root, lazy)? else {
+                return Ok(listing);
             };
             for entry in entries {
                 let entry = entry?;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backup_core::ports::{Clock, Listed};
+use backup_core::ports::Clock;
 use backup_core::{BackupConfig, BackupId, Error, Result, Trigger};
 use tokio::sync::watch;
 
@@ -263,10 +263,9 @@ async fn schedule(
     mut stopped: watch::Receiver<bool>,
 ) {
     let newest = match state.service().list().await {
-        Ok(listed) => listed.iter().find_map(|l| match l {
-            Listed::Complete(m) if m.id.trigger() != Trigger::PreRestore => Some(m.timestamp),
-            _ => None,
-        }),
+        Ok(listed) => listed
+            .iter()
+            .find_map(|l| l.succeeded().map(|s| s.timestamp)),
         Err(e) => {
             tracing::error!(error = %e, "listing backups for the scheduler failed");
             None

@@ -90,6 +90,17 @@ impl Listed {
             Listed::Damaged { id, .. } => id,
         }
     }
+
+    /// The backup's summary when it is one that a backup run took: complete,
+    /// and not a restore's safety backup, which holds the state the restore
+    /// replaced (counted as a success, it would hide failing or overdue
+    /// backups behind a restore, and postpone the next scheduled one).
+    pub fn succeeded(&self) -> Option<&Summary> {
+        match self {
+            Listed::Complete(s) if s.id.trigger() != crate::id::Trigger::PreRestore => Some(s),
+            _ => None,
+        }
+    }
 }
 
 /// Where backups are kept: a local directory or an S3 prefix.

@@ -105,14 +105,6 @@ impl BackupStore for SafetyPool {
         }
     }
 
-    async fn manifest(&self, id: &BackupId) -> Result<Manifest> {
-        if pooled(id) {
-            either(self.pool.manifest(id), self.main.manifest(id)).await
-        } else {
-            self.main.manifest(id).await
-        }
-    }
-
     async fn put(&self, id: &BackupId, object: &ObjectName, data: ByteStream) -> Result<u64> {
         self.home(id).put(id, object, data).await
     }

@@ -223,14 +223,6 @@ impl BackupService {
 fn newest_complete(listed: &[Listed]) -> Option<&crate::manifest::Summary> {
     listed
         .iter()
-        .filter_map(|l| match l {
-            // A restore's safety backup holds the state it replaced: taking
-            // one is not a backup that succeeded (it would hide failing or
-            // overdue backups behind a restore).
-            Listed::Complete(s) if s.id.trigger() != crate::id::Trigger::PreRestore => {
-                Some(s.as_ref())
-            }
-            _ => None,
-        })
+        .filter_map(Listed::succeeded)
         .max_by_key(|s| (s.sequence, s.timestamp, s.id.clone()))
 }
