@@ -316,6 +316,12 @@ impl RestoreTarget for LiveData {
         })
         .await?;
         let live_roots = roots.iter().map(|(c, _)| (*c, self.live(*c))).collect();
+        let flusher = writer::Flusher::start(
+            roots
+                .iter()
+                .map(|(c, staged)| (*c, parent_of(staged).to_path_buf()))
+                .collect(),
+        )?;
         Ok(Box::new(FsStaging {
             live: self.clone(),
             manifest: manifest.clone(),
@@ -329,7 +335,9 @@ impl RestoreTarget for LiveData {
                 .collect::<Result<_>>()?,
             current: None,
             db_check: None,
+            flusher: Some(flusher),
             flushing: None,
+            memory_dbs: Vec::new(),
         }))
     }
 

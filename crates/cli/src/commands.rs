@@ -227,9 +227,11 @@ pub(crate) async fn restore(
     if args.dry_run {
         return out.restore_report(&run(Mode::DryRun).await?);
     }
-    let plan = run(Mode::Plan).await?;
+    // With `--yes` nothing is shown before the restore, which checks the
+    // same: the plan (its manifest parsed, thousands of entries) is not
+    // made only to be dropped.
     if !args.yes {
-        confirm(out, &plan)?;
+        confirm(out, &run(Mode::Plan).await?)?;
     }
     let report = run(Mode::Restore).await?;
     out.restore_report(&report)

@@ -1,7 +1,7 @@
 //! [`FsStaging`]: a staging area next to the live data (or inside a
 //! mounted component), filled with a backup's verified content.
 
-use super::writer::Job;
+use super::writer::{Flusher, Job};
 use super::*;
 
 /// A staging area being filled.
@@ -26,10 +26,19 @@ pub(super) struct FsStaging {
     /// The staged SQLite database's checks, started as soon as it is
     /// written (it comes first), so they overlap the rest of the staging.
     pub(super) db_check: Option<tokio::task::JoinHandle<Result<()>>>,
-    /// Writeback of the staged files, started once they are all written
-    /// (see `verify`); awaited, errors and all, by `commit`.
+    /// Writeback of the staged files as they are written.
+    pub(super) flusher: Option<Flusher>,
+    /// Its last round, started once they are all written (see `verify`);
+    /// awaited, errors and all, by `commit`.
     pub(super) flushing: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// The staged memory files that are SQLite databases (known from their
+    /// first bytes as they are staged: no walk of thousands of segments to
+    /// find them).
+    pub(super) memory_dbs: Vec<PathBuf>,
 }
+
+/// Bytes of a memory file's start kept to tell a SQLite database.
+const HEAD: usize = 100;
 
 /// Data gathered for one file before its writer gets it whole: a small
 /// file (most of a restore's thousands) is then created, written and
@@ -48,6 +57,8 @@ pub(super) struct Current {
     /// Its data so far, while it is gathered; `None` once its writer has
     /// created it and gets the rest as it comes.
     gathered: Option<Vec<u8>>,
+    /// Its first [`HEAD`] bytes, for a memory file.
+    head: Option<Vec<u8>>,
 }
 
 impl FsStaging {
@@ -210,6 +221,12 @@ impl FsStaging {
             return Err(Error::Internal("file data outside a file".into()));
         };
         let writer = current.writer;
+        if let Some(head) = current.head.as_mut()
+            && head.len() < HEAD
+        {
+            let slice = data.as_slice();
+            head.extend_from_slice(&slice[..slice.len().min(HEAD - head.len())]);
+        }
         let job: Job = match current.gathered.as_mut() {
             Some(gathered) if gathered.len() + data.as_slice().len() <= GATHER => {
                 gathered.extend_from_slice(data.as_slice());
@@ -296,6 +313,7 @@ impl EntrySink for FsStaging {
             gathered: Some(Vec::with_capacity(
                 usize::try_from(entry.size).map_or(GATHER, |n| n.min(GATHER)),
             )),
+            head: (c == Component::Memory).then(|| Vec::with_capacity(HEAD)),
         });
         Ok(())
     }
@@ -318,8 +336,17 @@ impl EntrySink for FsStaging {
             owner,
             writer,
             gathered,
+            head,
             ..
         } = current;
+        if let (Some(head), Some(v)) = (head, &self.live.verifier)
+            && v.handles(&head)
+        {
+            self.memory_dbs.push(path.clone());
+        }
+        if let Some(flusher) = self.flusher.as_mut() {
+            flusher.finished(entry.size);
+        }
         let (mode, mtime) = (entry.mode, entry.mtime);
         let early = self.start_db_check(c, path.clone());
         let twice = self.refuse(entry.path.as_str(), "written twice");
@@ -384,12 +411,11 @@ impl Staging for FsStaging {
     async fn verify(&mut self) -> Result<()> {
         // Everything queued is on disk (not yet durable) first.
         self.finish_writers().await?;
-        // Its writeback starts now, while the staged database's checks may
-        // still run: the `syncfs` before the swap then finds little to do.
-        // Errors count: the swap's own `syncfs` would not report one that
-        // happened before it opened the filesystem.
-        let roots = self.roots.clone();
-        self.flushing = Some(tokio::task::spawn_blocking(move || sync_roots(&roots)));
+        // The last writeback starts now, while the staged database's checks
+        // may still run: the `syncfs` before the swap then finds little to
+        // do. Errors count: the swap's own `syncfs` would not report one
+        // that happened before it opened the filesystem.
+        self.flushing = self.flusher.take().map(Flusher::finish);
         for (c, root) in self.roots.clone() {
             match c {
                 Component::Persistence if let Some(server) = self.live.server.clone() => {
@@ -439,12 +465,9 @@ impl Staging for FsStaging {
                 }
                 Component::Memory => {
                     if let Some(v) = self.live.verifier.clone() {
-                        for file in sqlite_candidates(&root).map_err(|e| source_err(c, &root, e))? {
-                            let header = read_header(&file).map_err(|e| source_err(c, &file, e))?;
-                            if v.handles(&header) {
-                                drop_stale_companions(c, &file)?;
-                                v.verify(c, &file, None).await?;
-                            }
+                        for file in std::mem::take(&mut self.memory_dbs) {
+                            drop_stale_companions(c, &file)?;
+                            v.verify(c, &file, None).await?;
                         }
                     }
                 }
@@ -558,8 +581,11 @@ impl Staging for FsStaging {
         if let Some(check) = self.db_check.take() {
             check.abort();
         }
+        if let Some(flusher) = self.flusher.take() {
+            flusher.abandon().await; // before removing what it writes back
+        }
         if let Some(flushing) = self.flushing.take() {
-            let _ = flushing.await; // before removing what it writes back
+            let _ = flushing.await;
         }
         // Stop writing before removing (its error no longer matters).
         let _ = self.finish_writers().await;
