@@ -9,12 +9,20 @@
 //! be hostile: it accepts only regular files, directories, symlinks and GNU
 //! long-name records, validates header checksums, caps long names, and
 //! leaves path validation and size limits to the caller through
-//! [`RawEntry`].
+//! [`RawEntry`]. Over a [`ChunkReader`] it hands an entry's data out as
+//! slices of the chunks that come in ([`TarReader::read_data_bytes`]): no
+//! copy of the (decompressed) stream into buffers of its own.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use futures::StreamExt;
 use tar::{EntryType, Header};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+
+use crate::ports::ByteStream;
 
 use crate::path::MAX_PATH_LEN;
 
@@ -311,6 +319,30 @@ impl<R: AsyncRead + Unpin> TarReader<R> {
         Ok(n)
     }
 
+    /// Up to `max` bytes of the current entry's data as a slice of the
+    /// chunk the stream delivered (shared, not copied); empty at its end.
+    ///
+    /// # Errors
+    /// `Io` when the stream fails or ends inside the entry (truncated).
+    pub async fn read_data_bytes(&mut self, max: usize) -> Result<Bytes, TarError>
+    where
+        R: ChunkRead,
+    {
+        if self.remaining == 0 || max == 0 {
+            return Ok(Bytes::new());
+        }
+        let want = max.min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let data = self.inner.read_bytes(want).await?;
+        if data.is_empty() {
+            return Err(TarError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "archive ends inside an entry (truncated)",
+            )));
+        }
+        self.remaining -= data.len() as u64;
+        Ok(data)
+    }
+
     /// Reads any bytes after the end-of-archive marker and reports whether
     /// there were any besides zero padding.
     ///
@@ -351,6 +383,69 @@ impl<R: AsyncRead + Unpin> TarReader<R> {
             )));
         }
         Ok(())
+    }
+}
+
+/// A reader that can hand out what it reads as shared slices.
+pub trait ChunkRead: AsyncRead + Unpin {
+    /// Up to `max` bytes (at least one unless the stream ended), shared
+    /// with the chunk they came in.
+    fn read_bytes(&mut self, max: usize) -> impl Future<Output = io::Result<Bytes>> + Send;
+}
+
+/// [`AsyncRead`] over a stream of chunks, which can also hand out slices
+/// of those chunks without copying them ([`ChunkRead`]).
+pub struct ChunkReader {
+    stream: ByteStream,
+    /// What is left of the current chunk.
+    current: Bytes,
+}
+
+impl ChunkReader {
+    /// Reads `stream`.
+    pub fn new(stream: ByteStream) -> ChunkReader {
+        ChunkReader {
+            stream,
+            current: Bytes::new(),
+        }
+    }
+
+    /// The next non-empty chunk into `current`; false at the end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        while self.current.is_empty() {
+            match std::task::ready!(self.stream.poll_next_unpin(cx)) {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+                None => return Poll::Ready(Ok(false)),
+            }
+        }
+        Poll::Ready(Ok(true))
+    }
+}
+
+impl ChunkRead for ChunkReader {
+    async fn read_bytes(&mut self, max: usize) -> io::Result<Bytes> {
+        if !std::future::poll_fn(|cx| self.poll_fill(cx)).await? {
+            return Ok(Bytes::new());
+        }
+        let n = max.min(self.current.len());
+        Ok(self.current.split_to(n))
+    }
+}
+
+impl AsyncRead for ChunkReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if buf.remaining() == 0 || !std::task::ready!(me.poll_fill(cx))? {
+            return Poll::Ready(Ok(()));
+        }
+        let n = buf.remaining().min(me.current.len());
+        buf.put_slice(&me.current.split_to(n));
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -406,6 +501,87 @@ mod tests {
         assert_eq!(got[2].0.path, long);
         assert_eq!(got[2].1, vec![7u8; 1000]);
         assert_eq!(got[3].0.kind, TarKind::Symlink(long_target));
+    }
+
+    /// `bytes` as a stream of chunks of the given sizes, in turn.
+    fn chunked(bytes: &[u8], sizes: &[usize]) -> ByteStream {
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        for size in sizes.iter().cycle() {
+            if at >= bytes.len() {
+                break;
+            }
+            let end = (at + size).min(bytes.len());
+            chunks.push(Ok(Bytes::copy_from_slice(&bytes[at..end])));
+            at = end;
+        }
+        futures::stream::iter(chunks).boxed()
+    }
+
+    #[tokio::test]
+    async fn entry_data_comes_as_slices_of_chunks_of_any_size() {
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let bytes = build(&[
+            ("memory", TarKind::Dir, b""),
+            ("memory/a.txt", TarKind::File, b"hello"),
+            ("memory/big.bin", TarKind::File, &big),
+            ("memory/empty", TarKind::File, b""),
+        ]);
+        let expected = read_all(&bytes).await.unwrap();
+        for sizes in [&[1usize][..], &[7, 513, 4096], &[65_536], &[bytes.len()]] {
+            let mut r = TarReader::new(ChunkReader::new(chunked(&bytes, sizes)));
+            let mut got = Vec::new();
+            while let Some(e) = r.next_entry().await.unwrap() {
+                let mut data = Vec::new();
+                loop {
+                    let piece = r.read_data_bytes(1000).await.unwrap();
+                    if piece.is_empty() {
+                        break;
+                    }
+                    assert!(piece.len() <= 1000);
+                    data.extend_from_slice(&piece);
+                }
+                got.push((e, data));
+            }
+            assert_eq!(got.len(), expected.len(), "{sizes:?}");
+            for ((e, data), (x, xdata)) in got.iter().zip(&expected) {
+                assert_eq!((&e.path, data), (&x.path, xdata), "{sizes:?}");
+            }
+        }
+        // Truncated inside an entry, and a failing stream: errors.
+        let cut = &bytes[..512 + 512 + 512 + 30_000];
+        let mut r = TarReader::new(ChunkReader::new(chunked(cut, &[4096])));
+        let mut failed = None;
+        while let Some(_e) = r.next_entry().await.unwrap() {
+            loop {
+                match r.read_data_bytes(1 << 20).await {
+                    Ok(piece) if piece.is_empty() => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        assert!(failed.unwrap().to_string().contains("truncated"));
+        // The stream fails 100 bytes into big.bin's data (after the
+        // directory, a.txt with its padding, and big.bin's header).
+        let failing = futures::stream::iter(vec![
+            Ok(Bytes::copy_from_slice(&bytes[..2048 + 100])),
+            Err(io::Error::other("store went away")),
+        ])
+        .boxed();
+        let mut r = TarReader::new(ChunkReader::new(failing));
+        for _ in 0..3 {
+            r.next_entry().await.unwrap();
+        }
+        assert_eq!(r.read_data_bytes(1000).await.unwrap(), &big[..100]);
+        let err = r.read_data_bytes(1000).await.unwrap_err();
+        assert!(err.to_string().contains("store went away"), "{err}");
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 
-use crate::archive::{TarError, TarKind, TarReader};
+use crate::archive::{ChunkRead, ChunkReader, TarError, TarKind, TarReader};
 use crate::compress::{decompress, decompress_members, member_lengths};
 use crate::crypt::Identities;
 use crate::digest::{BackgroundHash, Sha256Hasher};
@@ -25,14 +25,11 @@ use crate::manifest::{FileEntry, MAX_MANIFEST_BYTES, Manifest};
 use crate::path::{ArchivePath, MANIFEST_FILE};
 use crate::ports::{BackupStore, ByteStream, EntrySink, ObjectName};
 
-/// Largest chunk of entry data read at once (below glibc's mmap threshold
-/// as `synthorg` sets it; chunks come from [`FILE_CHUNKS`]).
+/// Largest chunk of entry data passed on at once (a hashing thread's and a
+/// sink's queues hold 16 and 32 of them).
 const READ_CHUNK: usize = 64 * 1024;
 /// Files from this size on are hashed on a thread of their own.
 const BACKGROUND_HASH_FROM: u64 = 8 * 1024 * 1024;
-/// File data chunks kept for reuse: those in flight to a hashing thread
-/// and a sink's writers (their queues hold 16 and 32).
-static FILE_CHUNKS: crate::buffers::BufferPool = crate::buffers::BufferPool::new(64, READ_CHUNK);
 
 /// Where a file's content is hashed.
 enum FileHash {
@@ -146,18 +143,19 @@ pub(crate) async fn read_backup(
     };
     // Independent members at known offsets: decompressed whole, in
     // parallel (libdeflate for gzip); else one streaming decoder.
-    let content: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match member_lengths(
+    // Entry data is passed on as slices of the decompressed chunks.
+    let content = match member_lengths(
         &info.members,
         info.inner_size_bytes.unwrap_or(info.size_bytes),
     ) {
-        Some(lengths) => Box::new(tokio_util::io::StreamReader::new(decompress_members(
-            stream,
-            manifest.compression,
-            lengths,
-        ))),
-        None => decompress(stream, manifest.compression),
+        Some(lengths) => decompress_members(stream, manifest.compression, lengths),
+        None => tokio_util::io::ReaderStream::with_capacity(
+            decompress(stream, manifest.compression),
+            READ_CHUNK,
+        )
+        .boxed(),
     };
-    let mut tar = TarReader::new(content);
+    let mut tar = TarReader::new(ChunkReader::new(content));
     let result = read_entries(&mut tar, manifest, &wants, sink).await;
     let store_error = store_failure.lock().ok().and_then(|f| f.clone());
     if let Some(reason) = store_error {
@@ -232,7 +230,7 @@ fn expected_entries(manifest: &Manifest) -> BTreeMap<&str, Expected> {
     map
 }
 
-async fn read_entries<R: tokio::io::AsyncRead + Unpin>(
+async fn read_entries<R: ChunkRead>(
     tar: &mut TarReader<R>,
     manifest: &Manifest,
     wants: &(dyn Fn(Option<Component>) -> bool + Sync),
@@ -381,7 +379,7 @@ async fn read_inner_manifest<R: tokio::io::AsyncRead + Unpin>(
 /// Reads one file entry of `size` bytes (the tar header's), checking size
 /// and sha256 against the manifest's `file`, and passes it to `sink` if
 /// given.
-async fn read_file<'d, R: tokio::io::AsyncRead + Unpin>(
+async fn read_file<'d, R: ChunkRead>(
     tar: &mut TarReader<R>,
     manifest: &Manifest,
     file: &FileEntry,
@@ -411,20 +409,18 @@ async fn read_file<'d, R: tokio::io::AsyncRead + Unpin>(
     };
     let mut left = size;
     while left > 0 {
-        // Read into a pooled buffer: shared by the hashing thread and the
-        // sink without a copy, and no fresh allocation per chunk (freed by
-        // another thread, they made glibc trim and regrow its arenas). Only
-        // what is left of the entry is asked for: a small file's buffer is
-        // not grown (and zeroed) to a whole chunk, and no read is spent
-        // learning that the entry ended.
+        // A slice of the decompressed member, shared by the hashing thread
+        // and the sink without a copy. Only what is left of the entry is
+        // asked for: no read is spent learning that the entry ended.
         let want = usize::try_from(left).map_or(READ_CHUNK, |l| l.min(READ_CHUNK));
-        let mut chunk = FILE_CHUNKS.take_filled(want);
-        let n = read_chunk(tar, manifest, &mut chunk).await?;
-        if n == 0 {
+        let chunk = tar
+            .read_data_bytes(want)
+            .await
+            .map_err(|e| integrity(manifest, "<archive>", e.to_string()))?;
+        if chunk.is_empty() {
             break; // cannot happen (the reader fails on truncation); checked below
         }
-        left -= n as u64;
-        let chunk = FILE_CHUNKS.bytes(chunk, n);
+        left -= chunk.len() as u64;
         match &mut hasher {
             FileHash::Here(h) => h.update(&chunk),
             FileHash::Background(h) => h.update(chunk.clone()).await,
