@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # All tests: installs the system tools the end-to-end tests call when they
 # are missing (GNU tar, gzip and zstd to open archives, sqlite3, the `age`
-# CLI to open encrypted backups by hand, PostgreSQL: the tests start a
+# CLI to open encrypted backups by hand, strace to inject I/O errors into
+# a restore, PostgreSQL: the tests start a
 # throwaway cluster with its initdb/pg_ctl and use pg_dump/pg_restore),
 # then runs the workspace's tests.
 # Extra arguments go to `cargo test`.
@@ -13,6 +14,7 @@ command -v tar >/dev/null || need+=(tar)
 command -v gzip >/dev/null || need+=(gzip)
 command -v sqlite3 >/dev/null || need+=(sqlite3)
 command -v zstd >/dev/null || need+=(zstd)
+command -v strace >/dev/null || need+=(strace)
 command -v age >/dev/null && command -v age-keygen >/dev/null || need+=(age)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v pg_dump >/dev/null; then
   need+=(postgresql postgresql-client)

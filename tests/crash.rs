@@ -558,3 +558,53 @@ async fn s3_backup_killed_mid_upload_is_cleaned_up_by_the_next_plain_backup() {
     assert_eq!(multipart_leftovers(&server), Vec::<String>::new());
     assert_eq!(scene.ids().await.len(), 1);
 }
+
+/// A writeback error (`syncfs` failing with EIO, injected by `strace` into
+/// the helper process): the staged files may not be on disk, so the
+/// restore stops before the swap. The live data is as it was, no journal,
+/// no safety backup and nothing staged is left; without the fault the same
+/// restore goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writeback_error_before_the_swap_refuses_the_restore() {
+    let scene = Scene::new("", "", 9).await;
+    let backup = scene.service.create(Trigger::Manual).await.unwrap().id;
+    std::fs::write(&scene.fx.layout.company_config, b"company:\n  name: C\n").unwrap();
+    std::fs::write(scene.fx.layout.memory_dir.join("c.txt"), b"state c").unwrap();
+    let changed = capture(&scene.fx.layout).await;
+    let helper = scene.helper(&["restore", &backup.to_string()]);
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=syncfs"])
+        .args(["-e", "inject=syncfs:error=EIO"])
+        .arg(helper.get_program())
+        .args(helper.get_args())
+        .stdin(Stdio::null())
+        .output()
+        .expect("strace (scripts/test.sh installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the restore went through: {stderr}");
+    assert!(stderr.contains("Input/output error"), "{stderr}");
+    assert_eq!(capture(&scene.fx.layout).await, changed);
+    assert!(
+        !scene
+            .fx
+            .layout
+            .root
+            .join(".synthorg-restore.journal")
+            .exists()
+    );
+    assert!(pre_restore_ids(&scene.service).await.is_empty());
+    let staged: Vec<String> = std::fs::read_dir(&scene.fx.layout.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("restore"))
+        .collect();
+    assert!(staged.is_empty(), "left behind: {staged:?}");
+    assert!(
+        scene
+            .helper(&["restore", &backup.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(capture(&scene.fx.layout).await, scene.before);
+}
