@@ -96,12 +96,18 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the thread for the filesystems holding `dirs`.
+    /// Starts the thread for the filesystems holding `dirs` (each once).
     pub(super) fn start(dirs: Vec<(Component, PathBuf)>) -> Result<Flusher> {
-        let mut opened = Vec::with_capacity(dirs.len());
+        use std::os::unix::fs::MetadataExt;
+        let mut opened: Vec<(Component, PathBuf, std::fs::File)> = Vec::with_capacity(dirs.len());
+        let mut devices = Vec::with_capacity(dirs.len());
         for (c, dir) in dirs {
             let file = std::fs::File::open(&dir).map_err(|e| source_err(c, &dir, e))?;
-            opened.push((c, dir, file));
+            let dev = file.metadata().map_err(|e| source_err(c, &dir, e))?.dev();
+            if !devices.contains(&dev) {
+                devices.push(dev);
+                opened.push((c, dir, file));
+            }
         }
         let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let done = Arc::clone(&rounds);
