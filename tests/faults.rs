@@ -56,26 +56,39 @@ async fn disk_full_during_restore_staging_is_refused_and_live_data_is_untouched(
 
     std::fs::write(&layout.company_config, b"company: {name: changed}\n").unwrap();
     let before = capture(&layout).await;
-    // Room for less than one copy of the data: staging runs out of space.
-    mount.fill(&layout.root.join("filler"), 512 * 1024);
-    let raw_before = synthorg_tests::raw_bytes(&layout);
-    let options = RestoreOptions {
-        confirm: true,
-        ..RestoreOptions::default()
-    };
-    let err = service.restore(&backup.id, options).await.unwrap_err();
-    assert!(err.to_string().contains("disk full"), "{err}");
-    assert_eq!(capture(&layout).await, before);
-    assert!(
-        synthorg_tests::raw_bytes(&layout) == raw_before,
-        "live files changed"
-    );
-    let staged: Vec<String> = std::fs::read_dir(&layout.root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".restore-") || n.starts_with(".synthorg"))
-        .collect();
-    assert_eq!(staged, Vec::<String>::new(), "staging cleaned up");
-    // No safety backup was taken for a restore that never got to the swap.
-    assert_eq!(service.list().await.unwrap().len(), 1);
+    let files: u64 = backup.files.iter().map(|f| f.size).sum();
+    // Room for less than the restored files: refused before anything is
+    // staged, naming what is needed. Room for the files' bytes but not for
+    // the blocks they take (each file's last page, the directories): the
+    // check lets it through and staging runs out of space midway.
+    for (leave, expected) in [
+        (512 * 1024, "not enough free space to stage the restore"),
+        (files + 4096, "no space left on device"),
+    ] {
+        mount.fill(&layout.root.join("filler"), leave);
+        let raw_before = synthorg_tests::raw_bytes(&layout);
+        let options = RestoreOptions {
+            confirm: true,
+            ..RestoreOptions::default()
+        };
+        let err = service.restore(&backup.id, options).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("disk full") && text.contains(expected),
+            "{text}"
+        );
+        assert_eq!(capture(&layout).await, before);
+        assert!(
+            synthorg_tests::raw_bytes(&layout) == raw_before,
+            "live files changed"
+        );
+        let staged: Vec<String> = std::fs::read_dir(&layout.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".restore-") || n.starts_with(".synthorg"))
+            .collect();
+        assert_eq!(staged, Vec::<String>::new(), "staging cleaned up");
+        // No safety backup was taken for a restore that never got to the swap.
+        assert_eq!(service.list().await.unwrap().len(), 1);
+    }
 }

@@ -312,6 +312,12 @@ impl RestoreTarget for LiveData {
                 }
                 roots.push((c, staged));
             }
+            if let Err(e) = check_room(&manifest, &roots) {
+                for (c, staged) in &roots {
+                    fsio::remove_any(staged).map_err(|e| source_err(*c, staged, e))?;
+                }
+                return Err(e);
+            }
             Ok((roots, inside))
         })
         .await?;

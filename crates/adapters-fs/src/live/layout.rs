@@ -225,6 +225,54 @@ pub(super) fn sqlite_candidates(root: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Refuses a restore whose files alone do not fit in the free space of
+/// the filesystems they are staged on, before anything is written (staging
+/// would only fail later with the disk full). `roots` are the staged
+/// locations; only the files' sizes count (block rounding and metadata come
+/// on top), so a restore that could fit is never refused.
+pub(super) fn check_room(manifest: &Manifest, roots: &[(Component, PathBuf)]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // (device, a directory on it, the component first staged there, bytes)
+    let mut needs: Vec<(u64, PathBuf, Component, u64)> = Vec::new();
+    for (c, staged) in roots {
+        let dir = parent_of(staged);
+        let dev = std::fs::metadata(dir)
+            .map_err(|e| source_err(*c, dir, e))?
+            .dev();
+        let bytes: u64 = manifest
+            .files
+            .iter()
+            .filter(|f| f.path.component() == Some(*c))
+            .map(|f| f.size)
+            .sum();
+        match needs.iter_mut().find(|n| n.0 == dev) {
+            Some(n) => n.3 += bytes,
+            None => needs.push((dev, dir.to_path_buf(), *c, bytes)),
+        }
+    }
+    // Root may fill the blocks reserved for it; others may not.
+    let root = rustix::process::geteuid().is_root();
+    for (_, dir, c, bytes) in needs {
+        let fs = rustix::fs::statvfs(&dir).map_err(|e| source_err(c, &dir, e.into()))?;
+        let blocks = if root { fs.f_bfree } else { fs.f_bavail };
+        let free = blocks.saturating_mul(fs.f_frsize);
+        if bytes > free {
+            let mib = |n: u64| n as f64 / (1024.0 * 1024.0);
+            return Err(Error::Source {
+                component: c,
+                path: dir.display().to_string(),
+                reason: format!(
+                    "not enough free space to stage the restore (disk full): its files need {:.1} MiB, {:.1} MiB is free on this filesystem; nothing was changed (free space, e.g. `synthorg backup prune` trims the safety backups of earlier restores)",
+                    mib(bytes),
+                    mib(free)
+                ),
+                source: None,
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
