@@ -272,7 +272,7 @@ impl RestoreTarget for LiveData {
         let me = self.clone();
         let comps = components.to_vec();
         let recorded = manifest.clone();
-        let (roots, inside) = blocking(move || {
+        let (roots, inside, filesystems) = blocking(move || {
             let manifest = recorded;
             let (mut roots, mut inside) = (Vec::new(), Vec::new());
             for c in comps {
@@ -312,22 +312,26 @@ impl RestoreTarget for LiveData {
                 }
                 roots.push((c, staged));
             }
-            if let Err(e) = check_room(&manifest, &roots) {
-                for (c, staged) in &roots {
-                    fsio::remove_any(staged).map_err(|e| source_err(*c, staged, e))?;
+            let checked = staging_filesystems(&roots)
+                .and_then(|filesystems| check_room(&manifest, &filesystems).map(|()| filesystems));
+            let filesystems = match checked {
+                Ok(filesystems) => filesystems,
+                Err(e) => {
+                    for (c, staged) in &roots {
+                        fsio::remove_any(staged).map_err(|e| source_err(*c, staged, e))?;
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
-            Ok((roots, inside))
+            };
+            Ok((roots, inside, filesystems))
         })
         .await?;
         let live_roots = roots.iter().map(|(c, _)| (*c, self.live(*c))).collect();
-        let flusher = writer::Flusher::start(
-            roots
-                .iter()
-                .map(|(c, staged)| (*c, parent_of(staged).to_path_buf()))
-                .collect(),
-        )?;
+        let filesystems: Vec<(Component, PathBuf)> = filesystems
+            .into_iter()
+            .map(|fs| (fs.component, fs.dir))
+            .collect();
+        let flusher = writer::Flusher::start(&filesystems)?;
         Ok(Box::new(FsStaging {
             live: self.clone(),
             manifest: manifest.clone(),
@@ -341,6 +345,7 @@ impl RestoreTarget for LiveData {
                 .collect::<Result<_>>()?,
             current: None,
             db_check: None,
+            filesystems,
             flusher: Some(flusher),
             flushing: None,
             memory_dbs: Vec::new(),

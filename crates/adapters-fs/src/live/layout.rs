@@ -170,10 +170,15 @@ fn give_owner(
     }
 }
 
+/// Bytes of a file's start that tell a SQLite database (its header).
+pub(super) const HEADER_LEN: usize = 100;
+
 pub(super) fn read_header(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read;
-    let mut buf = Vec::with_capacity(100);
-    std::fs::File::open(path)?.take(100).read_to_end(&mut buf)?;
+    let mut buf = Vec::with_capacity(HEADER_LEN);
+    std::fs::File::open(path)?
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut buf)?;
     Ok(buf)
 }
 
@@ -225,35 +230,64 @@ pub(super) fn sqlite_candidates(root: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Refuses a restore whose files alone do not fit in the free space of
-/// the filesystems they are staged on, before anything is written (staging
-/// would only fail later with the disk full). `roots` are the staged
-/// locations; only the files' sizes count (block rounding and metadata come
-/// on top), so a restore that could fit is never refused.
-pub(super) fn check_room(manifest: &Manifest, roots: &[(Component, PathBuf)]) -> Result<()> {
+/// A filesystem a restore stages on.
+pub(super) struct StagingFs {
+    /// The component first staged there, for errors.
+    pub(super) component: Component,
+    /// A directory on it: that component's staging parent (a staged
+    /// server-database dump is gone by the swap; its parent is not).
+    pub(super) dir: PathBuf,
+    /// Every component staged there.
+    pub(super) staged: Vec<Component>,
+}
+
+/// The filesystems the staged `roots` are on, each once (usually one: the
+/// data directory's).
+pub(super) fn staging_filesystems(roots: &[(Component, PathBuf)]) -> Result<Vec<StagingFs>> {
     use std::os::unix::fs::MetadataExt;
-    // (device, a directory on it, the component first staged there, bytes)
-    let mut needs: Vec<(u64, PathBuf, Component, u64)> = Vec::new();
+    let mut found: Vec<(u64, StagingFs)> = Vec::new();
     for (c, staged) in roots {
         let dir = parent_of(staged);
         let dev = std::fs::metadata(dir)
             .map_err(|e| source_err(*c, dir, e))?
             .dev();
+        match found.iter_mut().find(|(d, _)| *d == dev) {
+            Some((_, fs)) => fs.staged.push(*c),
+            None => found.push((
+                dev,
+                StagingFs {
+                    component: *c,
+                    dir: dir.to_path_buf(),
+                    staged: vec![*c],
+                },
+            )),
+        }
+    }
+    Ok(found.into_iter().map(|(_, fs)| fs).collect())
+}
+
+/// Refuses a restore whose files alone do not fit in the free space of
+/// the filesystems they are staged on, before anything is written (staging
+/// would only fail later with the disk full). Only the files' sizes count
+/// (block rounding and metadata come on top), so a restore that could fit
+/// is never refused.
+pub(super) fn check_room(manifest: &Manifest, filesystems: &[StagingFs]) -> Result<()> {
+    // Root may fill the blocks reserved for it; others may not.
+    let root = rustix::process::geteuid().is_root();
+    for StagingFs {
+        component: c,
+        dir,
+        staged,
+    } in filesystems
+    {
+        let c = *c;
         let bytes: u64 = manifest
             .files
             .iter()
-            .filter(|f| f.path.component() == Some(*c))
+            .filter(|f| f.path.component().is_some_and(|fc| staged.contains(&fc)))
             .map(|f| f.size)
             .sum();
-        match needs.iter_mut().find(|n| n.0 == dev) {
-            Some(n) => n.3 += bytes,
-            None => needs.push((dev, dir.to_path_buf(), *c, bytes)),
-        }
-    }
-    // Root may fill the blocks reserved for it; others may not.
-    let root = rustix::process::geteuid().is_root();
-    for (_, dir, c, bytes) in needs {
-        let fs = rustix::fs::statvfs(&dir).map_err(|e| source_err(c, &dir, e.into()))?;
+        let fs = rustix::fs::statvfs(dir).map_err(|e| source_err(c, dir, e.into()))?;
         let blocks = if root { fs.f_bfree } else { fs.f_bavail };
         let free = blocks.saturating_mul(fs.f_frsize);
         if bytes > free {

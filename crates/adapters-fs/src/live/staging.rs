@@ -26,6 +26,9 @@ pub(super) struct FsStaging {
     /// The staged SQLite database's checks, started as soon as it is
     /// written (it comes first), so they overlap the rest of the staging.
     pub(super) db_check: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// The filesystems staged on, each once: a directory on it and the
+    /// component first staged there (`layout::staging_filesystems`).
+    pub(super) filesystems: Vec<(Component, PathBuf)>,
     /// Writeback of the staged files as they are written.
     pub(super) flusher: Option<Flusher>,
     /// Its last round, started once they are all written (see `verify`);
@@ -36,9 +39,6 @@ pub(super) struct FsStaging {
     /// find them).
     pub(super) memory_dbs: Vec<PathBuf>,
 }
-
-/// Bytes of a memory file's start kept to tell a SQLite database.
-const HEAD: usize = 100;
 
 /// Data gathered for one file before its writer gets it whole: a small
 /// file (most of a restore's thousands) is then created, written and
@@ -57,7 +57,7 @@ pub(super) struct Current {
     /// Its data so far, while it is gathered; `None` once its writer has
     /// created it and gets the rest as it comes.
     gathered: Option<Vec<u8>>,
-    /// Its first [`HEAD`] bytes, for a memory file.
+    /// Its first [`HEADER_LEN`] bytes, for a memory file.
     head: Option<Vec<u8>>,
 }
 
@@ -222,10 +222,10 @@ impl FsStaging {
         };
         let writer = current.writer;
         if let Some(head) = current.head.as_mut()
-            && head.len() < HEAD
+            && head.len() < HEADER_LEN
         {
             let slice = data.as_slice();
-            head.extend_from_slice(&slice[..slice.len().min(HEAD - head.len())]);
+            head.extend_from_slice(&slice[..slice.len().min(HEADER_LEN - head.len())]);
         }
         let job: Job = match current.gathered.as_mut() {
             Some(gathered) if gathered.len() + data.as_slice().len() <= GATHER => {
@@ -313,7 +313,7 @@ impl EntrySink for FsStaging {
             gathered: Some(Vec::with_capacity(
                 usize::try_from(entry.size).map_or(GATHER, |n| n.min(GATHER)),
             )),
-            head: (c == Component::Memory).then(|| Vec::with_capacity(HEAD)),
+            head: (c == Component::Memory).then(|| Vec::with_capacity(HEADER_LEN)),
         });
         Ok(())
     }
@@ -378,12 +378,9 @@ impl EntrySink for FsStaging {
     }
 }
 
-/// Makes the filesystems of the staged `roots` durable (`syncfs`), through
-/// their parents: a staged server-database dump is gone by the swap,
-/// restored into its staging database.
-fn sync_roots(roots: &[(Component, PathBuf)]) -> Result<()> {
-    for (c, staged) in roots {
-        let dir = parent_of(staged);
+/// Makes the staging's `filesystems` durable (`syncfs`, each once).
+fn sync_filesystems(filesystems: &[(Component, PathBuf)]) -> Result<()> {
+    for (c, dir) in filesystems {
         fsio::sync_filesystem(dir).map_err(|e| source_err(*c, dir, e))?;
     }
     Ok(())
@@ -497,6 +494,7 @@ impl Staging for FsStaging {
         let keep = keep.cloned();
         let live = self.live.clone();
         let roots = self.roots.clone();
+        let filesystems = self.filesystems.clone();
         let inside = self.inside.clone();
         let backup_id = self.manifest.id.to_string();
         let journal_path = live.journal_path();
@@ -506,7 +504,7 @@ impl Staging for FsStaging {
         blocking(move || {
             // Staged files durable before the journal can make them live:
             // one syncfs per filesystem instead of an fsync per file.
-            sync_roots(&roots)?;
+            sync_filesystems(&filesystems)?;
             let mut journal = Journal {
                 backup_id,
                 state: JournalState::Swapping,

@@ -96,18 +96,13 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the thread for the filesystems holding `dirs` (each once).
-    pub(super) fn start(dirs: Vec<(Component, PathBuf)>) -> Result<Flusher> {
-        use std::os::unix::fs::MetadataExt;
-        let mut opened: Vec<(Component, PathBuf, std::fs::File)> = Vec::with_capacity(dirs.len());
-        let mut devices = Vec::with_capacity(dirs.len());
+    /// Starts the thread for the filesystems holding `dirs` (one directory
+    /// per filesystem: `layout::staging_filesystems`).
+    pub(super) fn start(dirs: &[(Component, PathBuf)]) -> Result<Flusher> {
+        let mut opened = Vec::with_capacity(dirs.len());
         for (c, dir) in dirs {
-            let file = std::fs::File::open(&dir).map_err(|e| source_err(c, &dir, e))?;
-            let dev = file.metadata().map_err(|e| source_err(c, &dir, e))?.dev();
-            if !devices.contains(&dev) {
-                devices.push(dev);
-                opened.push((c, dir, file));
-            }
+            let file = std::fs::File::open(dir).map_err(|e| source_err(*c, dir, e))?;
+            opened.push((*c, dir.clone(), file));
         }
         let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let done = Arc::clone(&rounds);
@@ -193,8 +188,7 @@ mod tests {
     #[tokio::test]
     async fn the_flusher_writes_back_as_files_finish_and_once_more_at_the_end() {
         let dir = tempfile::tempdir().unwrap();
-        let mut flusher =
-            Flusher::start(vec![(Component::Memory, dir.path().to_path_buf())]).unwrap();
+        let mut flusher = Flusher::start(&[(Component::Memory, dir.path().to_path_buf())]).unwrap();
         let rounds = Arc::clone(&flusher.rounds);
         std::fs::write(dir.path().join("small"), b"x").unwrap();
         flusher.finished(FLUSH_EVERY - 2);
@@ -222,7 +216,7 @@ mod tests {
             "the last writeback"
         );
 
-        let flusher = Flusher::start(vec![(Component::Memory, dir.path().to_path_buf())]).unwrap();
+        let flusher = Flusher::start(&[(Component::Memory, dir.path().to_path_buf())]).unwrap();
         let rounds = Arc::clone(&flusher.rounds);
         flusher.abandon().await;
         assert_eq!(
@@ -236,7 +230,7 @@ mod tests {
     fn a_flusher_for_a_missing_directory_names_it() {
         let dir = tempfile::tempdir().unwrap();
         let gone = dir.path().join("gone-dir");
-        let err = Flusher::start(vec![(Component::Checkpoints, gone)])
+        let err = Flusher::start(&[(Component::Checkpoints, gone)])
             .err()
             .unwrap();
         assert!(err.to_string().contains("gone-dir"), "{err}");
