@@ -130,6 +130,15 @@ pub(crate) fn lower_thread_priority() {
     }
 }
 
+/// Tells the kernel that `len` bytes of `file` from `offset` are not
+/// needed in the page cache (`POSIX_FADV_DONTNEED`; advice: an error is
+/// ignored, and dirty pages are written back, never lost).
+pub(crate) fn release_cached(file: &std::fs::File, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed);
+    }
+}
+
 /// Nice steps [`lower_thread_priority`] lowers by (CFS gives a thread 10
 /// steps lower about a tenth of the weight).
 const LOWER_BY: i32 = 10;

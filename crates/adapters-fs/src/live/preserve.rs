@@ -14,6 +14,9 @@ use crate::dir_source::{DirSource, SQLITE_COMPANIONS, file_entry};
 /// Read buffer for hashing.
 const HASH_CHUNK: usize = 1024 * 1024;
 
+/// Bytes of a live file hashed between two [`fsio::release_cached`] calls.
+const RELEASE_EVERY: u64 = 8 * 1024 * 1024;
+
 impl LiveData {
     /// Settles the SQLite databases of `components` (see
     /// `DatabaseVerifier::settle`); returns the main database's schema
@@ -100,7 +103,7 @@ fn hash_file(path: &Path, buf: &mut [u8]) -> io::Result<(u64, backup_core::Sha25
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256Hasher::new();
-    let mut size = 0u64;
+    let (mut size, mut released) = (0u64, 0u64);
     loop {
         let n = file.read(buf)?;
         if n == 0 {
@@ -108,7 +111,12 @@ fn hash_file(path: &Path, buf: &mut [u8]) -> io::Result<(u64, backup_core::Sha25
         }
         hasher.update(&buf[..n]);
         size += n as u64;
+        if size - released >= RELEASE_EVERY {
+            fsio::release_cached(&file, released, size - released);
+            released = size;
+        }
     }
+    fsio::release_cached(&file, released, size - released);
     Ok((size, hasher.finish()))
 }
 
@@ -284,5 +292,49 @@ impl LiveData {
             }
         }
         Ok(Some(preserved))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes of `path` in the page cache, as `fincore` (util-linux) sees them.
+    fn resident(path: &Path) -> u64 {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+            .arg(path)
+            .output()
+            .expect("fincore (util-linux) runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    #[test]
+    fn hashing_a_live_file_releases_its_cached_pages_and_hashes_every_byte() {
+        // Beside the sources, not in /tmp: often a tmpfs.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("synthorg.db");
+        let data: Vec<u8> = (0..20 * 1024 * 1024 + 12_345u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap().len(), data.len());
+        // A tmpfs keeps its pages whatever the advice: they are the file.
+        const TMPFS_MAGIC: u64 = 0x0102_1994;
+        let on_tmpfs = rustix::fs::statfs(dir.path()).unwrap().f_type as u64 == TMPFS_MAGIC;
+        assert!(resident(&path) > 0, "read, so cached");
+
+        let mut buf = vec![0u8; HASH_CHUNK];
+        let (size, sha256) = hash_file(&path, &mut buf).unwrap();
+        assert_eq!(size, data.len() as u64);
+        assert_eq!(sha256, backup_core::Sha256Digest::of(&data));
+        // The old state moves into the safety backup: its pages are left
+        // for the staged files to reuse instead of fresh ones.
+        if !on_tmpfs {
+            assert_eq!(resident(&path), 0, "every hashed page released");
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), data, "nothing lost");
     }
 }
