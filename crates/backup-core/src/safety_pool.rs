@@ -86,7 +86,15 @@ impl BackupStore for SafetyPool {
             Ok(pool) => {
                 let remote: std::collections::HashSet<BackupId> =
                     all.iter().map(|l| l.id().clone()).collect();
-                all.extend(pool.into_iter().filter(|l| !remote.contains(l.id())));
+                // Only the safety backups: other backups at `backup.path`
+                // (taken before the switch to S3, or by a local
+                // configuration sharing the directory) are not this
+                // store's; listed here, retention would prune them through
+                // the main store, where they are not.
+                all.extend(
+                    pool.into_iter()
+                        .filter(|l| pooled(l.id()) && !remote.contains(l.id())),
+                );
             }
             // The remote backups are still there to list (and a retention
             // run then leaves the pool as it is).
@@ -249,6 +257,38 @@ mod tests {
         ));
         assert!(matches!(
             store.manifest(&old).await,
+            Err(Error::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn other_backups_in_the_pool_directory_are_not_the_stores() {
+        let (main, pool, store) = stores();
+        let manual = id(1_000, Trigger::Manual);
+        put_backup(&store, &manual).await;
+        // Left at backup.path by a local configuration (before the switch
+        // to S3, or sharing the directory).
+        let local = (id(500, Trigger::Manual), id(600, Trigger::Scheduled));
+        put_backup(&Layout::new(pool.clone()), &local.0).await;
+        put_backup(&Layout::new(pool.clone()), &local.1).await;
+        let safety = id(2_000, Trigger::PreRestore);
+        put_backup(&store, &safety).await;
+        assert_eq!(listed_ids(&store).await, vec![safety, manual.clone()]);
+        // Deleting what it lists leaves the directory's own alone.
+        let before = pool.names();
+        store.delete(&manual).await.unwrap();
+        assert!(
+            main.names()
+                .iter()
+                .all(|n| !n.starts_with(&manual.to_string()))
+        );
+        assert_eq!(
+            pool.names(),
+            before,
+            "the directory's own backups untouched"
+        );
+        assert!(matches!(
+            store.manifest(&local.0).await,
             Err(Error::NotFound { .. })
         ));
     }
