@@ -1,7 +1,9 @@
-//! `synthorg-bench-writer DB SECONDS`: commits to a WAL database as fast as
-//! it can for SECONDS (each transaction updates a counter and appends a
-//! log row) and prints commit latencies as JSON: count, p50, p99, max (ms).
-//! Used by bench/run to measure how much a backup disturbs the app.
+//! `synthorg-bench-writer DB SECONDS [normal|full] [STOP_FILE]`: commits to
+//! a WAL database about 500 times a second for SECONDS, or until STOP_FILE
+//! exists (each transaction updates a counter and appends a log row), with
+//! `synchronous` NORMAL (default) or FULL, and prints commit latencies as
+//! JSON: count, p50, p99, max (ms). Used by bench/run to measure how much a
+//! backup disturbs the app, next to a bare `VACUUM INTO`.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -13,13 +15,19 @@ use sqlx::{ConnectOptions, Connection};
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(db), Some(secs)) = (args.next(), args.next()) else {
-        anyhow::bail!("usage: synthorg-bench-writer DB SECONDS");
+        anyhow::bail!("usage: synthorg-bench-writer DB SECONDS [normal|full] [STOP_FILE]");
     };
     let secs: f64 = secs.parse()?;
+    let synchronous = match args.next().as_deref() {
+        None | Some("normal") => SqliteSynchronous::Normal,
+        Some("full") => SqliteSynchronous::Full,
+        Some(other) => anyhow::bail!("synchronous must be normal or full, not {other}"),
+    };
+    let stop = args.next().map(std::path::PathBuf::from);
     let mut conn = SqliteConnectOptions::from_str("sqlite://")?
         .filename(&db)
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
+        .synchronous(synchronous)
         .busy_timeout(Duration::from_secs(5))
         .connect()
         .await?;
@@ -38,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let mut latencies = Vec::new();
-    while Instant::now() < end {
+    while Instant::now() < end && !stop.as_ref().is_some_and(|f| f.exists()) {
         let t = Instant::now();
         let mut tx = conn.begin().await?;
         sqlx::query("UPDATE bench_counter SET n = n + 1 WHERE id = 1")
