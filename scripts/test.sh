@@ -2,7 +2,8 @@
 # All tests: installs the system tools the end-to-end tests call when they
 # are missing (GNU tar, gzip and zstd to open archives, sqlite3, the `age`
 # CLI to open encrypted backups by hand, strace to inject I/O errors into
-# a restore, PostgreSQL: the tests start a
+# a restore, util-linux's fincore to see what a file has in the page
+# cache, PostgreSQL: the tests start a
 # throwaway cluster with its initdb/pg_ctl and use pg_dump/pg_restore),
 # then runs the workspace's tests.
 # Extra arguments go to `cargo test`.
@@ -15,6 +16,7 @@ command -v gzip >/dev/null || need+=(gzip)
 command -v sqlite3 >/dev/null || need+=(sqlite3)
 command -v zstd >/dev/null || need+=(zstd)
 command -v strace >/dev/null || need+=(strace)
+command -v fincore >/dev/null || need+=(util-linux)
 command -v age >/dev/null && command -v age-keygen >/dev/null || need+=(age)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v pg_dump >/dev/null; then
   need+=(postgresql postgresql-client)
