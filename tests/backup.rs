@@ -163,6 +163,92 @@ async fn verify_catches_a_flipped_byte_in_archive_and_directory_forms() {
     assert!(report.problem.unwrap().contains("config/company.yaml"));
 }
 
+/// The stored bytes of each member of a backup's archive.
+fn members_of(fx: &Fixture, m: &Manifest) -> Vec<Vec<u8>> {
+    let bytes = std::fs::read(fx.layout.backups_dir.join(format!("{}.tar.gz", m.id))).unwrap();
+    let info = m.archive.as_ref().unwrap();
+    let ends = info.members.iter().skip(1).map(|o| *o as usize);
+    info.members
+        .iter()
+        .map(|o| *o as usize)
+        .zip(ends.chain([bytes.len()]))
+        .map(|(a, b)| bytes[a..b].to_vec())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_after_a_small_change_copies_unchanged_members_and_never_a_damaged_one() {
+    let fx = Fixture::new(3_000_000).await;
+    let service = fx.service(&fx.config(""));
+    let first = service.create(Trigger::Scheduled).await.unwrap();
+    let first_members = members_of(&fx, &first);
+    let first_info = first.archive.as_ref().unwrap();
+    assert_eq!(first_info.pieces.len(), first_members.len());
+    assert!(first_members.len() > 20, "{} members", first_members.len());
+    for (member, piece) in first_members.iter().zip(&first_info.pieces) {
+        assert_eq!(Sha256Digest::of(member), piece.packed);
+    }
+
+    // A small change: one checkpoint added, one memory file rewritten.
+    let turn = fx.layout.checkpoints_dir.join("task-new/turn-0000.json");
+    std::fs::create_dir_all(turn.parent().unwrap()).unwrap();
+    std::fs::write(&turn, b"{\"turn\": 0}").unwrap();
+    let (rel, _) = files_under(&fx.layout.memory_dir)
+        .into_iter()
+        .find(|(rel, _)| rel.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    std::fs::write(fx.layout.memory_dir.join(&rel), b"{\"rewritten\": true}").unwrap();
+
+    // Damage the last member of the first archive that the second needs
+    // unchanged (its content is still live).
+    let second_plan = service.create(Trigger::Manual).await.unwrap();
+    let needed = members_of(&fx, &second_plan);
+    let victim = first_members
+        .iter()
+        .rposition(|m| needed.contains(m))
+        .expect("members shared");
+    let shared = first_members.iter().filter(|m| needed.contains(m)).count();
+    assert!(
+        shared * 10 >= needed.len() * 7,
+        "only {shared} of {} members copied",
+        needed.len()
+    );
+    service.delete(&second_plan.id, false).await.unwrap();
+    let path = fx.layout.backups_dir.join(format!("{}.tar.gz", first.id));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let spot = first_info.members[victim] as usize + 12;
+    bytes[spot] ^= 0x10;
+    let damaged =
+        bytes[first_info.members[victim] as usize..][..first_members[victim].len()].to_vec();
+    std::fs::write(&path, bytes).unwrap();
+
+    let second = service.create(Trigger::Manual).await.unwrap();
+    let second_members = members_of(&fx, &second);
+    // The member's content was compressed afresh: the intact member again.
+    assert!(second_members.contains(&first_members[victim]));
+    assert!(
+        !second_members.contains(&damaged),
+        "a damaged member was copied"
+    );
+    let copied = second_members
+        .iter()
+        .filter(|m| first_members.contains(m))
+        .count();
+    assert!(
+        copied + 3 >= shared,
+        "{copied} members copied, {shared} before"
+    );
+    assert!(!service.verify(&first.id).await.unwrap().ok);
+    assert!(service.verify(&second.id).await.unwrap().ok);
+    let out = fx.dir.path().join("second");
+    extract(
+        &fx.layout.backups_dir.join(format!("{}.tar.gz", second.id)),
+        &out,
+        &["-xzf"],
+    );
+    assert_matches_live(&fx, &out, &second).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_under_a_continuous_writer_is_consistent_and_never_blocks_it() {
     let fx = Fixture::new(2_000_000).await;

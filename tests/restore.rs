@@ -350,7 +350,7 @@ async fn refusals_leave_live_data_byte_for_byte_unchanged() {
         .backups_dir
         .join(format!("{}.manifest.json", archived.id));
     let text = std::fs::read_to_string(&sidecar).unwrap().replacen(
-        "\"version\": \"1.2\"",
+        "\"version\": \"1.3\"",
         "\"version\": \"2.0\"",
         1,
     );

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use backup_core::layout::Layout;
-use backup_core::ports::{ByteStream, ObjectSpace, RootListing, Small};
+use backup_core::ports::{ByteStream, ObjectSpace, ReadAt, RootListing, Small};
 use backup_core::{BackupId, Error, Result};
 
 use crate::fsio::{self, TEMP_MARKER};
@@ -150,6 +150,17 @@ fn read_root(root: &Path, lazy: bool) -> io::Result<Option<std::fs::ReadDir>> {
     }
 }
 
+/// Positional reads of an open file (`pread`): an open descriptor keeps
+/// the data even if the file is removed meanwhile.
+#[derive(Debug)]
+struct FileRanges(std::fs::File);
+
+impl ReadAt for FileRanges {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
+    }
+}
+
 #[async_trait]
 impl ObjectSpace for LocalDir {
     fn location(&self) -> String {
@@ -248,6 +259,15 @@ impl ObjectSpace for LocalDir {
 
     fn local_path(&self, name: &str) -> Option<PathBuf> {
         Some(self.path(name))
+    }
+
+    async fn open_ranges(&self, name: &str) -> Option<Box<dyn ReadAt>> {
+        let path = self.path(name);
+        let file = tokio::task::spawn_blocking(move || std::fs::File::open(path))
+            .await
+            .ok()?
+            .ok()?;
+        Some(Box::new(FileRanges(file)))
     }
 
     async fn remove_partial(&self, id: Option<&BackupId>) -> Result<Vec<String>> {

@@ -39,11 +39,33 @@ async fn vacuum_into(
     })?;
     let started = Instant::now();
     let mut conn = connect(component, source, false, busy_timeout).await?;
-    // The path is ours (a scratch file), quoted as an SQL string literal.
-    let sql = format!("VACUUM INTO '{}'", dest_text.replace('\'', "''"));
-    let result = sqlx::query(sqlx::AssertSqlSafe(sql))
+    // The scratch copy is read once and removed, never needed after a
+    // crash: `VACUUM INTO` follows the connection's `synchronous`, and with
+    // it off does not fsync the copy, whose hundreds of megabytes would
+    // otherwise queue at the disk ahead of the app's own commits (a
+    // synchronous=FULL writer waited up to 281 ms behind a bare VACUUM
+    // INTO, bench/run). Put back before anything else can run on this
+    // connection (closing it may checkpoint the live database).
+    let result = match sqlx::query("PRAGMA synchronous = OFF")
         .execute(&mut conn)
-        .await;
+        .await
+    {
+        Ok(_) => {
+            // The path is ours (a scratch file), quoted as an SQL string literal.
+            let sql = format!("VACUUM INTO '{}'", dest_text.replace('\'', "''"));
+            let vacuumed = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await;
+            match sqlx::query("PRAGMA synchronous = FULL")
+                .execute(&mut conn)
+                .await
+            {
+                Ok(_) => vacuumed,
+                Err(e) => vacuumed.and(Err(e)),
+            }
+        }
+        Err(e) => Err(e),
+    };
     let _ = conn.close().await;
     result.map_err(|e| sqlx_error(component, source, &e))?;
     Ok(started.elapsed())

@@ -7,16 +7,22 @@
 //! plain `tar xzf` and `zstd -d` read. Memory stays bounded: at most
 //! `parallelism + 1` blocks in flight, whatever the data size.
 
+use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncRead;
 use tokio_util::io::StreamReader;
 
 use crate::buffers::BufferPool;
+use crate::cdc::{Cuts, Scanner};
 use crate::config::Compression;
-use crate::ports::ByteStream;
+use crate::digest::Sha256Digest;
+use crate::manifest::{ArchiveInfo, PieceDigest};
+use crate::ports::{ByteStream, ReadAt};
 
 /// Uncompressed bytes per member. Deflate's window is 32 KiB, so small
 /// members cost gzip almost no ratio; they keep memory low (bench/run:
@@ -41,39 +47,6 @@ pub const FASTEST_LEVEL: u32 = 1;
 /// meanwhile, so cores do not wait).
 pub fn parallelism() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
-}
-
-/// Cuts a stream into blocks of exactly `size` bytes (the last one shorter).
-/// Each block is its own allocation of exactly `size`, so a block in flight
-/// never pins a larger buffer.
-pub fn blocks(
-    input: ByteStream,
-    size: usize,
-) -> impl futures::Stream<Item = io::Result<Bytes>> + Send {
-    futures::stream::unfold(
-        (input, Bytes::new(), false),
-        move |(mut input, mut carry, mut ended)| async move {
-            let mut block = BytesMut::with_capacity(size);
-            loop {
-                if !carry.is_empty() {
-                    let take = carry.len().min(size - block.len());
-                    block.extend_from_slice(&carry.split_to(take));
-                }
-                if block.len() == size || ended {
-                    break;
-                }
-                match input.next().await {
-                    Some(Ok(chunk)) => carry = chunk,
-                    Some(Err(e)) => return Some((Err(e), (input, Bytes::new(), true))),
-                    None => ended = true,
-                }
-            }
-            if block.is_empty() {
-                return None;
-            }
-            Some((Ok(block.freeze()), (input, carry, ended)))
-        },
-    )
 }
 
 fn compress_block(block: &[u8], compression: Compression, level: u32) -> io::Result<Vec<u8>> {
@@ -107,9 +80,207 @@ fn compress_block(block: &[u8], compression: Compression, level: u32) -> io::Res
     }
 }
 
-/// Compresses a stream as independent members on the blocking pool. Each
-/// output item is one whole member, so its offset is a member boundary.
-pub fn compress(input: ByteStream, compression: Compression, level: Option<u32>) -> ByteStream {
+/// How the tar stream is cut into members: content-defined pieces
+/// averaging 32 KiB (8-128 KiB), so that an unchanged stretch of data
+/// becomes the same members in the next backup even where bytes were
+/// inserted or removed before it (see [`crate::cdc`] and ARCHITECTURE,
+/// "Member reuse").
+pub const PIECE_CUTS: Cuts = Cuts::averaging(32 * 1024);
+
+/// Bytes of pieces handed to one compression job on the blocking pool.
+const JOB_BYTES: usize = BLOCK_SIZE;
+
+/// Cuts a stream at [`PIECE_CUTS`] and gathers the pieces into jobs of
+/// about `job_bytes` (the last one shorter). Cuts depend only on the
+/// content, never on how the input is chunked.
+fn piece_jobs(
+    input: ByteStream,
+    cuts: Cuts,
+    job_bytes: usize,
+) -> impl futures::Stream<Item = io::Result<Vec<Bytes>>> + Send {
+    struct State {
+        input: ByteStream,
+        buf: BytesMut,
+        scanner: Scanner,
+        ended: bool,
+    }
+    let start = State {
+        input,
+        buf: BytesMut::new(),
+        scanner: Scanner::new(cuts),
+        ended: false,
+    };
+    futures::stream::unfold(Some(start), move |state| async move {
+        let mut st = state?;
+        let mut job = Vec::new();
+        let mut size = 0;
+        loop {
+            while let Some(n) = st.scanner.next_cut(&st.buf) {
+                size += n;
+                job.push(st.buf.split_to(n).freeze());
+            }
+            if size >= job_bytes {
+                break;
+            }
+            if st.ended {
+                if !st.buf.is_empty() {
+                    job.push(st.buf.split().freeze());
+                }
+                break;
+            }
+            match st.input.next().await {
+                Some(Ok(chunk)) => {
+                    if st.buf.capacity() - st.buf.len() < chunk.len() {
+                        st.buf.reserve(job_bytes.max(chunk.len()));
+                    }
+                    st.buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => return Some((Err(e), None)),
+                None => st.ended = true,
+            }
+        }
+        if job.is_empty() {
+            return None;
+        }
+        Some((Ok(job), Some(st)))
+    })
+}
+
+/// The members of an earlier archive that a new archive may copy instead
+/// of compressing the same content again: found by the digest of their
+/// content, read at their offset, and used only when the bytes read match
+/// the digest recorded when they were written. A member that does not is
+/// logged (ERROR) and its content compressed afresh: damage in the earlier
+/// archive never passes into the new one.
+#[derive(Debug)]
+pub struct Reuse {
+    /// The earlier backup, for messages.
+    from: String,
+    /// Content digest -> offset, length and digest of the member.
+    members: HashMap<Sha256Digest, (u64, usize, Sha256Digest)>,
+    source: Box<dyn ReadAt>,
+    reused: AtomicU64,
+    reused_bytes: AtomicU64,
+    damaged: AtomicU64,
+}
+
+/// What a [`Reuse`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReuseStats {
+    /// Members copied.
+    pub members: u64,
+    /// Stored bytes copied.
+    pub bytes: u64,
+    /// Members that did not match their recorded digest (or could not be
+    /// read), compressed afresh instead.
+    pub damaged: u64,
+}
+
+impl Reuse {
+    /// Reuse from the archive `info` describes, read through `source`;
+    /// `None` when it records no piece digests (older, encrypted, or
+    /// uncompressed backups) or its members cannot describe it.
+    pub fn new(from: String, info: &ArchiveInfo, source: Box<dyn ReadAt>) -> Option<Reuse> {
+        if info.pieces.is_empty() || info.inner_size_bytes.is_some() {
+            return None;
+        }
+        let lengths = member_lengths(&info.members, info.size_bytes)?;
+        if lengths.len() != info.pieces.len() {
+            return None;
+        }
+        let members = info
+            .pieces
+            .iter()
+            .zip(info.members.iter().zip(lengths))
+            .map(|(piece, (offset, len))| (piece.raw, (*offset, len, piece.packed)))
+            .collect();
+        Some(Reuse {
+            from,
+            members,
+            source,
+            reused: AtomicU64::new(0),
+            reused_bytes: AtomicU64::new(0),
+            damaged: AtomicU64::new(0),
+        })
+    }
+
+    /// The earlier member holding content `raw`, checked against its
+    /// recorded digest; `None` when there is none or it does not match.
+    fn take(&self, raw: &Sha256Digest) -> Option<(Bytes, Sha256Digest)> {
+        let &(offset, len, packed) = self.members.get(raw)?;
+        let mut buf = vec![0u8; len];
+        let problem = match self.source.read_at(offset, &mut buf) {
+            Err(e) => format!("cannot be read ({e})"),
+            Ok(()) if Sha256Digest::of(&buf) != packed => {
+                "does not match the digest recorded when it was written".to_owned()
+            }
+            Ok(()) => {
+                self.reused.fetch_add(1, Ordering::Relaxed);
+                self.reused_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                return Some((Bytes::from(buf), packed));
+            }
+        };
+        if self.damaged.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::error!(earlier_backup = %self.from, offset, length = len,
+                "the earlier backup's archive is damaged: its member {problem}; compressing that content afresh (the earlier backup fails verify)");
+        }
+        None
+    }
+
+    /// What was reused so far.
+    pub fn stats(&self) -> ReuseStats {
+        ReuseStats {
+            members: self.reused.load(Ordering::Relaxed),
+            bytes: self.reused_bytes.load(Ordering::Relaxed),
+            damaged: self.damaged.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Compresses (or copies from `reuse`) the pieces of one job, each its own
+/// member, with the digests of each when `digests`.
+fn compress_job(
+    pieces: &[Bytes],
+    compression: Compression,
+    level: u32,
+    reuse: Option<&Reuse>,
+    digests: bool,
+) -> io::Result<Vec<(Bytes, Option<PieceDigest>)>> {
+    pieces
+        .iter()
+        .map(|piece| {
+            if !digests {
+                return Ok((
+                    Bytes::from(compress_block(piece, compression, level)?),
+                    None,
+                ));
+            }
+            let raw = Sha256Digest::of(piece);
+            let (member, packed) = match reuse.and_then(|r| r.take(&raw)) {
+                Some(found) => found,
+                None => {
+                    let member = compress_block(piece, compression, level)?;
+                    let packed = Sha256Digest::of(&member);
+                    (Bytes::from(member), packed)
+                }
+            };
+            Ok((member, Some(PieceDigest { raw, packed })))
+        })
+        .collect()
+}
+
+/// Compresses a stream as independent members on the blocking pool, one
+/// per content-defined piece ([`PIECE_CUTS`]). Each output item is one
+/// whole member, so its offset is a member boundary. With `digests`, the
+/// [`PieceDigest`] of each member is appended there in order, and members
+/// whose content `reuse` holds are copied from the earlier archive.
+pub fn compress(
+    input: ByteStream,
+    compression: Compression,
+    level: Option<u32>,
+    reuse: Option<Arc<Reuse>>,
+    digests: Option<Arc<Mutex<Vec<PieceDigest>>>>,
+) -> ByteStream {
     if compression == Compression::None {
         return input;
     }
@@ -117,15 +288,27 @@ pub fn compress(input: ByteStream, compression: Compression, level: Option<u32>)
         Compression::Zstd => DEFAULT_ZSTD_LEVEL,
         _ => DEFAULT_GZIP_LEVEL,
     });
-    blocks(input, BLOCK_SIZE)
-        .map(move |block| async move {
-            let block = block?;
-            tokio::task::spawn_blocking(move || compress_block(&block, compression, level))
+    let record = digests.is_some();
+    piece_jobs(input, PIECE_CUTS, JOB_BYTES)
+        .map(move |job| {
+            let reuse = reuse.clone();
+            async move {
+                let job = job?;
+                tokio::task::spawn_blocking(move || {
+                    compress_job(&job, compression, level, reuse.as_deref(), record)
+                })
                 .await
                 .map_err(io::Error::other)?
-                .map(Bytes::from)
+            }
         })
         .buffered(parallelism())
+        .map_ok(move |members| {
+            if let Some(Ok(mut list)) = digests.as_ref().map(|l| l.lock()) {
+                list.extend(members.iter().filter_map(|(_, d)| *d));
+            }
+            futures::stream::iter(members.into_iter().map(|(m, _)| Ok(m)))
+        })
+        .try_flatten()
         .boxed()
 }
 
@@ -255,34 +438,49 @@ fn bad_member(reason: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, reason)
 }
 
+/// The decompressed size a gzip member's trailer states (at most
+/// [`MAX_MEMBER`]).
+fn gzip_size(member: &[u8]) -> io::Result<usize> {
+    let isize = member
+        .len()
+        .checked_sub(4)
+        .and_then(|at| member.get(at..))
+        .and_then(|t| <[u8; 4]>::try_from(t).ok())
+        .map(u32::from_le_bytes)
+        .ok_or_else(|| bad_member("gzip member shorter than its trailer".into()))?
+        as usize;
+    if isize > MAX_MEMBER {
+        return Err(bad_member(format!(
+            "gzip member of {isize} bytes, more than {MAX_MEMBER}"
+        )));
+    }
+    Ok(isize)
+}
+
+/// Decompresses a gzip member into `out`, which it must fill exactly (its
+/// CRC is checked).
+fn inflate_into(member: &[u8], out: &mut [u8]) -> io::Result<()> {
+    let n = INFLATER
+        .with(|d| d.borrow_mut().gzip_decompress(member, out))
+        .map_err(|e| bad_member(format!("gzip member: {e}")))?;
+    if n != out.len() {
+        return Err(bad_member(format!(
+            "gzip member gave {n} bytes, its trailer says {}",
+            out.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Decompresses one whole member: a gzip member with libdeflate (its
 /// trailer gives the size, its CRC is checked), a zstd frame with the size
 /// from its header.
 fn decompress_member(member: &[u8], compression: Compression) -> io::Result<Bytes> {
     match compression {
         Compression::Gzip => {
-            let isize = member
-                .len()
-                .checked_sub(4)
-                .and_then(|at| member.get(at..))
-                .and_then(|t| <[u8; 4]>::try_from(t).ok())
-                .map(u32::from_le_bytes)
-                .ok_or_else(|| bad_member("gzip member shorter than its trailer".into()))?
-                as usize;
-            if isize > MAX_MEMBER {
-                return Err(bad_member(format!(
-                    "gzip member of {isize} bytes, more than {MAX_MEMBER}"
-                )));
-            }
+            let isize = gzip_size(member)?;
             let mut out = MEMBERS.take_filled(isize);
-            let n = INFLATER
-                .with(|d| d.borrow_mut().gzip_decompress(member, &mut out))
-                .map_err(|e| bad_member(format!("gzip member: {e}")))?;
-            if n != isize {
-                return Err(bad_member(format!(
-                    "gzip member gave {n} bytes, its trailer says {isize}"
-                )));
-            }
+            inflate_into(member, &mut out)?;
             Ok(MEMBERS.bytes(out, isize))
         }
         Compression::Zstd => {
@@ -303,23 +501,101 @@ fn decompress_member(member: &[u8], compression: Compression) -> io::Result<Byte
     }
 }
 
+/// Members decompressed in one job: consecutive members up to this many
+/// stored bytes (a member larger than that is a job of its own) ...
+const GROUP_BYTES: usize = 256 * 1024;
+/// ... and at most this many (so that a job of highly compressible members
+/// stays small decompressed: [`PIECE_CUTS`] bounds each).
+const GROUP_MEMBERS: usize = 64;
+
+/// Gathers member lengths into jobs (see [`GROUP_BYTES`]).
+fn group_members(lengths: Vec<usize>) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut total = 0;
+    for len in lengths {
+        match groups.last_mut() {
+            Some(g) if g.len() < GROUP_MEMBERS && total + len <= GROUP_BYTES => {
+                g.push(len);
+                total += len;
+            }
+            _ => {
+                groups.push(vec![len]);
+                total = len;
+            }
+        }
+    }
+    groups
+}
+
+/// Decompresses consecutive members (`lengths` of `stored`): gzip members
+/// into one buffer sized from their trailers when that fits
+/// [`MAX_MEMBER`], else member by member.
+fn decompress_group(
+    stored: &[u8],
+    lengths: &[usize],
+    compression: Compression,
+) -> io::Result<Vec<Bytes>> {
+    let mut members = Vec::with_capacity(lengths.len());
+    let mut at = 0;
+    for len in lengths {
+        let member = stored
+            .get(at..at + len)
+            .ok_or_else(|| bad_member("member past the end of its group".into()))?;
+        members.push(member);
+        at += len;
+    }
+    if compression == Compression::Gzip && members.len() > 1 {
+        let sizes: Vec<usize> = members
+            .iter()
+            .map(|m| gzip_size(m))
+            .collect::<io::Result<_>>()?;
+        let total: usize = sizes.iter().sum();
+        if total <= MAX_MEMBER {
+            let mut out = MEMBERS.take_filled(total);
+            let mut at = 0;
+            for (member, size) in members.iter().zip(sizes) {
+                let slot = out
+                    .get_mut(at..at + size)
+                    .ok_or_else(|| bad_member("gzip member sizes overflow".into()))?;
+                inflate_into(member, slot)?;
+                at += size;
+            }
+            return Ok(vec![MEMBERS.bytes(out, total)]);
+        }
+    }
+    members
+        .into_iter()
+        .map(|m| decompress_member(m, compression))
+        .collect()
+}
+
 /// The decompressed content of an archive of independent members, cut at
-/// the given `lengths` (see [`member_lengths`]): each member is
-/// decompressed whole on the blocking pool, up to [`parallelism`] at once,
-/// and emitted in order. Memory stays bounded by `parallelism + 1` members.
+/// the given `lengths` (see [`member_lengths`]): consecutive members are
+/// decompressed as one job on the blocking pool ([`GROUP_BYTES`]), up to
+/// [`parallelism`] jobs at once, and emitted in order. Memory stays bounded
+/// by `parallelism + 1` jobs.
 pub fn decompress_members(
     input: ByteStream,
     compression: Compression,
     lengths: Vec<usize>,
 ) -> ByteStream {
-    pieces(input, lengths)
-        .map(move |member| async move {
-            let member = member?;
-            tokio::task::spawn_blocking(move || decompress_member(&member, compression))
+    let groups = group_members(lengths);
+    let totals = groups.iter().map(|g| g.iter().sum()).collect();
+    // Paired with `None` past the last group, so that the error `pieces`
+    // gives for data after the last member still comes through.
+    let groups = groups.into_iter().map(Some).chain(std::iter::repeat(None));
+    pieces(input, totals)
+        .zip(futures::stream::iter(groups))
+        .map(move |(stored, lengths)| async move {
+            let stored = stored?;
+            let lengths = lengths.ok_or_else(|| bad_member("data after the last member".into()))?;
+            tokio::task::spawn_blocking(move || decompress_group(&stored, &lengths, compression))
                 .await
                 .map_err(io::Error::other)?
         })
         .buffered(parallelism())
+        .map_ok(|parts| futures::stream::iter(parts.into_iter().map(Ok)))
+        .try_flatten()
         .boxed()
 }
 
@@ -343,28 +619,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn blocks_are_exact_and_complete() {
-        let data = sample(10_000);
-        let out: Vec<Bytes> = blocks(stream_of(data.clone(), 333), 4096)
-            .map(|b| b.unwrap())
-            .collect()
-            .await;
-        assert_eq!(
-            out.iter().map(Bytes::len).collect::<Vec<_>>(),
-            vec![4096, 4096, 1808]
-        );
-        assert_eq!(out.concat(), data);
-    }
-
-    #[tokio::test]
     async fn multi_member_gzip_and_zstd_round_trip() {
         let data = sample(BLOCK_SIZE * 2 + 12_345);
         for c in [Compression::Gzip, Compression::Zstd] {
-            let members: Vec<Bytes> = compress(stream_of(data.clone(), 65_536), c, None)
-                .map(|b| b.unwrap())
-                .collect()
-                .await;
-            assert_eq!(members.len(), 3, "{c}");
+            let members: Vec<Bytes> =
+                compress(stream_of(data.clone(), 65_536), c, None, None, None)
+                    .map(|b| b.unwrap())
+                    .collect()
+                    .await;
+            assert!(members.len() >= data.len() / PIECE_CUTS.max, "{c}");
             let joined = members.concat();
             let mut out = Vec::new();
             decompress(stream_of(joined.clone(), 10_000), c)
@@ -388,10 +651,16 @@ mod tests {
     #[tokio::test]
     async fn truncated_gzip_is_an_error() {
         let data = sample(100_000);
-        let members: Vec<Bytes> = compress(stream_of(data, 4096), Compression::Gzip, Some(1))
-            .map(|b| b.unwrap())
-            .collect()
-            .await;
+        let members: Vec<Bytes> = compress(
+            stream_of(data, 4096),
+            Compression::Gzip,
+            Some(1),
+            None,
+            None,
+        )
+        .map(|b| b.unwrap())
+        .collect()
+        .await;
         let joined = members.concat();
         let cut = joined[..joined.len() - 10].to_vec();
         let mut out = Vec::new();
@@ -405,11 +674,16 @@ mod tests {
     async fn members_decompress_in_parallel_to_the_same_content() {
         let data = sample(5 * BLOCK_SIZE + 123);
         for compression in [Compression::Gzip, Compression::Zstd] {
-            let members: Vec<Bytes> =
-                compress(stream_of(data.clone(), 64 * 1024), compression, None)
-                    .map(|m| m.unwrap())
-                    .collect()
-                    .await;
+            let members: Vec<Bytes> = compress(
+                stream_of(data.clone(), 64 * 1024),
+                compression,
+                None,
+                None,
+                None,
+            )
+            .map(|m| m.unwrap())
+            .collect()
+            .await;
             let mut offsets = Vec::new();
             let mut total = 0u64;
             for m in &members {
@@ -446,6 +720,151 @@ mod tests {
             }
             assert!(failed, "{compression}: trailing data");
         }
+    }
+
+    /// Text-like rows: compressible, and cut by content.
+    fn rows(count: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        let mut out = Vec::new();
+        for i in 0..count {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            out.extend_from_slice(format!("row {i} agent-{} {:x}\n", state % 50, state).as_bytes());
+        }
+        out
+    }
+
+    /// An archive in memory, read by ranges.
+    #[derive(Debug)]
+    struct InMemory(Mutex<Vec<u8>>);
+
+    impl ReadAt for InMemory {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let data = self.0.lock().unwrap();
+            let at = offset as usize;
+            let src = data
+                .get(at..at + buf.len())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+    }
+
+    /// Compresses `data` as a backup would: members, their digests, and
+    /// the archive info a manifest records.
+    async fn archive_of(data: &[u8], reuse: Option<Arc<Reuse>>) -> (Vec<u8>, ArchiveInfo) {
+        let digests = Arc::new(Mutex::new(Vec::new()));
+        let members: Vec<Bytes> = compress(
+            stream_of(data.to_vec(), 10_000),
+            Compression::Gzip,
+            None,
+            reuse,
+            Some(Arc::clone(&digests)),
+        )
+        .map(|m| m.unwrap())
+        .collect()
+        .await;
+        let mut offsets = Vec::new();
+        let mut total = 0u64;
+        for m in &members {
+            offsets.push(total);
+            total += m.len() as u64;
+        }
+        let bytes = members.concat();
+        let info = ArchiveInfo {
+            sha256: Sha256Digest::of(&bytes),
+            size_bytes: total,
+            members: offsets,
+            inner_size_bytes: None,
+            pieces: digests.lock().unwrap().clone(),
+        };
+        (bytes, info)
+    }
+
+    async fn content_of(bytes: &[u8], info: &ArchiveInfo) -> Vec<u8> {
+        let lengths = member_lengths(&info.members, info.size_bytes).unwrap();
+        let mut out = Vec::new();
+        let mut s = decompress_members(
+            stream_of(bytes.to_vec(), 77_777),
+            Compression::Gzip,
+            lengths,
+        );
+        while let Some(chunk) = s.next().await {
+            out.extend_from_slice(&chunk.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn members_copied_from_an_earlier_archive_equal_fresh_ones_and_damage_is_never_copied() {
+        let before = rows(60_000, 7);
+        // A small change: rows inserted near the start, one edited later.
+        let mut after = before.clone();
+        after.splice(20_000..20_000, rows(40, 99));
+        let at = after.len() * 2 / 3;
+        after[at] = b'#';
+
+        let (earlier, earlier_info) = archive_of(&before, None).await;
+        assert_eq!(earlier_info.pieces.len(), earlier_info.members.len());
+        let (fresh, fresh_info) = archive_of(&after, None).await;
+        let source = Box::new(InMemory(Mutex::new(earlier.clone())));
+        let reuse = Arc::new(Reuse::new("earlier".into(), &earlier_info, source).unwrap());
+        let (reused, reused_info) = archive_of(&after, Some(Arc::clone(&reuse))).await;
+
+        // Byte for byte what compressing everything gives, digests and all.
+        assert!(reused == fresh);
+        assert_eq!(reused_info, fresh_info);
+        assert_eq!(content_of(&reused, &reused_info).await, after);
+        let used = reuse.stats();
+        assert!(
+            used.members * 10 >= fresh_info.members.len() as u64 * 8,
+            "{used:?} of {} members",
+            fresh_info.members.len()
+        );
+        assert_eq!(used.damaged, 0);
+
+        // A flipped byte in an earlier member that the new archive needs:
+        // found, compressed afresh, never copied.
+        let victim = earlier_info
+            .pieces
+            .iter()
+            .rposition(|p| reused_info.pieces.contains(p))
+            .unwrap();
+        let mut damaged = earlier.clone();
+        let spot = earlier_info.members[victim] as usize + 20;
+        damaged[spot] ^= 0x40;
+        let source = Box::new(InMemory(Mutex::new(damaged)));
+        let reuse = Arc::new(Reuse::new("earlier".into(), &earlier_info, source).unwrap());
+        let (again, again_info) = archive_of(&after, Some(Arc::clone(&reuse))).await;
+        assert_eq!(reuse.stats().damaged, 1);
+        assert!(again == fresh, "the damaged member was copied");
+        assert_eq!(again_info, fresh_info);
+        assert_eq!(content_of(&again, &again_info).await, after);
+    }
+
+    #[test]
+    fn reuse_needs_digests_for_every_member() {
+        let info = |pieces: usize| ArchiveInfo {
+            sha256: Sha256Digest::of(b""),
+            size_bytes: 30,
+            members: vec![0, 10],
+            inner_size_bytes: None,
+            pieces: vec![
+                PieceDigest {
+                    raw: Sha256Digest::of(b"a"),
+                    packed: Sha256Digest::of(b"b"),
+                };
+                pieces
+            ],
+        };
+        let source = || Box::new(InMemory(Mutex::new(vec![0; 30]))) as Box<dyn ReadAt>;
+        assert!(Reuse::new("x".into(), &info(2), source()).is_some());
+        assert!(Reuse::new("x".into(), &info(0), source()).is_none());
+        assert!(Reuse::new("x".into(), &info(1), source()).is_none());
+        let mut sealed = info(2);
+        sealed.inner_size_bytes = Some(30);
+        assert!(Reuse::new("x".into(), &sealed, source()).is_none());
     }
 
     #[test]

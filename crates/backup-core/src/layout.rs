@@ -497,6 +497,14 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
         self.space.local_path(&id.to_string())
     }
 
+    async fn open_ranges(
+        &self,
+        id: &BackupId,
+        object: &ObjectName,
+    ) -> Option<Box<dyn crate::ports::ReadAt>> {
+        self.space.open_ranges(&object_name(id, object)).await
+    }
+
     async fn cleanup_incomplete(&self) -> Result<Vec<String>> {
         let mut removed = self.space.remove_partial(None).await?;
         let listing = self.space.list_root().await?;

@@ -13,6 +13,7 @@
 
 pub mod archive;
 pub mod buffers;
+pub mod cdc;
 pub mod compat;
 pub mod compress;
 pub mod config;

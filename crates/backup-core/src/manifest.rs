@@ -23,7 +23,7 @@ use crate::path::ArchivePath;
 pub const MANIFEST_MAJOR: u32 = 1;
 /// Minor version this build writes. Readers accept newer minors of the same
 /// major and ignore the top-level fields they do not know.
-pub const MANIFEST_MINOR: u32 = 2;
+pub const MANIFEST_MINOR: u32 = 3;
 /// Largest manifest accepted, in bytes. About 200,000 files fit.
 pub const MAX_MANIFEST_BYTES: usize = 32 * 1024 * 1024;
 
@@ -193,6 +193,50 @@ pub struct ArchiveInfo {
     /// refer to (encrypted backups only, since 1.2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inner_size_bytes: Option<u64>,
+    /// The digests of each member, in the order of `members` (since 1.3;
+    /// unencrypted compressed archives): what a later backup looks up to
+    /// copy a member instead of compressing its content again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pieces: Vec<PieceDigest>,
+}
+
+/// The digests of one member of an archive: of the content it holds
+/// (before compression) and of the member as stored. Written as
+/// `<raw hex>:<packed hex>`, one string per member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PieceDigest {
+    /// SHA-256 of the member's decompressed content.
+    pub raw: Sha256Digest,
+    /// SHA-256 of the member's bytes as stored.
+    pub packed: Sha256Digest,
+}
+
+impl Serialize for PieceDigest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{}:{}", self.raw, self.packed))
+    }
+}
+
+impl<'de> Deserialize<'de> for PieceDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Pair;
+        impl serde::de::Visitor<'_> for Pair {
+            type Value = PieceDigest;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("two SHA-256 digests as `<hex>:<hex>`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PieceDigest, E> {
+                let (raw, packed) = v
+                    .split_once(':')
+                    .ok_or_else(|| E::custom(format!("piece digest without ':' in {v:.80}")))?;
+                Ok(PieceDigest {
+                    raw: raw.parse().map_err(E::custom)?,
+                    packed: packed.parse().map_err(E::custom)?,
+                })
+            }
+        }
+        deserializer.deserialize_str(Pair)
+    }
 }
 
 /// `major.minor` of the manifest format, written as a string (`"1.0"`).
@@ -302,7 +346,13 @@ const KNOWN_FIELDS: &[&str] = &[
 const KNOWN_FILE_FIELDS: &[&str] = &["path", "size", "sha256", "mode", "mtime", "uid", "gid"];
 const KNOWN_DIR_FIELDS: &[&str] = &["path", "mode", "uid", "gid"];
 const KNOWN_SYMLINK_FIELDS: &[&str] = &["path", "target"];
-const KNOWN_ARCHIVE_FIELDS: &[&str] = &["sha256", "size_bytes", "members"];
+const KNOWN_ARCHIVE_FIELDS: &[&str] = &[
+    "sha256",
+    "size_bytes",
+    "members",
+    "inner_size_bytes",
+    "pieces",
+];
 
 impl Manifest {
     /// Parses and validates a manifest.
@@ -510,6 +560,17 @@ impl Manifest {
             .is_some_and(|a| a.inner_size_bytes.is_some() != self.encrypted)
         {
             return bad("inner_size_bytes is recorded exactly for encrypted archives".into());
+        }
+        if let Some(a) = self
+            .archive
+            .as_ref()
+            .filter(|a| !a.pieces.is_empty() && a.pieces.len() != a.members.len())
+        {
+            return bad(format!(
+                "{} piece digests for {} members",
+                a.pieces.len(),
+                a.members.len()
+            ));
         }
         for link in &self.symlinks {
             if link.target.is_empty()
@@ -897,6 +958,7 @@ pub(crate) mod tests {
                 size_bytes: 1234,
                 members: vec![0, 600],
                 inner_size_bytes: None,
+                pieces: Vec::new(),
             }),
             files,
             dirs,
@@ -911,7 +973,7 @@ pub(crate) mod tests {
         m.validate().unwrap();
         let json = m.to_json().unwrap();
         let text = String::from_utf8(json.clone()).unwrap();
-        assert!(text.contains("\"version\": \"1.2\""));
+        assert!(text.contains("\"version\": \"1.3\""));
         assert!(
             !text.contains("encrypted"),
             "unencrypted manifests do not say so"
@@ -919,6 +981,17 @@ pub(crate) mod tests {
         assert!(text.contains("\"checksum\": \"sha256:"));
         assert!(text.contains("\"trigger\": \"manual\""));
         assert_eq!(Manifest::from_json(&json).unwrap(), m);
+
+        // Piece digests: one `raw:packed` string per member.
+        let mut m = m;
+        let (raw, packed) = (Sha256Digest::of(b"raw"), Sha256Digest::of(b"packed"));
+        m.archive.as_mut().unwrap().pieces = vec![PieceDigest { raw, packed }; 2];
+        let json = m.to_json().unwrap();
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(text.contains(&format!("\"{raw}:{packed}\"")));
+        assert_eq!(Manifest::from_json(&json).unwrap(), m);
+        let bad = text.replace(&format!("{raw}:{packed}"), &format!("{raw}{packed}"));
+        assert!(Manifest::from_json(bad.as_bytes()).is_err());
     }
 
     #[test]
@@ -997,7 +1070,7 @@ pub(crate) mod tests {
         assert!(Manifest::from_json(v.to_string().as_bytes()).is_err());
     }
 
-    const MANIFEST_MINOR_STRING: &str = "1.2";
+    const MANIFEST_MINOR_STRING: &str = "1.3";
 
     #[test]
     fn validate_catches_each_inconsistency() {
@@ -1010,6 +1083,18 @@ pub(crate) mod tests {
                 Box::new(|m| m.timestamp = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap()),
             ),
             ("size", Box::new(|m| m.size_bytes += 1)),
+            (
+                "piece digests",
+                Box::new(|m| {
+                    let digest = Sha256Digest::of(b"piece");
+                    if let Some(a) = m.archive.as_mut() {
+                        a.pieces = vec![PieceDigest {
+                            raw: digest,
+                            packed: digest,
+                        }];
+                    }
+                }),
+            ),
             (
                 "checksum",
                 Box::new(|m| m.files[0].sha256 = Sha256Digest::of(b"x")),

@@ -222,6 +222,23 @@ pub trait BackupStore: Debug + Send + Sync + 'static {
     fn local_dir(&self, _id: &BackupId) -> Option<std::path::PathBuf> {
         None
     }
+
+    /// Positional reads of `object` of backup `id`, where this store can
+    /// do them cheaply (a local file): a later backup copies unchanged
+    /// compressed members from it. `None` where it cannot, or when the
+    /// object is not there.
+    async fn open_ranges(&self, _id: &BackupId, _object: &ObjectName) -> Option<Box<dyn ReadAt>> {
+        None
+    }
+}
+
+/// Reads at any offset of an object, from any thread (blocking).
+pub trait ReadAt: Debug + Send + Sync {
+    /// Fills `buf` from `offset`.
+    ///
+    /// # Errors
+    /// The read failed or the object ends before `offset + buf.len()`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
 }
 
 /// Where the swap puts the live items it replaces: a safety backup's
@@ -331,6 +348,12 @@ pub trait ObjectSpace: Debug + Send + Sync + 'static {
     /// The local path of object (or directory) `name`, for a space on a
     /// local filesystem.
     fn local_path(&self, _name: &str) -> Option<std::path::PathBuf> {
+        None
+    }
+
+    /// Positional reads of object `name`, where cheap (see
+    /// [`BackupStore::open_ranges`]).
+    async fn open_ranges(&self, _name: &str) -> Option<Box<dyn ReadAt>> {
         None
     }
 

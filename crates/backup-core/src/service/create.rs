@@ -24,7 +24,8 @@ use crate::manifest::{
 };
 use crate::path::{ArchivePath, MANIFEST_FILE};
 use crate::ports::{
-    BackupStore, ByteStream, ComponentSource, EntryKind, ObjectName, Opened, Quiesce, SnapshotEntry,
+    BackupStore, ByteStream, ComponentSource, EntryKind, Listed, ObjectName, Opened, Quiesce,
+    SnapshotEntry,
 };
 
 /// Chunks of tar stream in flight between the producer and compression.
@@ -275,7 +276,17 @@ impl BackupService {
             let level = options
                 .compression_level
                 .or(self.settings.compression_level);
-            let compressed = crate::compress::compress(tar, compression, level);
+            // Unencrypted archives record each member's digests, and copy
+            // the members of the newest earlier archive with the same content.
+            let digests = encrypt_to
+                .is_none()
+                .then(|| Arc::new(Mutex::new(Vec::new())));
+            let reuse = match digests {
+                Some(_) => self.reuse_source(compression).await.map(Arc::new),
+                None => None,
+            };
+            let compressed =
+                crate::compress::compress(tar, compression, level, reuse.clone(), digests.clone());
             // Member offsets refer to the compressed stream; the hash and
             // size to what is stored (after encryption, when encrypting).
             let members = compression != Compression::None;
@@ -326,11 +337,26 @@ impl BackupService {
                     }
                     let inner = inner.as_deref().map(taken).transpose()?;
                     let members = inner.as_ref().map_or(stats.members, |i| i.members.clone());
+                    let pieces = match &digests {
+                        Some(list) => list
+                            .lock()
+                            .map(|mut l| std::mem::take(&mut *l))
+                            .map_err(|_| Error::Internal("piece digests poisoned".into()))?,
+                        None => Vec::new(),
+                    };
+                    if let Some(reuse) = &reuse {
+                        let used = reuse.stats();
+                        tracing::info!(backup_id = %id, reused_members = used.members,
+                            reused_bytes = used.bytes, members = pieces.len(),
+                            damaged_members = used.damaged,
+                            "members copied from the earlier archive instead of compressed again");
+                    }
                     m.archive = Some(ArchiveInfo {
                         sha256: stats.hasher.unwrap_or_default().finish(),
                         size_bytes: stats.size,
                         members: members.unwrap_or_default(),
                         inner_size_bytes: inner.map(|i| i.size),
+                        pieces,
                     });
                     m
                 }
@@ -343,6 +369,29 @@ impl BackupService {
         self.report(options, id, Phase::Finish, 0, 0, 0, 0);
         store.publish(&manifest).await?;
         Ok(manifest)
+    }
+
+    /// The members a new archive may copy: those of the latest complete
+    /// unencrypted backup in the store with the same compression, when the
+    /// store reads it by ranges (local disk). `None` (compress everything)
+    /// when there is none or anything about it fails: reuse only saves
+    /// work, it never decides whether a backup succeeds.
+    async fn reuse_source(&self, compression: Compression) -> Option<crate::compress::Reuse> {
+        let store = self.ports.store.as_ref();
+        let listed = store.list().await.ok()?;
+        let latest = listed
+            .iter()
+            .filter_map(|l| match l {
+                Listed::Complete(s) if s.compression == compression && !s.encrypted => Some(s),
+                _ => None,
+            })
+            .max_by_key(|s| (s.sequence, s.id.clone()))?;
+        let manifest = store.manifest(&latest.id).await.ok()?;
+        let info = manifest.archive.as_ref()?;
+        let source = store
+            .open_ranges(&latest.id, &ObjectName::archive(compression, false))
+            .await?;
+        crate::compress::Reuse::new(latest.id.to_string(), info, source)
     }
 
     /// Produces the whole tar stream: components, `manifest.json`, end marker.
