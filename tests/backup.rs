@@ -186,7 +186,7 @@ async fn a_backup_after_a_small_change_copies_unchanged_members_and_never_a_dama
     assert_eq!(first_info.pieces.len(), first_members.len());
     assert!(first_members.len() > 20, "{} members", first_members.len());
     for (member, piece) in first_members.iter().zip(&first_info.pieces) {
-        assert_eq!(Sha256Digest::of(member), piece.packed);
+        assert_eq!(backup_core::Blake3Digest::of(member), piece.packed);
     }
 
     // A small change: one checkpoint added, one memory file rewritten.

@@ -20,7 +20,7 @@ use tokio_util::io::StreamReader;
 use crate::buffers::BufferPool;
 use crate::cdc::{Cuts, Scanner};
 use crate::config::Compression;
-use crate::digest::Sha256Digest;
+use crate::digest::Blake3Digest;
 use crate::manifest::{ArchiveInfo, PieceDigest};
 use crate::ports::{ByteStream, ReadAt};
 
@@ -68,14 +68,27 @@ fn compress_block(block: &[u8], compression: Compression, level: u32) -> io::Res
                     &mut slot.insert((level, libdeflater::Compressor::new(lvl))).1
                 }
             };
-            let mut out = vec![0u8; compressor.gzip_compress_bound(block.len())];
-            let n = compressor
-                .gzip_compress(block, &mut out)
-                .map_err(|e| io::Error::other(format!("gzip: {e}")))?;
-            out.truncate(n);
-            Ok(out)
+            // Into a scratch buffer of the worst-case size, kept per thread,
+            // then copied out at its exact size: a member held downstream
+            // (an S3 part being gathered) does not pin the worst case.
+            SCRATCH.with(|scratch| {
+                let mut out = scratch.borrow_mut();
+                let bound = compressor.gzip_compress_bound(block.len());
+                if out.len() < bound {
+                    out.resize(bound, 0);
+                }
+                let n = compressor
+                    .gzip_compress(block, &mut out)
+                    .map_err(|e| io::Error::other(format!("gzip: {e}")))?;
+                Ok(out[..n].to_vec())
+            })
         }),
-        Compression::Zstd => zstd::bulk::compress(block, i32::try_from(level).unwrap_or(3)),
+        Compression::Zstd => {
+            zstd::bulk::compress(block, i32::try_from(level).unwrap_or(3)).map(|mut frame| {
+                frame.shrink_to_fit();
+                frame
+            })
+        }
         Compression::None => Ok(block.to_vec()),
     }
 }
@@ -90,9 +103,67 @@ pub const PIECE_CUTS: Cuts = Cuts::averaging(32 * 1024);
 /// Bytes of pieces handed to one compression job on the blocking pool.
 const JOB_BYTES: usize = BLOCK_SIZE;
 
-/// Cuts a stream at [`PIECE_CUTS`] and gathers the pieces into jobs of
-/// about `job_bytes` (the last one shorter). Cuts depend only on the
-/// content, never on how the input is chunked.
+/// Bytes of a chunk added at a time to a piece that spans chunks.
+const SPAN_STEP: usize = 16 * 1024;
+
+/// Cuts pieces out of a stream of chunks. A piece that lies within one
+/// chunk is a slice of it (no copy: most of a large file's data); only a
+/// piece that spans chunks is gathered, [`SPAN_STEP`] bytes at a time.
+struct Cutter {
+    scanner: Scanner,
+    /// The start of a piece that spans chunks.
+    partial: BytesMut,
+}
+
+impl Cutter {
+    fn new(cuts: Cuts) -> Cutter {
+        Cutter {
+            scanner: Scanner::new(cuts),
+            partial: BytesMut::new(),
+        }
+    }
+
+    /// Cuts what `chunk` completes; the rest waits for more.
+    fn feed(&mut self, mut chunk: Bytes, out: &mut std::collections::VecDeque<Bytes>) {
+        while !chunk.is_empty() {
+            if self.partial.is_empty() {
+                match self.scanner.next_cut(&chunk) {
+                    Some(n) => out.push_back(chunk.split_to(n)),
+                    None => {
+                        self.partial.extend_from_slice(&chunk);
+                        return;
+                    }
+                }
+                continue;
+            }
+            let old = self.partial.len();
+            let take = chunk.len().min(SPAN_STEP);
+            self.partial.extend_from_slice(&chunk[..take]);
+            match self.scanner.next_cut(&self.partial) {
+                // The scanner cuts only in bytes it has not seen: n > old.
+                Some(n) => {
+                    self.partial.truncate(n);
+                    out.push_back(self.partial.split().freeze());
+                    let _ = chunk.split_to(n - old);
+                }
+                None => {
+                    let _ = chunk.split_to(take);
+                }
+            }
+        }
+    }
+
+    /// The last piece, at the end of the stream.
+    fn finish(&mut self, out: &mut std::collections::VecDeque<Bytes>) {
+        if !self.partial.is_empty() {
+            out.push_back(self.partial.split().freeze());
+        }
+    }
+}
+
+/// Cuts a stream at `cuts` and gathers the pieces into jobs of about
+/// `job_bytes` (the last one shorter). Cuts depend only on the content,
+/// never on how the input is chunked.
 fn piece_jobs(
     input: ByteStream,
     cuts: Cuts,
@@ -100,14 +171,14 @@ fn piece_jobs(
 ) -> impl futures::Stream<Item = io::Result<Vec<Bytes>>> + Send {
     struct State {
         input: ByteStream,
-        buf: BytesMut,
-        scanner: Scanner,
+        cutter: Cutter,
+        ready: std::collections::VecDeque<Bytes>,
         ended: bool,
     }
     let start = State {
         input,
-        buf: BytesMut::new(),
-        scanner: Scanner::new(cuts),
+        cutter: Cutter::new(cuts),
+        ready: std::collections::VecDeque::new(),
         ended: false,
     };
     futures::stream::unfold(Some(start), move |state| async move {
@@ -115,28 +186,23 @@ fn piece_jobs(
         let mut job = Vec::new();
         let mut size = 0;
         loop {
-            while let Some(n) = st.scanner.next_cut(&st.buf) {
-                size += n;
-                job.push(st.buf.split_to(n).freeze());
+            while size < job_bytes {
+                let Some(piece) = st.ready.pop_front() else {
+                    break;
+                };
+                size += piece.len();
+                job.push(piece);
             }
-            if size >= job_bytes {
-                break;
-            }
-            if st.ended {
-                if !st.buf.is_empty() {
-                    job.push(st.buf.split().freeze());
-                }
+            if size >= job_bytes || st.ended {
                 break;
             }
             match st.input.next().await {
-                Some(Ok(chunk)) => {
-                    if st.buf.capacity() - st.buf.len() < chunk.len() {
-                        st.buf.reserve(job_bytes.max(chunk.len()));
-                    }
-                    st.buf.extend_from_slice(&chunk);
-                }
+                Some(Ok(chunk)) => st.cutter.feed(chunk, &mut st.ready),
                 Some(Err(e)) => return Some((Err(e), None)),
-                None => st.ended = true,
+                None => {
+                    st.ended = true;
+                    st.cutter.finish(&mut st.ready);
+                }
             }
         }
         if job.is_empty() {
@@ -157,7 +223,7 @@ pub struct Reuse {
     /// The earlier backup, for messages.
     from: String,
     /// Content digest -> offset, length and digest of the member.
-    members: HashMap<Sha256Digest, (u64, usize, Sha256Digest)>,
+    members: HashMap<Blake3Digest, (u64, usize, Blake3Digest)>,
     source: Box<dyn ReadAt>,
     reused: AtomicU64,
     reused_bytes: AtomicU64,
@@ -206,12 +272,12 @@ impl Reuse {
 
     /// The earlier member holding content `raw`, checked against its
     /// recorded digest; `None` when there is none or it does not match.
-    fn take(&self, raw: &Sha256Digest) -> Option<(Bytes, Sha256Digest)> {
+    fn take(&self, raw: &Blake3Digest) -> Option<(Bytes, Blake3Digest)> {
         let &(offset, len, packed) = self.members.get(raw)?;
         let mut buf = vec![0u8; len];
         let problem = match self.source.read_at(offset, &mut buf) {
             Err(e) => format!("cannot be read ({e})"),
-            Ok(()) if Sha256Digest::of(&buf) != packed => {
+            Ok(()) if Blake3Digest::of(&buf) != packed => {
                 "does not match the digest recorded when it was written".to_owned()
             }
             Ok(()) => {
@@ -255,12 +321,12 @@ fn compress_job(
                     None,
                 ));
             }
-            let raw = Sha256Digest::of(piece);
+            let raw = Blake3Digest::of(piece);
             let (member, packed) = match reuse.and_then(|r| r.take(&raw)) {
                 Some(found) => found,
                 None => {
                     let member = compress_block(piece, compression, level)?;
-                    let packed = Sha256Digest::of(&member);
+                    let packed = Blake3Digest::of(&member);
                     (Bytes::from(member), packed)
                 }
             };
@@ -429,6 +495,8 @@ thread_local! {
     /// One libdeflate compressor per blocking thread, for its last level.
     static DEFLATER: std::cell::RefCell<Option<(u32, libdeflater::Compressor)>> =
         const { std::cell::RefCell::new(None) };
+    /// The output buffer of [`compress_block`], per blocking thread.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// One libdeflate decompressor per blocking thread (it holds tables).
     static INFLATER: std::cell::RefCell<libdeflater::Decompressor> =
         std::cell::RefCell::new(libdeflater::Decompressor::new());
@@ -602,6 +670,7 @@ pub fn decompress_members(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::Sha256Digest;
     use tokio::io::AsyncReadExt;
 
     fn stream_of(data: Vec<u8>, chunk: usize) -> ByteStream {
@@ -843,6 +912,35 @@ mod tests {
         assert_eq!(content_of(&again, &again_info).await, after);
     }
 
+    #[tokio::test]
+    async fn pieces_are_cut_by_content_whatever_the_chunks() {
+        let data = rows(40_000, 3);
+        let mut whole = Vec::new();
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let n = PIECE_CUTS.first_cut(rest).unwrap_or(rest.len());
+            whole.push(n);
+            rest = &rest[n..];
+        }
+        assert!(whole.len() > 10);
+        for chunk in [7, 4096, 20_000, 65_536, 300_000] {
+            let jobs: Vec<Vec<Bytes>> =
+                piece_jobs(stream_of(data.clone(), chunk), PIECE_CUTS, 100_000)
+                    .map(|j| j.unwrap())
+                    .collect()
+                    .await;
+            let lens: Vec<usize> = jobs.iter().flatten().map(Bytes::len).collect();
+            assert_eq!(lens, whole, "chunks of {chunk}");
+            assert!(jobs.concat().concat() == data, "chunks of {chunk}");
+            let (last, rest) = jobs.split_last().unwrap();
+            assert!(!last.is_empty());
+            for job in rest {
+                let size: usize = job.iter().map(Bytes::len).sum();
+                assert!((100_000..100_000 + PIECE_CUTS.max).contains(&size));
+            }
+        }
+    }
+
     #[test]
     fn reuse_needs_digests_for_every_member() {
         let info = |pieces: usize| ArchiveInfo {
@@ -852,8 +950,8 @@ mod tests {
             inner_size_bytes: None,
             pieces: vec![
                 PieceDigest {
-                    raw: Sha256Digest::of(b"a"),
-                    packed: Sha256Digest::of(b"b"),
+                    raw: Blake3Digest::of(b"a"),
+                    packed: Blake3Digest::of(b"b"),
                 };
                 pieces
             ],

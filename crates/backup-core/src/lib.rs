@@ -36,7 +36,7 @@ pub mod wire;
 
 pub use compat::{CompatReport, Finding, RunningApp};
 pub use config::{BackupConfig, Compression, ConfigError};
-pub use digest::{Checksum, Sha256Digest, Sha256Hasher};
+pub use digest::{Blake3Digest, Checksum, Sha256Digest, Sha256Hasher};
 pub use error::{Error, ErrorKind, Result};
 pub use id::{BackupId, Component, IdError, Trigger};
 pub use manifest::{Manifest, ManifestError, Summary};

@@ -15,7 +15,7 @@ use chrono::{DateTime, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Compression;
-use crate::digest::{Checksum, Sha256Digest, Sha256Hasher};
+use crate::digest::{Blake3Digest, Checksum, Sha256Digest, Sha256Hasher};
 use crate::id::{BackupId, Component, Trigger};
 use crate::path::ArchivePath;
 
@@ -200,15 +200,15 @@ pub struct ArchiveInfo {
     pub pieces: Vec<PieceDigest>,
 }
 
-/// The digests of one member of an archive: of the content it holds
-/// (before compression) and of the member as stored. Written as
+/// The BLAKE3 digests of one member of an archive: of the content it
+/// holds (before compression) and of the member as stored. Written as
 /// `<raw hex>:<packed hex>`, one string per member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PieceDigest {
-    /// SHA-256 of the member's decompressed content.
-    pub raw: Sha256Digest,
-    /// SHA-256 of the member's bytes as stored.
-    pub packed: Sha256Digest,
+    /// BLAKE3 of the member's decompressed content.
+    pub raw: Blake3Digest,
+    /// BLAKE3 of the member's bytes as stored.
+    pub packed: Blake3Digest,
 }
 
 impl Serialize for PieceDigest {
@@ -223,7 +223,7 @@ impl<'de> Deserialize<'de> for PieceDigest {
         impl serde::de::Visitor<'_> for Pair {
             type Value = PieceDigest;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("two SHA-256 digests as `<hex>:<hex>`")
+                f.write_str("two BLAKE3 digests as `<hex>:<hex>`")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PieceDigest, E> {
                 let (raw, packed) = v
@@ -984,7 +984,7 @@ pub(crate) mod tests {
 
         // Piece digests: one `raw:packed` string per member.
         let mut m = m;
-        let (raw, packed) = (Sha256Digest::of(b"raw"), Sha256Digest::of(b"packed"));
+        let (raw, packed) = (Blake3Digest::of(b"raw"), Blake3Digest::of(b"packed"));
         m.archive.as_mut().unwrap().pieces = vec![PieceDigest { raw, packed }; 2];
         let json = m.to_json().unwrap();
         let text = String::from_utf8(json.clone()).unwrap();
@@ -1086,7 +1086,7 @@ pub(crate) mod tests {
             (
                 "piece digests",
                 Box::new(|m| {
-                    let digest = Sha256Digest::of(b"piece");
+                    let digest = Blake3Digest::of(b"piece");
                     if let Some(a) = m.archive.as_mut() {
                         a.pieces = vec![PieceDigest {
                             raw: digest,
