@@ -183,9 +183,16 @@ async fn a_backup_after_a_small_change_copies_unchanged_members_and_never_a_dama
     let first = service.create(Trigger::Scheduled).await.unwrap();
     let first_members = members_of(&fx, &first);
     let first_info = first.archive.as_ref().unwrap();
-    assert_eq!(first_info.pieces.len(), first_members.len());
+    let pieces_object =
+        std::fs::read(fx.layout.backups_dir.join(format!("{}.pieces", first.id))).unwrap();
+    assert_eq!(
+        Some(backup_core::Blake3Digest::of(&pieces_object)),
+        first_info.pieces
+    );
+    let pieces = backup_core::manifest::PieceDigest::decode(&pieces_object).unwrap();
+    assert_eq!(pieces.len(), first_members.len());
     assert!(first_members.len() > 20, "{} members", first_members.len());
-    for (member, piece) in first_members.iter().zip(&first_info.pieces) {
+    for (member, piece) in first_members.iter().zip(&pieces) {
         assert_eq!(backup_core::Blake3Digest::of(member), piece.packed);
     }
 
@@ -214,6 +221,13 @@ async fn a_backup_after_a_small_change_copies_unchanged_members_and_never_a_dama
         needed.len()
     );
     service.delete(&second_plan.id, false).await.unwrap();
+    assert!(
+        !fx.layout
+            .backups_dir
+            .join(format!("{}.pieces", second_plan.id))
+            .exists(),
+        "a deleted backup's pieces object stays"
+    );
     let path = fx.layout.backups_dir.join(format!("{}.tar.gz", first.id));
     let mut bytes = std::fs::read(&path).unwrap();
     let spot = first_info.members[victim] as usize + 12;
@@ -247,6 +261,18 @@ async fn a_backup_after_a_small_change_copies_unchanged_members_and_never_a_dama
         &["-xzf"],
     );
     assert_matches_live(&fx, &out, &second).await;
+
+    // A pieces object that does not match its manifest (then nothing is
+    // reused from it), or none at all: the next backup is whole all the same.
+    let pieces = fx.layout.backups_dir.join(format!("{}.pieces", second.id));
+    let mut bytes = std::fs::read(&pieces).unwrap();
+    bytes[5] ^= 1;
+    std::fs::write(&pieces, bytes).unwrap();
+    let third = service.create(Trigger::Manual).await.unwrap();
+    assert!(service.verify(&third.id).await.unwrap().ok);
+    std::fs::remove_file(fx.layout.backups_dir.join(format!("{}.pieces", third.id))).unwrap();
+    let fourth = service.create(Trigger::Manual).await.unwrap();
+    assert!(service.verify(&fourth.id).await.unwrap().ok);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

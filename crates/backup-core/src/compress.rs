@@ -243,19 +243,24 @@ pub struct ReuseStats {
 }
 
 impl Reuse {
-    /// Reuse from the archive `info` describes, read through `source`;
-    /// `None` when it records no piece digests (older, encrypted, or
-    /// uncompressed backups) or its members cannot describe it.
-    pub fn new(from: String, info: &ArchiveInfo, source: Box<dyn ReadAt>) -> Option<Reuse> {
-        if info.pieces.is_empty() || info.inner_size_bytes.is_some() {
+    /// Reuse from the archive `info` describes, whose members have the
+    /// digests `pieces`, read through `source`; `None` when the pieces do
+    /// not describe it (another count, an encrypted archive, or members
+    /// that cannot describe it).
+    pub fn new(
+        from: String,
+        info: &ArchiveInfo,
+        pieces: &[PieceDigest],
+        source: Box<dyn ReadAt>,
+    ) -> Option<Reuse> {
+        if pieces.is_empty() || info.inner_size_bytes.is_some() {
             return None;
         }
         let lengths = member_lengths(&info.members, info.size_bytes)?;
-        if lengths.len() != info.pieces.len() {
+        if lengths.len() != pieces.len() {
             return None;
         }
-        let members = info
-            .pieces
+        let members = pieces
             .iter()
             .zip(info.members.iter().zip(lengths))
             .map(|(piece, (offset, len))| (piece.raw, (*offset, len, piece.packed)))
@@ -822,7 +827,10 @@ mod tests {
 
     /// Compresses `data` as a backup would: members, their digests, and
     /// the archive info a manifest records.
-    async fn archive_of(data: &[u8], reuse: Option<Arc<Reuse>>) -> (Vec<u8>, ArchiveInfo) {
+    async fn archive_of(
+        data: &[u8],
+        reuse: Option<Arc<Reuse>>,
+    ) -> (Vec<u8>, ArchiveInfo, Vec<PieceDigest>) {
         let digests = Arc::new(Mutex::new(Vec::new()));
         let members: Vec<Bytes> = compress(
             stream_of(data.to_vec(), 10_000),
@@ -846,9 +854,10 @@ mod tests {
             size_bytes: total,
             members: offsets,
             inner_size_bytes: None,
-            pieces: digests.lock().unwrap().clone(),
+            pieces: None,
         };
-        (bytes, info)
+        let pieces = digests.lock().unwrap().clone();
+        (bytes, info, pieces)
     }
 
     async fn content_of(bytes: &[u8], info: &ArchiveInfo) -> Vec<u8> {
@@ -874,16 +883,19 @@ mod tests {
         let at = after.len() * 2 / 3;
         after[at] = b'#';
 
-        let (earlier, earlier_info) = archive_of(&before, None).await;
-        assert_eq!(earlier_info.pieces.len(), earlier_info.members.len());
-        let (fresh, fresh_info) = archive_of(&after, None).await;
+        let (earlier, earlier_info, earlier_pieces) = archive_of(&before, None).await;
+        assert_eq!(earlier_pieces.len(), earlier_info.members.len());
+        let (fresh, fresh_info, fresh_pieces) = archive_of(&after, None).await;
         let source = Box::new(InMemory(Mutex::new(earlier.clone())));
-        let reuse = Arc::new(Reuse::new("earlier".into(), &earlier_info, source).unwrap());
-        let (reused, reused_info) = archive_of(&after, Some(Arc::clone(&reuse))).await;
+        let reuse =
+            Arc::new(Reuse::new("earlier".into(), &earlier_info, &earlier_pieces, source).unwrap());
+        let (reused, reused_info, reused_pieces) =
+            archive_of(&after, Some(Arc::clone(&reuse))).await;
 
         // Byte for byte what compressing everything gives, digests and all.
         assert!(reused == fresh);
         assert_eq!(reused_info, fresh_info);
+        assert_eq!(reused_pieces, fresh_pieces);
         assert_eq!(content_of(&reused, &reused_info).await, after);
         let used = reuse.stats();
         assert!(
@@ -895,20 +907,21 @@ mod tests {
 
         // A flipped byte in an earlier member that the new archive needs:
         // found, compressed afresh, never copied.
-        let victim = earlier_info
-            .pieces
+        let victim = earlier_pieces
             .iter()
-            .rposition(|p| reused_info.pieces.contains(p))
+            .rposition(|p| reused_pieces.contains(p))
             .unwrap();
         let mut damaged = earlier.clone();
         let spot = earlier_info.members[victim] as usize + 20;
         damaged[spot] ^= 0x40;
         let source = Box::new(InMemory(Mutex::new(damaged)));
-        let reuse = Arc::new(Reuse::new("earlier".into(), &earlier_info, source).unwrap());
-        let (again, again_info) = archive_of(&after, Some(Arc::clone(&reuse))).await;
+        let reuse =
+            Arc::new(Reuse::new("earlier".into(), &earlier_info, &earlier_pieces, source).unwrap());
+        let (again, again_info, again_pieces) = archive_of(&after, Some(Arc::clone(&reuse))).await;
         assert_eq!(reuse.stats().damaged, 1);
         assert!(again == fresh, "the damaged member was copied");
         assert_eq!(again_info, fresh_info);
+        assert_eq!(again_pieces, fresh_pieces);
         assert_eq!(content_of(&again, &again_info).await, after);
     }
 
@@ -943,26 +956,29 @@ mod tests {
 
     #[test]
     fn reuse_needs_digests_for_every_member() {
-        let info = |pieces: usize| ArchiveInfo {
+        let info = ArchiveInfo {
             sha256: Sha256Digest::of(b""),
             size_bytes: 30,
             members: vec![0, 10],
             inner_size_bytes: None,
-            pieces: vec![
+            pieces: None,
+        };
+        let pieces = |n: usize| {
+            vec![
                 PieceDigest {
                     raw: Blake3Digest::of(b"a"),
                     packed: Blake3Digest::of(b"b"),
                 };
-                pieces
-            ],
+                n
+            ]
         };
         let source = || Box::new(InMemory(Mutex::new(vec![0; 30]))) as Box<dyn ReadAt>;
-        assert!(Reuse::new("x".into(), &info(2), source()).is_some());
-        assert!(Reuse::new("x".into(), &info(0), source()).is_none());
-        assert!(Reuse::new("x".into(), &info(1), source()).is_none());
-        let mut sealed = info(2);
+        assert!(Reuse::new("x".into(), &info, &pieces(2), source()).is_some());
+        assert!(Reuse::new("x".into(), &info, &pieces(0), source()).is_none());
+        assert!(Reuse::new("x".into(), &info, &pieces(1), source()).is_none());
+        let mut sealed = info.clone();
         sealed.inner_size_bytes = Some(30);
-        assert!(Reuse::new("x".into(), &sealed, source()).is_none());
+        assert!(Reuse::new("x".into(), &sealed, &pieces(2), source()).is_none());
     }
 
     #[test]

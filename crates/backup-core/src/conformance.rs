@@ -119,7 +119,7 @@ pub fn manifest_for(id: &BackupId, archive: Option<&[u8]>, content: &[u8]) -> Ma
             size_bytes: a.len() as u64,
             members: vec![0],
             inner_size_bytes: None,
-            pieces: Vec::new(),
+            pieces: None,
         }),
         encrypted: false,
         recipients: Vec::new(),

@@ -154,14 +154,24 @@ impl fmt::Display for Sha256Digest {
 }
 
 /// A BLAKE3 digest (32 bytes), shown as 64 lowercase hex digits: what
-/// identifies an archive member's content and its stored bytes
-/// (`archive.pieces`). BLAKE3 because every backup hashes every member
+/// identifies an archive member's content and its stored bytes (the
+/// pieces object, see `manifest::PieceDigest`). BLAKE3 because every backup hashes every member
 /// twice besides the files' SHA-256: on this machine (SHA-NI, AVX-512)
 /// it hashes 32 KiB pieces several times faster than SHA-256.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Blake3Digest([u8; 32]);
 
 impl Blake3Digest {
+    /// Wraps raw digest bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Blake3Digest {
+        Blake3Digest(bytes)
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Hashes a byte slice.
     pub fn of(data: &[u8]) -> Blake3Digest {
         Blake3Digest(*blake3::hash(data).as_bytes())
@@ -177,6 +187,19 @@ impl fmt::Display for Blake3Digest {
 impl fmt::Debug for Blake3Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Blake3Digest({self})")
+    }
+}
+
+impl Serialize for Blake3Digest {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Blake3Digest {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -41,6 +41,8 @@ pub const SIDECAR_SUFFIX: &str = ".manifest.json";
 pub const SEALED_SIDECAR_SUFFIX: &str = ".manifest.json.age";
 /// Suffix of the summary object.
 pub const SUMMARY_SUFFIX: &str = ".summary.json";
+/// Suffix of the pieces object (an archive's member digests).
+pub const PIECES_SUFFIX: &str = ".pieces";
 /// The status record.
 pub const STATUS_NAME: &str = "_status.json";
 /// The listing cache: the summaries of all published backups in one
@@ -61,6 +63,7 @@ pub fn object_name(id: &BackupId, object: &ObjectName) -> String {
         ObjectName::SealedArchive(Compression::None) => format!("{id}.tar.age"),
         ObjectName::File(path) => format!("{id}/{path}"),
         ObjectName::InnerManifest => format!("{id}/{MANIFEST_FILE}"),
+        ObjectName::Pieces => format!("{id}{PIECES_SUFFIX}"),
     }
 }
 
@@ -76,7 +79,7 @@ pub fn data_owner(name: &str) -> Option<BackupId> {
     } else {
         ARCHIVE_SUFFIXES
             .iter()
-            .chain(&[SUMMARY_SUFFIX])
+            .chain(&[SUMMARY_SUFFIX, PIECES_SUFFIX])
             .find_map(|s| top.strip_suffix(s))
             .unwrap_or(top)
     };
@@ -97,7 +100,7 @@ const ARCHIVE_SUFFIXES: [&str; 5] = [
 fn data_names(id: &BackupId) -> impl Iterator<Item = String> + '_ {
     ARCHIVE_SUFFIXES
         .iter()
-        .chain(&[SUMMARY_SUFFIX])
+        .chain(&[SUMMARY_SUFFIX, PIECES_SUFFIX])
         .map(move |s| format!("{id}{s}"))
         .chain(std::iter::once(id.to_string()))
 }
@@ -551,6 +554,7 @@ mod tests {
             format!("{id}.tar.zst.age"),
             format!("{id}.tar.age"),
             format!("{id}{SUMMARY_SUFFIX}"),
+            format!("{id}{PIECES_SUFFIX}"),
             id.to_string(),
             format!("{id}/db/synthorg.db"),
         ] {

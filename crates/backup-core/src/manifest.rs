@@ -193,16 +193,17 @@ pub struct ArchiveInfo {
     /// refer to (encrypted backups only, since 1.2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inner_size_bytes: Option<u64>,
-    /// The digests of each member, in the order of `members` (since 1.3;
-    /// unencrypted compressed archives): what a later backup looks up to
-    /// copy a member instead of compressing its content again.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pieces: Vec<PieceDigest>,
+    /// BLAKE3 of the backup's pieces object (`<id>.pieces`: the
+    /// [`PieceDigest`]s of the members, in order; since 1.3, unencrypted
+    /// compressed archives): what a later backup reads to copy members
+    /// instead of compressing their content again. Kept out of the
+    /// manifest, which must stay small whatever the data size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pieces: Option<Blake3Digest>,
 }
 
 /// The BLAKE3 digests of one member of an archive: of the content it
-/// holds (before compression) and of the member as stored. Written as
-/// `<raw hex>:<packed hex>`, one string per member.
+/// holds (before compression) and of the member as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PieceDigest {
     /// BLAKE3 of the member's decompressed content.
@@ -211,31 +212,36 @@ pub struct PieceDigest {
     pub packed: Blake3Digest,
 }
 
-impl Serialize for PieceDigest {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&format_args!("{}:{}", self.raw, self.packed))
-    }
-}
+impl PieceDigest {
+    /// Bytes of one digest pair in a pieces object.
+    pub const SIZE: usize = 64;
 
-impl<'de> Deserialize<'de> for PieceDigest {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Pair;
-        impl serde::de::Visitor<'_> for Pair {
-            type Value = PieceDigest;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("two BLAKE3 digests as `<hex>:<hex>`")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PieceDigest, E> {
-                let (raw, packed) = v
-                    .split_once(':')
-                    .ok_or_else(|| E::custom(format!("piece digest without ':' in {v:.80}")))?;
-                Ok(PieceDigest {
-                    raw: raw.parse().map_err(E::custom)?,
-                    packed: packed.parse().map_err(E::custom)?,
-                })
-            }
+    /// The pieces object of `pieces`: each pair's 64 bytes, in order.
+    pub fn encode(pieces: &[PieceDigest]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(pieces.len() * Self::SIZE);
+        for p in pieces {
+            out.extend_from_slice(p.raw.as_bytes());
+            out.extend_from_slice(p.packed.as_bytes());
         }
-        deserializer.deserialize_str(Pair)
+        out
+    }
+
+    /// The pairs of a pieces object; `None` when its length is not a
+    /// whole number of pairs.
+    pub fn decode(bytes: &[u8]) -> Option<Vec<PieceDigest>> {
+        if !bytes.len().is_multiple_of(Self::SIZE) {
+            return None;
+        }
+        bytes
+            .chunks_exact(Self::SIZE)
+            .map(|pair| {
+                let (raw, packed) = pair.split_at(32);
+                Some(PieceDigest {
+                    raw: Blake3Digest::from_bytes(raw.try_into().ok()?),
+                    packed: Blake3Digest::from_bytes(packed.try_into().ok()?),
+                })
+            })
+            .collect()
     }
 }
 
@@ -560,17 +566,6 @@ impl Manifest {
             .is_some_and(|a| a.inner_size_bytes.is_some() != self.encrypted)
         {
             return bad("inner_size_bytes is recorded exactly for encrypted archives".into());
-        }
-        if let Some(a) = self
-            .archive
-            .as_ref()
-            .filter(|a| !a.pieces.is_empty() && a.pieces.len() != a.members.len())
-        {
-            return bad(format!(
-                "{} piece digests for {} members",
-                a.pieces.len(),
-                a.members.len()
-            ));
         }
         for link in &self.symlinks {
             if link.target.is_empty()
@@ -958,7 +953,7 @@ pub(crate) mod tests {
                 size_bytes: 1234,
                 members: vec![0, 600],
                 inner_size_bytes: None,
-                pieces: Vec::new(),
+                pieces: None,
             }),
             files,
             dirs,
@@ -982,16 +977,29 @@ pub(crate) mod tests {
         assert!(text.contains("\"trigger\": \"manual\""));
         assert_eq!(Manifest::from_json(&json).unwrap(), m);
 
-        // Piece digests: one `raw:packed` string per member.
+        // The pieces object's digest, as hex.
         let mut m = m;
-        let (raw, packed) = (Blake3Digest::of(b"raw"), Blake3Digest::of(b"packed"));
-        m.archive.as_mut().unwrap().pieces = vec![PieceDigest { raw, packed }; 2];
+        let digest = Blake3Digest::of(b"pieces");
+        m.archive.as_mut().unwrap().pieces = Some(digest);
         let json = m.to_json().unwrap();
         let text = String::from_utf8(json.clone()).unwrap();
-        assert!(text.contains(&format!("\"{raw}:{packed}\"")));
+        assert!(text.contains(&format!("\"pieces\": \"{digest}\"")));
         assert_eq!(Manifest::from_json(&json).unwrap(), m);
-        let bad = text.replace(&format!("{raw}:{packed}"), &format!("{raw}{packed}"));
-        assert!(Manifest::from_json(bad.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn piece_digests_round_trip_through_their_object() {
+        let pieces: Vec<PieceDigest> = (0u8..5)
+            .map(|i| PieceDigest {
+                raw: Blake3Digest::of(&[i]),
+                packed: Blake3Digest::of(&[i, i]),
+            })
+            .collect();
+        let bytes = PieceDigest::encode(&pieces);
+        assert_eq!(bytes.len(), 5 * PieceDigest::SIZE);
+        assert_eq!(PieceDigest::decode(&bytes), Some(pieces));
+        assert_eq!(PieceDigest::decode(&bytes[..100]), None);
+        assert_eq!(PieceDigest::decode(&[]), Some(Vec::new()));
     }
 
     #[test]
@@ -1083,18 +1091,6 @@ pub(crate) mod tests {
                 Box::new(|m| m.timestamp = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap()),
             ),
             ("size", Box::new(|m| m.size_bytes += 1)),
-            (
-                "piece digests",
-                Box::new(|m| {
-                    let digest = Blake3Digest::of(b"piece");
-                    if let Some(a) = m.archive.as_mut() {
-                        a.pieces = vec![PieceDigest {
-                            raw: digest,
-                            packed: digest,
-                        }];
-                    }
-                }),
-            ),
             (
                 "checksum",
                 Box::new(|m| m.files[0].sha256 = Sha256Digest::of(b"x")),

@@ -39,6 +39,9 @@ pub enum ObjectName {
     File(ArchivePath),
     /// `manifest.json` inside a directory-form backup (`<id>/manifest.json`).
     InnerManifest,
+    /// The digests of an archive's members (`<id>.pieces`, see
+    /// [`PieceDigest`](crate::manifest::PieceDigest)).
+    Pieces,
 }
 
 impl ObjectName {

@@ -16,11 +16,12 @@ use tokio::sync::mpsc;
 use super::{BackupService, CreateOptions, Phase, Progress, with_timeout};
 use crate::archive::{self, TarKind};
 use crate::config::Compression;
-use crate::digest::{Sha256Digest, Sha256Hasher};
+use crate::digest::{Blake3Digest, Sha256Digest, Sha256Hasher};
 use crate::error::{Error, Result};
 use crate::id::{BackupId, Component, Trigger};
 use crate::manifest::{
-    ArchiveInfo, DirEntry, FileEntry, Manifest, ManifestVersion, SymlinkEntry, tree_checksum,
+    ArchiveInfo, DirEntry, FileEntry, Manifest, ManifestVersion, PieceDigest, SymlinkEntry,
+    tree_checksum,
 };
 use crate::path::{ArchivePath, MANIFEST_FILE};
 use crate::ports::{
@@ -351,10 +352,15 @@ impl BackupService {
                             damaged_members = used.damaged,
                             "members copied from the earlier archive instead of compressed again");
                     }
+                    let members = members.unwrap_or_default();
+                    let pieces = match digests {
+                        Some(_) => Some(self.put_pieces(id, &pieces, members.len()).await?),
+                        None => None,
+                    };
                     m.archive = Some(ArchiveInfo {
                         sha256: stats.hasher.unwrap_or_default().finish(),
                         size_bytes: stats.size,
-                        members: members.unwrap_or_default(),
+                        members,
                         inner_size_bytes: inner.map(|i| i.size),
                         pieces,
                     });
@@ -369,6 +375,68 @@ impl BackupService {
         self.report(options, id, Phase::Finish, 0, 0, 0, 0);
         store.publish(&manifest).await?;
         Ok(manifest)
+    }
+
+    /// Stores the digests of the archive's `members` members as the
+    /// backup's pieces object; returns its BLAKE3 for the manifest.
+    async fn put_pieces(
+        &self,
+        id: &BackupId,
+        pieces: &[PieceDigest],
+        members: usize,
+    ) -> Result<Blake3Digest> {
+        if pieces.len() != members {
+            return Err(Error::Internal(format!(
+                "{} piece digests for {members} members",
+                pieces.len()
+            )));
+        }
+        let bytes = Bytes::from(PieceDigest::encode(pieces));
+        let digest = Blake3Digest::of(&bytes);
+        let len = bytes.len() as u64;
+        let written = self
+            .ports
+            .store
+            .put(
+                id,
+                &ObjectName::Pieces,
+                futures::stream::once(async move { Ok(bytes) }).boxed(),
+            )
+            .await?;
+        if written != len {
+            return Err(Error::Store {
+                location: self.ports.store.location(),
+                key: id.to_string(),
+                reason: format!("stored {written} bytes of a {len}-byte pieces object"),
+                source: None,
+            });
+        }
+        Ok(digest)
+    }
+
+    /// The member digests of backup `id`'s archive, checked against the
+    /// manifest's digest of them; `None` when missing, unreadable or not
+    /// matching (then nothing is reused from it).
+    async fn read_pieces(
+        &self,
+        id: &BackupId,
+        expected: &Blake3Digest,
+        members: usize,
+    ) -> Option<Vec<PieceDigest>> {
+        let mut stream = self.ports.store.get(id, &ObjectName::Pieces).await.ok()?;
+        let want = members.checked_mul(PieceDigest::SIZE)?;
+        let mut bytes = Vec::with_capacity(want);
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk.ok()?);
+            if bytes.len() > want {
+                break;
+            }
+        }
+        if bytes.len() != want || Blake3Digest::of(&bytes) != *expected {
+            tracing::warn!(backup_id = %id, "the pieces object does not match its manifest; compressing everything");
+            return None;
+        }
+        PieceDigest::decode(&bytes)
     }
 
     /// The members a new archive may copy: those of the latest complete
@@ -388,10 +456,14 @@ impl BackupService {
             .max_by_key(|s| (s.sequence, s.id.clone()))?;
         let manifest = store.manifest(&latest.id).await.ok()?;
         let info = manifest.archive.as_ref()?;
+        let digest = info.pieces.as_ref()?;
         let source = store
             .open_ranges(&latest.id, &ObjectName::archive(compression, false))
             .await?;
-        crate::compress::Reuse::new(latest.id.to_string(), info, source)
+        let pieces = self
+            .read_pieces(&latest.id, digest, info.members.len())
+            .await?;
+        crate::compress::Reuse::new(latest.id.to_string(), info, &pieces, source)
     }
 
     /// Produces the whole tar stream: components, `manifest.json`, end marker.

@@ -172,13 +172,20 @@ impl BackupStore for FakeStore {
         })
     }
 
-    async fn put(&self, _: &BackupId, _: &ObjectName, data: ByteStream) -> Result<u64> {
+    async fn put(&self, _: &BackupId, object: &ObjectName, data: ByteStream) -> Result<u64> {
         let mut data = data;
         let mut n = 0u64;
         while let Some(chunk) = data.next().await {
             n += chunk.map_err(|e| Error::Cancelled(e.to_string()))?.len() as u64;
         }
-        push(&self.log, "put");
+        push(
+            &self.log,
+            if *object == ObjectName::Pieces {
+                "put pieces"
+            } else {
+                "put"
+            },
+        );
         if self.put_fails {
             return Err(Error::Store {
                 location: self.location(),
@@ -374,6 +381,7 @@ async fn create_pauses_around_the_snapshot_publishes_last_then_prunes_then_relea
             "finish",
             "resume",
             "put",
+            "put pieces",
             &format!("publish {}", m.id),
             "list",
             &format!("delete {old}"),
