@@ -686,6 +686,17 @@ mod tests {
         futures::stream::iter(chunks).boxed()
     }
 
+    /// The offset of each member, and their total length.
+    fn offsets_of(members: &[Bytes]) -> (Vec<u64>, u64) {
+        let mut offsets = Vec::new();
+        let mut total = 0u64;
+        for m in members {
+            offsets.push(total);
+            total += m.len() as u64;
+        }
+        (offsets, total)
+    }
+
     fn sample(len: usize) -> Vec<u8> {
         (0..len)
             .map(|i| ((i * 7919) % 251) as u8 ^ (i / 4096) as u8)
@@ -758,12 +769,7 @@ mod tests {
             .map(|m| m.unwrap())
             .collect()
             .await;
-            let mut offsets = Vec::new();
-            let mut total = 0u64;
-            for m in &members {
-                offsets.push(total);
-                total += m.len() as u64;
-            }
+            let (offsets, total) = offsets_of(&members);
             let joined: Vec<u8> = members.concat();
             let lengths = member_lengths(&offsets, total).unwrap();
             let mut out = Vec::new();
@@ -842,12 +848,7 @@ mod tests {
         .map(|m| m.unwrap())
         .collect()
         .await;
-        let mut offsets = Vec::new();
-        let mut total = 0u64;
-        for m in &members {
-            offsets.push(total);
-            total += m.len() as u64;
-        }
+        let (offsets, total) = offsets_of(&members);
         let bytes = members.concat();
         let info = ArchiveInfo {
             sha256: Sha256Digest::of(&bytes),
