@@ -56,13 +56,10 @@ async fn vacuum_into(
             let vacuumed = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .execute(&mut conn)
                 .await;
-            match sqlx::query("PRAGMA synchronous = FULL")
+            let reset = sqlx::query("PRAGMA synchronous = FULL")
                 .execute(&mut conn)
-                .await
-            {
-                Ok(_) => vacuumed,
-                Err(e) => vacuumed.and(Err(e)),
-            }
+                .await;
+            vacuumed.and(reset)
         }
         Err(e) => Err(e),
     };

@@ -100,28 +100,10 @@ impl Scanner {
         let end = block.len().min(c.max);
         let mut i = self.seen.max(c.min);
         let mut hash = self.hash;
-        let found = 'scan: {
-            let normal = c.avg.min(end);
-            if i < normal {
-                for &b in &block[i..normal] {
-                    hash = (hash << 1).wrapping_add(GEAR[usize::from(b)]);
-                    i += 1;
-                    if hash & c.mask_small == 0 {
-                        break 'scan Some(i);
-                    }
-                }
-            }
-            if i < end {
-                for &b in &block[i..end] {
-                    hash = (hash << 1).wrapping_add(GEAR[usize::from(b)]);
-                    i += 1;
-                    if hash & c.mask_large == 0 {
-                        break 'scan Some(i);
-                    }
-                }
-            }
-            (end == c.max).then_some(c.max)
-        };
+        let normal = c.avg.min(end);
+        let found = roll(block, normal, c.mask_small, &mut hash, &mut i)
+            .or_else(|| roll(block, end, c.mask_large, &mut hash, &mut i))
+            .or_else(|| (end == c.max).then_some(c.max));
         if found.is_some() {
             *self = Scanner::new(c);
         } else {
@@ -130,6 +112,20 @@ impl Scanner {
         }
         found
     }
+}
+
+/// Rolls the gear hash over `block` from `*i` up to `until`; the length
+/// up to the first byte after which `hash & mask` is zero, if any.
+#[inline(always)]
+fn roll(block: &[u8], until: usize, mask: u64, hash: &mut u64, i: &mut usize) -> Option<usize> {
+    for &b in block.get(*i..until).unwrap_or_default() {
+        *hash = (*hash << 1).wrapping_add(GEAR[usize::from(b)]);
+        *i += 1;
+        if *hash & mask == 0 {
+            return Some(*i);
+        }
+    }
+    None
 }
 
 /// A mask of `bits` one-bits spread over the upper 48 bits of the hash

@@ -1,18 +1,20 @@
 //! Compression of the archive stream on every core, and decompression.
 //!
-//! The tar stream is cut into blocks of [`BLOCK_SIZE`]; each block becomes an
-//! independent gzip member (or zstd frame), compressed on the blocking pool,
-//! up to [`parallelism`] at a time, and emitted in order. Concatenated
-//! members are still one valid `.tar.gz` (RFC 1952) / `.tar.zst`, which
-//! plain `tar xzf` and `zstd -d` read. Memory stays bounded: at most
-//! `parallelism + 1` blocks in flight, whatever the data size.
+//! The tar stream is cut into content-defined pieces ([`PIECE_CUTS`]); each
+//! piece becomes an independent gzip member (or zstd frame), compressed (or
+//! copied from an earlier archive, [`Reuse`]) on the blocking pool in jobs
+//! of about [`BLOCK_SIZE`], up to [`parallelism`] jobs at a time, and
+//! emitted in order. Concatenated members are still one valid `.tar.gz`
+//! (RFC 1952) / `.tar.zst`, which plain `tar xzf` and `zstd -d` read.
+//! Memory stays bounded: at most `parallelism + 1` jobs in flight, whatever
+//! the data size.
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncRead;
 use tokio_util::io::StreamReader;
@@ -24,9 +26,10 @@ use crate::digest::Blake3Digest;
 use crate::manifest::{ArchiveInfo, PieceDigest};
 use crate::ports::{ByteStream, ReadAt};
 
-/// Uncompressed bytes per member. Deflate's window is 32 KiB, so small
-/// members cost gzip almost no ratio; they keep memory low (bench/run:
-/// peak RSS fell from 90 to ~55 MiB going from 4 MiB to 1 MiB pieces).
+/// Uncompressed bytes of pieces per compression job (members were blocks
+/// of this size before they were cut by content). Small jobs keep memory
+/// low (bench/run: peak RSS fell from 90 to ~55 MiB going from 4 MiB to
+/// 1 MiB blocks).
 pub const BLOCK_SIZE: usize = 1024 * 1024;
 
 /// Default gzip level. Members are compressed whole with libdeflate (the
@@ -144,11 +147,9 @@ impl Cutter {
                 Some(n) => {
                     self.partial.truncate(n);
                     out.push_back(self.partial.split().freeze());
-                    let _ = chunk.split_to(n - old);
+                    chunk.advance(n - old);
                 }
-                None => {
-                    let _ = chunk.split_to(take);
-                }
+                None => chunk.advance(take),
             }
         }
     }

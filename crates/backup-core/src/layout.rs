@@ -77,30 +77,31 @@ pub fn data_owner(name: &str) -> Option<BackupId> {
     let stem = if nested {
         top
     } else {
-        ARCHIVE_SUFFIXES
+        DATA_SUFFIXES
             .iter()
-            .chain(&[SUMMARY_SUFFIX, PIECES_SUFFIX])
             .find_map(|s| top.strip_suffix(s))
             .unwrap_or(top)
     };
     BackupId::parse(stem).ok()
 }
 
-/// Suffixes of archive objects, encrypted or not.
-const ARCHIVE_SUFFIXES: [&str; 5] = [
+/// Suffixes of a backup's top-level data objects: its archive, encrypted
+/// or not, its summary and its pieces object.
+const DATA_SUFFIXES: [&str; 7] = [
     ".tar.gz",
     ".tar.zst",
     ".tar.gz.age",
     ".tar.zst.age",
     ".tar.age",
+    SUMMARY_SUFFIX,
+    PIECES_SUFFIX,
 ];
 
 /// The top-level names a backup's data may occupy (the directory form as
 /// its directory name).
 fn data_names(id: &BackupId) -> impl Iterator<Item = String> + '_ {
-    ARCHIVE_SUFFIXES
+    DATA_SUFFIXES
         .iter()
-        .chain(&[SUMMARY_SUFFIX, PIECES_SUFFIX])
         .map(move |s| format!("{id}{s}"))
         .chain(std::iter::once(id.to_string()))
 }

@@ -454,12 +454,14 @@ impl BackupService {
                 _ => None,
             })
             .max_by_key(|s| (s.sequence, s.id.clone()))?;
-        let manifest = store.manifest(&latest.id).await.ok()?;
-        let info = manifest.archive.as_ref()?;
-        let digest = info.pieces.as_ref()?;
+        // First what a store without positional reads (S3) says no to,
+        // before downloading the manifest.
         let source = store
             .open_ranges(&latest.id, &ObjectName::archive(compression, false))
             .await?;
+        let manifest = store.manifest(&latest.id).await.ok()?;
+        let info = manifest.archive.as_ref()?;
+        let digest = info.pieces.as_ref()?;
         let pieces = self
             .read_pieces(&latest.id, digest, info.members.len())
             .await?;
