@@ -24,11 +24,8 @@ use backup_core::ports::{
     ComponentSource, EntryKind, FileSnapshotter, Opened, Snapshot, SnapshotEntry,
 };
 use backup_core::{ArchivePath, Component, Error, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
-use tokio::io::AsyncReadExt;
-
-use crate::fsio::CHUNK;
 
 /// What SQLite keeps next to a database file.
 pub(crate) const SQLITE_COMPANIONS: [&str; 3] = ["-wal", "-shm", "-journal"];
@@ -517,38 +514,27 @@ impl DirSnapshot {
         let size = before.len;
         let path = path.to_path_buf();
         let changed = self.changed(&path).to_string();
-        let state = (file, size, path, before, changed);
-        let stream = futures::stream::try_unfold(
-            state,
-            |(mut file, left, path, before, changed)| async move {
-                if left == 0 {
-                    // Verify after the last byte: same size, mtime and inode, and no growth.
-                    let meta_now = file.metadata().await?;
-                    let path_now = tokio::fs::symlink_metadata(&path).await?;
-                    if Stamp::of(&meta_now) != before || Stamp::of(&path_now) != before {
-                        return Err(io::Error::other(changed));
-                    }
-                    return Ok(None);
-                }
-                let want = left.min(CHUNK as u64) as usize;
-                let mut buf = BytesMut::with_capacity(want);
-                while buf.len() < want {
-                    let n = (&mut file)
-                        .take((want - buf.len()) as u64)
-                        .read_buf(&mut buf)
-                        .await?;
-                    if n == 0 {
-                        return Err(io::Error::other(changed));
-                    }
-                }
-                let left = left - buf.len() as u64;
-                Ok(Some((buf.freeze(), (file, left, path, before, changed))))
-            },
-        );
-        Ok(Opened {
-            size,
-            stream: stream.boxed(),
+        let file = file.into_std().await;
+        let verify_with = file.try_clone().map_err(|e| self.io_err(&path, e))?;
+        // After the last byte: the whole size was read, and the file still
+        // has the same size, mtime and inode, by descriptor and by path.
+        let verify = futures::stream::once(async move {
+            let meta_now = tokio::task::spawn_blocking(move || verify_with.metadata())
+                .await
+                .map_err(io::Error::other)??;
+            let path_now = tokio::fs::symlink_metadata(&path).await?;
+            if Stamp::of(&meta_now) != before || Stamp::of(&path_now) != before {
+                return Err(io::Error::other(changed));
+            }
+            Ok(())
         })
+        .filter_map(|checked: io::Result<()>| futures::future::ready(checked.err().map(Err)));
+        // A file that ends early gives fewer bytes than its size, which the
+        // consumer reports as a change.
+        let stream = backup_core::buffers::read_chunks(file, size)
+            .chain(verify)
+            .boxed();
+        Ok(Opened { size, stream })
     }
 }
 

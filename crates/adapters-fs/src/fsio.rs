@@ -7,17 +7,14 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use backup_core::buffers::BufferPool;
 use backup_core::ports::ByteStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Permission bits of files we create: backups contain secrets.
 pub(crate) const FILE_MODE: u32 = 0o600;
 /// Permission bits of directories we create.
 pub(crate) const DIR_MODE: u32 = 0o700;
-/// Read buffer size for streaming files.
-pub(crate) const CHUNK: usize = 256 * 1024;
 /// Marker in temp file names; anything containing it is a leftover.
 pub(crate) const TEMP_MARKER: &str = ".tmp-";
 
@@ -252,33 +249,10 @@ pub(crate) async fn write_bytes_atomically(final_path: &Path, bytes: Vec<u8>) ->
     write_atomically(final_path, stream).await
 }
 
-/// Read buffers kept for reuse: the chunks in flight between a file and
-/// its consumer (see [`backup_core::buffers`]).
-static CHUNKS: BufferPool = BufferPool::new(16, CHUNK);
-
-/// Streams a whole file in [`CHUNK`]-sized pieces, read into pooled
-/// buffers. A piece shorter than [`CHUNK`] was ended by the file's end, so
-/// no further read (and no further buffer) is spent learning it.
-pub(crate) fn stream_file(file: tokio::fs::File) -> ByteStream {
-    futures::stream::try_unfold((file, false), |(mut file, ended)| async move {
-        if ended {
-            return Ok(None);
-        }
-        let mut buf = CHUNKS.take_filled(CHUNK);
-        let mut filled = 0;
-        while filled < CHUNK {
-            match file.read(&mut buf[filled..]).await? {
-                0 => break,
-                n => filled += n,
-            }
-        }
-        if filled == 0 {
-            return Ok(None);
-        }
-        Ok(Some((CHUNKS.bytes(buf, filled), (file, filled < CHUNK))))
-    })
-    .into_stream()
-    .boxed()
+/// Streams a whole file in pooled chunks (see
+/// [`backup_core::buffers::read_chunks`]).
+pub(crate) async fn stream_file(file: tokio::fs::File) -> ByteStream {
+    backup_core::buffers::read_chunks(file.into_std().await, u64::MAX)
 }
 
 /// Reads at most `limit` bytes of a file, refusing larger ones (manifests).

@@ -234,7 +234,7 @@ impl ObjectSpace for LocalDir {
     async fn get(&self, name: &str) -> Result<Option<ByteStream>> {
         let path = self.path(name);
         match tokio::fs::File::open(&path).await {
-            Ok(file) => Ok(Some(fsio::stream_file(file))),
+            Ok(file) => Ok(Some(fsio::stream_file(file).await)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.io_err(&path, "open", e)),
         }

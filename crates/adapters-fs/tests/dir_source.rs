@@ -251,6 +251,44 @@ async fn a_large_file_that_changes_while_streamed_fails() {
 }
 
 #[tokio::test]
+async fn a_large_file_cut_short_while_streamed_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("memory");
+    std::fs::create_dir_all(&root).unwrap();
+    let big = root.join("segment.bin");
+    std::fs::write(&big, vec![1u8; 6 << 20]).unwrap();
+    let snap = DirSource::dir(Component::Memory, &root)
+        .snapshot()
+        .await
+        .unwrap();
+    let mut opened = snap
+        .open(&ArchivePath::parse("memory/segment.bin").unwrap())
+        .await
+        .unwrap();
+    let declared = opened.size;
+    let mut read = opened.stream.next().await.unwrap().unwrap().len() as u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut err = None;
+    while let Some(chunk) = opened.stream.next().await {
+        match chunk {
+            Ok(c) => read += c.len() as u64,
+            Err(e) => err = Some(e.to_string()),
+        }
+    }
+    assert!(read < declared, "{read} of {declared}");
+    let err = err.expect("the change is detected");
+    assert!(
+        err.contains("segment.bin") && err.contains("changed"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn missing_directory_is_an_empty_component_and_config_is_one_file() {
     let dir = tempfile::tempdir().unwrap();
     let snap = DirSource::dir(Component::Checkpoints, dir.path().join("nope"))

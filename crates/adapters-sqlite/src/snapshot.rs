@@ -9,18 +9,12 @@ use backup_core::ports::{
     Snapshot, SnapshotEntry,
 };
 use backup_core::{ArchivePath, Component, Error, Result};
-use bytes::BytesMut;
-use futures::StreamExt;
 use sqlx::Connection;
-use tokio::io::AsyncReadExt;
 
 use crate::{
     DEFAULT_BUSY_TIMEOUT, SQLITE_HEADER, check_header, connect, sqlx_error, user_version,
     verify_database,
 };
-
-/// Read size when streaming a snapshot file.
-const CHUNK: usize = 256 * 1024;
 
 /// Copies the live database at `source` to `dest` with `VACUUM INTO` on a
 /// connection of its own, and returns how long that took.
@@ -342,23 +336,10 @@ impl Snapshot for FileSnapshot {
         };
         let file = tokio::fs::File::open(&self.file).await.map_err(err)?;
         let size = file.metadata().await.map_err(err)?.len();
-        let stream = futures::stream::try_unfold(file, |mut file| async move {
-            let mut buf = BytesMut::with_capacity(CHUNK);
-            while buf.len() < CHUNK {
-                if file.read_buf(&mut buf).await? == 0 {
-                    break;
-                }
-            }
-            Ok::<_, std::io::Error>(if buf.is_empty() {
-                None
-            } else {
-                Some((buf.freeze(), file))
-            })
-        });
-        Ok(Opened {
-            size,
-            stream: stream.boxed(),
-        })
+        let file = file.into_std().await;
+        // To the end: a file longer than its size is reported as changed.
+        let stream = backup_core::buffers::read_chunks(file, u64::MAX);
+        Ok(Opened { size, stream })
     }
 
     async fn finish(mut self: Box<Self>) -> Result<()> {

