@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use adapters_fs::DirSource;
-use backup_core::ports::{ComponentSource, EntryKind, Snapshot};
+use backup_core::ports::{ComponentSource, EntryKind, Opened, Snapshot};
 use backup_core::{ArchivePath, Component, Error};
 use futures::StreamExt;
 
@@ -212,8 +212,9 @@ async fn a_file_that_keeps_changing_fails_the_read_naming_it() {
     assert!(data.len() > 200_000);
 }
 
-#[tokio::test]
-async fn a_large_file_that_changes_while_streamed_fails() {
+/// A 6 MiB memory segment opened for streaming: the directory (kept
+/// alive), the file, the stream.
+async fn opened_segment() -> (tempfile::TempDir, std::path::PathBuf, Opened) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("memory");
     std::fs::create_dir_all(&root).unwrap();
@@ -223,10 +224,16 @@ async fn a_large_file_that_changes_while_streamed_fails() {
         .snapshot()
         .await
         .unwrap();
-    let mut opened = snap
+    let opened = snap
         .open(&ArchivePath::parse("memory/segment.bin").unwrap())
         .await
         .unwrap();
+    (dir, big, opened)
+}
+
+#[tokio::test]
+async fn a_large_file_that_changes_while_streamed_fails() {
+    let (_dir, big, mut opened) = opened_segment().await;
     let first = opened.stream.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
     std::fs::OpenOptions::new()
@@ -252,19 +259,7 @@ async fn a_large_file_that_changes_while_streamed_fails() {
 
 #[tokio::test]
 async fn a_large_file_cut_short_while_streamed_fails() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("memory");
-    std::fs::create_dir_all(&root).unwrap();
-    let big = root.join("segment.bin");
-    std::fs::write(&big, vec![1u8; 6 << 20]).unwrap();
-    let snap = DirSource::dir(Component::Memory, &root)
-        .snapshot()
-        .await
-        .unwrap();
-    let mut opened = snap
-        .open(&ArchivePath::parse("memory/segment.bin").unwrap())
-        .await
-        .unwrap();
+    let (_dir, big, mut opened) = opened_segment().await;
     let declared = opened.size;
     let mut read = opened.stream.next().await.unwrap().unwrap().len() as u64;
     std::fs::OpenOptions::new()
