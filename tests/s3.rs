@@ -324,6 +324,21 @@ async fn backup_list_verify_restore_round_trip_through_s3() {
     let listed = service.list().await.unwrap();
     assert_eq!(listed.len(), 1);
     assert!(service.verify(&m.id).await.unwrap().ok);
+    // No later backup copies members from S3: no digests are recorded and
+    // no pieces object is written.
+    assert_eq!(m.archive.as_ref().unwrap().pieces, None);
+    let objects: Vec<String> = std::fs::read_dir(server.root.join("round-trip/site/a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        objects.iter().any(|n| n.ends_with(".tar.gz")),
+        "{objects:?}"
+    );
+    assert!(
+        !objects.iter().any(|n| n.ends_with(".pieces")),
+        "{objects:?}"
+    );
 
     std::fs::write(&fx.layout.company_config, b"company: {name: changed}\n").unwrap();
     let changed = synthorg_tests::capture(&fx.layout).await;

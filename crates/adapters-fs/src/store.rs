@@ -270,6 +270,10 @@ impl ObjectSpace for LocalDir {
         Some(Box::new(FileRanges(file)))
     }
 
+    fn reads_ranges(&self) -> bool {
+        true
+    }
+
     async fn remove_partial(&self, id: Option<&BackupId>) -> Result<Vec<String>> {
         self.remove_temps(id.map_or_else(|| ".".to_owned(), |id| format!(".{id}")))
             .await

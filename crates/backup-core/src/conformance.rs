@@ -168,6 +168,24 @@ pub async fn put_get_publish_list_delete(target: &dyn Target) {
         read_all(store.get(&id, &object).await.unwrap()).await,
         archive
     );
+    // Positional reads: served exactly where the store says it can (there
+    // a backup records piece digests for the next one to copy members).
+    match store.open_ranges(&id, &object).await {
+        Some(ranges) => {
+            assert!(store.reads_ranges(), "ranges served but not announced");
+            let mut buf = [0u8; 7];
+            ranges.read_at(8, &mut buf).unwrap();
+            assert_eq!(&buf, &archive[8..15]);
+            assert!(ranges.read_at(archive.len() as u64 - 2, &mut buf).is_err());
+        }
+        None => assert!(!store.reads_ranges(), "announced but not served"),
+    }
+    assert!(
+        store
+            .open_ranges(&id, &ObjectName::Archive(Compression::Zstd))
+            .await
+            .is_none()
+    );
 
     // Overwriting an object replaces it whole.
     store

@@ -509,6 +509,10 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
         self.space.open_ranges(&object_name(id, object)).await
     }
 
+    fn reads_ranges(&self) -> bool {
+        self.space.reads_ranges()
+    }
+
     async fn cleanup_incomplete(&self) -> Result<Vec<String>> {
         let mut removed = self.space.remove_partial(None).await?;
         let listing = self.space.list_root().await?;

@@ -233,6 +233,14 @@ pub trait BackupStore: Debug + Send + Sync + 'static {
     async fn open_ranges(&self, _id: &BackupId, _object: &ObjectName) -> Option<Box<dyn ReadAt>> {
         None
     }
+
+    /// Whether [`open_ranges`](BackupStore::open_ranges) can serve this
+    /// store's archives. Only then does a backup record the digests of its
+    /// members (hashing every piece twice and writing the pieces object):
+    /// elsewhere no later backup could copy them.
+    fn reads_ranges(&self) -> bool {
+        false
+    }
 }
 
 /// Reads at any offset of an object, from any thread (blocking).
@@ -358,6 +366,11 @@ pub trait ObjectSpace: Debug + Send + Sync + 'static {
     /// [`BackupStore::open_ranges`]).
     async fn open_ranges(&self, _name: &str) -> Option<Box<dyn ReadAt>> {
         None
+    }
+
+    /// Whether [`open_ranges`](ObjectSpace::open_ranges) can succeed here.
+    fn reads_ranges(&self) -> bool {
+        false
     }
 
     /// Whether the layout keeps its listing cache (`_index.json`) here:

@@ -277,10 +277,12 @@ impl BackupService {
             let level = options
                 .compression_level
                 .or(self.settings.compression_level);
-            // Unencrypted archives record each member's digests, and copy
-            // the members of the newest earlier archive with the same content.
-            let digests = encrypt_to
-                .is_none()
+            // Unencrypted archives in a store that reads them by ranges
+            // (local disk) record each member's digests, and copy the
+            // members of the newest earlier archive with the same content.
+            // Elsewhere (S3) no later backup could copy them: neither the
+            // digests (every piece hashed twice) nor the pieces object.
+            let digests = (encrypt_to.is_none() && store.reads_ranges())
                 .then(|| Arc::new(Mutex::new(Vec::new())));
             let reuse = match digests {
                 Some(_) => self.reuse_source(compression).await.map(Arc::new),
