@@ -142,6 +142,31 @@ impl DirSource {
         Ok(walked)
     }
 
+    /// The walk, its entries sorted, and the positions of the files whose
+    /// header the snapshotter handles (they get a consistent copy). All on
+    /// the blocking pool: opening each of thousands of files on a runtime
+    /// thread would stall whatever else it serves (the API) while the
+    /// memory writer is paused.
+    fn walk_sorted(&self) -> Result<(Walked, Vec<usize>)> {
+        let mut walked = self.walk()?;
+        walked.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let handled = match &self.snapshotter {
+            Some(snapshotter) => walked
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.kind == EntryKind::File && e.size > 0)
+                .filter_map(|(n, e)| Some((n, walked.files.get(&e.path)?)))
+                .filter(|(_, fs_path)| {
+                    snapshotter.handles(&read_header(fs_path).unwrap_or_default())
+                })
+                .map(|(n, _)| n)
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok((walked, handled))
+    }
+
     /// The entries of the source (which exists), sorted, and the path of
     /// each file.
     pub(crate) fn walk_present(
@@ -276,23 +301,19 @@ impl ComponentSource for DirSource {
 
     async fn snapshot(&self) -> Result<Box<dyn Snapshot>> {
         let me = self.clone();
-        let mut walked = tokio::task::spawn_blocking(move || me.walk())
+        let (mut walked, handled) = tokio::task::spawn_blocking(move || me.walk_sorted())
             .await
             .map_err(|e| self.source_err(&self.path, format!("walk task failed: {e}"), None))??;
-        walked.entries.sort_by(|a, b| a.path.cmp(&b.path));
         let mut scratch = None;
         let mut snapshotted = Vec::new();
         if let Some(snapshotter) = &self.snapshotter {
-            for (n, entry) in walked.entries.iter_mut().enumerate() {
-                if entry.kind != EntryKind::File {
+            for n in handled {
+                let Some(entry) = walked.entries.get_mut(n) else {
                     continue;
-                }
+                };
                 let Some(fs_path) = walked.files.get(&entry.path).cloned() else {
                     continue;
                 };
-                if !snapshotter.handles(&read_header(&fs_path).unwrap_or_default()) {
-                    continue;
-                }
                 if scratch.is_none() {
                     scratch = Some(self.scratch_dir()?);
                 }
