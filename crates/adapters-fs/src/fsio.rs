@@ -2,9 +2,10 @@
 //! atomic writes (temp name, fsync, rename, fsync directory), streaming
 //! reads, and a guard that removes temp files on every exit path.
 
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use backup_core::ports::ByteStream;
@@ -165,39 +166,40 @@ pub(crate) fn fsync_dir(path: &Path) -> io::Result<()> {
 /// compressed stream comes as members of a few KiB).
 const WRITE_SIZE: usize = 1024 * 1024;
 
-/// Bytes written between two write-behind flushes.
-const FLUSH_EVERY: u64 = 64 * 1024 * 1024;
-
-/// Flushes a file being written every [`FLUSH_EVERY`] bytes, in the
-/// background (one flush at a time, while the writing goes on), so that
-/// the final fsync finds little left and the disk never gets hundreds of
-/// megabytes at once, ahead of the app's own commits (a synchronous=FULL
-/// writer waits behind them; bench/run measures it).
-#[derive(Default)]
-struct WriteBehind {
-    flushed_at: u64,
-    flushing: Option<tokio::task::JoinHandle<io::Result<()>>>,
-}
-
-impl WriteBehind {
-    async fn wrote(&mut self, file: &mut tokio::fs::File, written: u64) -> io::Result<()> {
-        if written - self.flushed_at < FLUSH_EVERY {
-            return Ok(());
-        }
-        self.finish().await?;
-        file.flush().await?;
-        let copy = file.try_clone().await?.into_std().await;
-        self.flushing = Some(tokio::task::spawn_blocking(move || copy.sync_data()));
-        self.flushed_at = written;
-        Ok(())
-    }
-
-    async fn finish(&mut self) -> io::Result<()> {
-        match self.flushing.take() {
-            Some(flush) => flush.await.map_err(io::Error::other)?,
-            None => Ok(()),
-        }
-    }
+/// Writes `buf` at the file's position (`at`) and has the disk start on it
+/// at once; returns `buf` emptied, for the next write. One blocking call.
+///
+/// A `synchronous=FULL` writer in the app waits for its commit's fsync,
+/// which queues at the disk behind whatever else is being written back.
+/// Left to itself the kernel writes a backup's hundreds of megabytes back
+/// late and all at once (the final fsync); flushing every 64 MiB (an
+/// `fdatasync` in the background) made the writer meet a 64 MiB flush
+/// now and then. Starting writeback of each MiB as it is written keeps
+/// the disk's queue short and steady: by hand on the 677 MB demo, four
+/// alternations, writer p99 1.3-2.8 ms (median 1.6) against 2.2-4.7 ms
+/// (median 3.1) with 64 MiB flushes, max 16-40 ms against 24-43 ms (a
+/// bare `VACUUM INTO`: p99 2.4-5.8 ms, max 105-131 ms); backup time
+/// within noise. `POSIX_FADV_DONTNEED` on the range just written starts that
+/// writeback (`sync_file_range` is not in the safe wrappers we use;
+/// PostgreSQL's `pg_flush_data` falls back to the same advice); pages
+/// still dirty or under writeback stay cached (the next backup copies
+/// members from this archive: it stayed resident whole, `fincore`). Only a
+/// hint: its failure changes nothing, the final fsync makes it durable.
+async fn write_behind(file: &Arc<std::fs::File>, mut buf: Vec<u8>, at: u64) -> io::Result<Vec<u8>> {
+    let file = Arc::clone(file);
+    tokio::task::spawn_blocking(move || {
+        (&*file).write_all(&buf)?;
+        let _ = rustix::fs::fadvise(
+            &*file,
+            at,
+            std::num::NonZeroU64::new(buf.len() as u64),
+            rustix::fs::Advice::DontNeed,
+        );
+        buf.clear();
+        Ok(buf)
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 /// Streams `data` into `final_path` durably and atomically: writes a temp
@@ -210,30 +212,30 @@ pub(crate) async fn write_atomically(final_path: &Path, mut data: ByteStream) ->
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
     let temp = temp_path_for(final_path);
     let guard = RemoveOnDrop::new(temp.clone());
-    let mut file = tokio::fs::OpenOptions::new()
+    let file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(FILE_MODE)
         .open(&temp)
         .await?;
+    let file = Arc::new(file.into_std().await);
     let mut written = 0u64;
     let mut pending: Vec<u8> = Vec::with_capacity(WRITE_SIZE);
-    let mut behind = WriteBehind::default();
     while let Some(chunk) = data.next().await {
-        let chunk = chunk?;
-        written += chunk.len() as u64;
-        pending.extend_from_slice(&chunk);
+        pending.extend_from_slice(&chunk?);
         if pending.len() >= WRITE_SIZE {
-            file.write_all(&pending).await?;
-            pending.clear();
-            behind.wrote(&mut file, written).await?;
+            let len = pending.len() as u64;
+            pending = write_behind(&file, pending, written).await?;
+            written += len;
         }
     }
-    file.write_all(&pending).await?;
-    file.flush().await?;
-    behind.finish().await?;
-    file.sync_all().await?;
-    drop(file);
+    written += pending.len() as u64;
+    tokio::task::spawn_blocking(move || {
+        (&*file).write_all(&pending)?;
+        file.sync_all()
+    })
+    .await
+    .map_err(io::Error::other)??;
     tokio::fs::rename(&temp, final_path).await?;
     guard.disarm();
     let parent = parent.to_path_buf();
@@ -363,10 +365,10 @@ mod tests {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_long_write_flushed_behind_keeps_every_byte_in_order() {
+    async fn a_long_write_written_behind_keeps_every_byte_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("archive.tar.gz");
-        let len = FLUSH_EVERY as usize * 2 + WRITE_SIZE / 3 + 7;
+        let len = WRITE_SIZE * 5 + WRITE_SIZE / 3 + 7;
         let data: Vec<u8> = (0..len)
             .map(|i| (i % 251) as u8 ^ (i >> 20) as u8)
             .collect();
