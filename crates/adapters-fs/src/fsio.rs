@@ -202,11 +202,25 @@ async fn write_behind(file: &Arc<std::fs::File>, mut buf: Vec<u8>, at: u64) -> i
     .map_err(io::Error::other)?
 }
 
-/// Streams `data` into `final_path` durably and atomically: writes a temp
-/// file in the same directory, fsyncs it, renames it into place and fsyncs
-/// the directory. On error or cancellation the temp file is removed and
-/// `final_path` is untouched. Returns the bytes written.
-pub(crate) async fn write_atomically(final_path: &Path, mut data: ByteStream) -> io::Result<u64> {
+/// When what [`write_atomically`] wrote must be durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durable {
+    /// When it returns: the file and its directory entry are fsynced.
+    Now,
+    /// After a later [`sync_filesystem`] (the caller's commit point).
+    Later,
+}
+
+/// Streams `data` into `final_path` atomically: writes a temp file in the
+/// same directory, fsyncs it (`Durable::Now`), renames it into place and
+/// fsyncs the directory (`Durable::Now`). On error or cancellation the
+/// temp file is removed and `final_path` is untouched. Returns the bytes
+/// written.
+pub(crate) async fn write_atomically(
+    final_path: &Path,
+    mut data: ByteStream,
+    durable: Durable,
+) -> io::Result<u64> {
     let parent = final_path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
@@ -230,25 +244,31 @@ pub(crate) async fn write_atomically(final_path: &Path, mut data: ByteStream) ->
         }
     }
     written += pending.len() as u64;
+    let (from, to, parent) = (temp.clone(), final_path.to_path_buf(), parent.to_path_buf());
+    // The rest in one blocking call (a directory-form backup writes
+    // thousands of small files).
     tokio::task::spawn_blocking(move || {
         (&*file).write_all(&pending)?;
-        file.sync_all()
+        if durable == Durable::Now {
+            file.sync_all()?;
+        }
+        drop(file);
+        std::fs::rename(&from, &to)?;
+        if durable == Durable::Now {
+            fsync_dir(&parent)?;
+        }
+        Ok::<_, io::Error>(())
     })
     .await
     .map_err(io::Error::other)??;
-    tokio::fs::rename(&temp, final_path).await?;
     guard.disarm();
-    let parent = parent.to_path_buf();
-    tokio::task::spawn_blocking(move || fsync_dir(&parent))
-        .await
-        .map_err(io::Error::other)??;
     Ok(written)
 }
 
 /// Writes bytes durably and atomically (see [`write_atomically`]).
 pub(crate) async fn write_bytes_atomically(final_path: &Path, bytes: Vec<u8>) -> io::Result<u64> {
     let stream = futures::stream::once(async move { Ok(bytes::Bytes::from(bytes)) }).boxed();
-    write_atomically(final_path, stream).await
+    write_atomically(final_path, stream, Durable::Now).await
 }
 
 /// Streams a whole file in pooled chunks (see
@@ -376,7 +396,7 @@ mod tests {
             .chunks(12_345)
             .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
             .collect();
-        let written = write_atomically(&path, futures::stream::iter(chunks).boxed())
+        let written = write_atomically(&path, futures::stream::iter(chunks).boxed(), Durable::Now)
             .await
             .unwrap();
         assert_eq!(written, len as u64);

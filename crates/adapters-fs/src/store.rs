@@ -155,6 +155,23 @@ fn read_root(root: &Path, lazy: bool) -> io::Result<Option<std::fs::ReadDir>> {
 #[derive(Debug)]
 struct FileRanges(std::fs::File);
 
+impl LocalDir {
+    async fn put_as(&self, name: &str, data: ByteStream, durable: fsio::Durable) -> Result<u64> {
+        self.ensure_root().await?;
+        let path = self.path(name);
+        if let Some(parent) = path.parent().filter(|p| *p != self.root) {
+            let parent = parent.to_path_buf();
+            self.blocking(&path, "create directory", move || {
+                fsio::create_dir_private(&parent)
+            })
+            .await?;
+        }
+        fsio::write_atomically(&path, data, durable)
+            .await
+            .map_err(|e| self.io_err(&path, "write", e))
+    }
+}
+
 impl ReadAt for FileRanges {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
@@ -217,18 +234,23 @@ impl ObjectSpace for LocalDir {
     }
 
     async fn put(&self, name: &str, data: ByteStream) -> Result<u64> {
-        self.ensure_root().await?;
-        let path = self.path(name);
-        if let Some(parent) = path.parent().filter(|p| *p != self.root) {
-            let parent = parent.to_path_buf();
-            self.blocking(&path, "create directory", move || {
-                fsio::create_dir_private(&parent)
-            })
-            .await?;
-        }
-        fsio::write_atomically(&path, data)
-            .await
-            .map_err(|e| self.io_err(&path, "write", e))
+        self.put_as(name, data, fsio::Durable::Now).await
+    }
+
+    async fn put_unsettled(&self, name: &str, data: ByteStream) -> Result<u64> {
+        self.put_as(name, data, fsio::Durable::Later).await
+    }
+
+    /// One `syncfs` for everything written unsettled (directories too):
+    /// for a directory-form backup of 15,000 files it replaced 30,000
+    /// fsyncs (a file's and its directory's each), which took 10-12 s of
+    /// system time of the 15.7-17.5 s backup.
+    async fn settle(&self) -> Result<()> {
+        let root = self.root.clone();
+        self.blocking(&self.root, "sync the filesystem of", move || {
+            fsio::sync_filesystem(&root)
+        })
+        .await
     }
 
     async fn get(&self, name: &str) -> Result<Option<ByteStream>> {

@@ -405,7 +405,12 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
     }
 
     async fn put(&self, id: &BackupId, object: &ObjectName, data: ByteStream) -> Result<u64> {
-        self.space.put(&object_name(id, object), data).await
+        let name = object_name(id, object);
+        match object {
+            // Made durable together when the backup is published.
+            ObjectName::File(_) => self.space.put_unsettled(&name, data).await,
+            _ => self.space.put(&name, data).await,
+        }
     }
 
     async fn get(&self, id: &BackupId, object: &ObjectName) -> Result<ByteStream> {
@@ -418,6 +423,11 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
 
     async fn publish(&self, manifest: &Manifest) -> Result<()> {
         let id = &manifest.id;
+        if manifest.archive.is_none() {
+            // The directory form's files were written unsettled: durable
+            // before the sidecar that makes them a backup.
+            self.space.settle().await?;
+        }
         let summary = Summary::from(manifest);
         let json = serde_json::to_vec(&summary).map_err(|e| manifest_err(id, e))?;
         self.space
@@ -546,7 +556,64 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
 mod tests {
     use super::*;
     use crate::id::Trigger;
+    use crate::path::ArchivePath;
+    use bytes::Bytes;
     use chrono::TimeZone;
+
+    fn one_chunk(bytes: &'static [u8]) -> ByteStream {
+        futures::stream::once(async move { Ok(Bytes::from_static(bytes)) }).boxed()
+    }
+
+    /// A directory-form backup's files are written unsettled (no fsync
+    /// each) and made durable by its publication, before its sidecar: a
+    /// power cut before it loses them (the backup was never published), one
+    /// after it loses nothing. Archives and the inner manifest are durable
+    /// when written.
+    #[tokio::test]
+    async fn a_directory_form_backup_is_durable_once_published_and_not_before() {
+        let space = crate::memory::InMemoryObjects::default();
+        let store = Layout::new(space.clone());
+        let ts = chrono::Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+        let id = BackupId::new(ts, Trigger::Manual, 1);
+        let file = ObjectName::File(ArchivePath::parse("config/company.yaml").unwrap());
+        let name = format!("{id}/config/company.yaml");
+        store
+            .put(&id, &file, one_chunk(b"name: x\n"))
+            .await
+            .unwrap();
+        store
+            .put(&id, &ObjectName::InnerManifest, one_chunk(b"{}"))
+            .await
+            .unwrap();
+        space.crash();
+        assert_eq!(space.get_raw(&name), None, "not settled before publish");
+        assert!(
+            space
+                .get_raw(&object_name(&id, &ObjectName::InnerManifest))
+                .is_some()
+        );
+
+        store
+            .put(&id, &file, one_chunk(b"name: x\n"))
+            .await
+            .unwrap();
+        let manifest = crate::conformance::manifest_for(&id, None, b"name: x\n");
+        store.publish(&manifest).await.unwrap();
+        space.crash();
+        assert_eq!(space.get_raw(&name).as_deref(), Some(&b"name: x\n"[..]));
+        assert!(matches!(
+            &store.list().await.unwrap()[..],
+            [Listed::Complete(_)]
+        ));
+
+        // An archive is durable when written: publishing it settles nothing
+        // it needs.
+        let other = BackupId::new(ts, Trigger::Manual, 2);
+        let gz = ObjectName::Archive(Compression::Gzip);
+        store.put(&other, &gz, one_chunk(b"archive")).await.unwrap();
+        space.crash();
+        assert!(space.get_raw(&object_name(&other, &gz)).is_some());
+    }
 
     #[test]
     fn data_names_belong_to_their_backup_and_sidecars_do_not() {

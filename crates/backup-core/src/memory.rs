@@ -27,6 +27,9 @@ type Objects = Arc<Mutex<BTreeMap<String, Bytes>>>;
 #[derive(Debug, Clone, Default)]
 pub struct InMemoryObjects {
     objects: Objects,
+    /// Names written with `put_unsettled` and not settled since: what a
+    /// power cut may take ([`crash`](InMemoryObjects::crash)).
+    unsettled: Arc<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 /// A [`BackupStore`](crate::ports::BackupStore) in memory.
@@ -38,6 +41,21 @@ impl InMemoryObjects {
     pub fn put_raw(&self, name: &str, bytes: &[u8]) {
         self.map()
             .insert(name.to_owned(), Bytes::copy_from_slice(bytes));
+    }
+
+    /// A power cut: objects not yet settled are lost.
+    pub fn crash(&self) {
+        let lost = std::mem::take(&mut *self.unsettled());
+        let mut map = self.map();
+        for name in lost {
+            map.remove(&name);
+        }
+    }
+
+    fn unsettled(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The raw bytes under `name`.
@@ -103,7 +121,19 @@ impl ObjectSpace for InMemoryObjects {
         }
         let size = all.len() as u64;
         self.map().insert(name.to_owned(), Bytes::from(all));
+        self.unsettled().remove(name);
         Ok(size)
+    }
+
+    async fn put_unsettled(&self, name: &str, data: ByteStream) -> Result<u64> {
+        let size = self.put(name, data).await?;
+        self.unsettled().insert(name.to_owned());
+        Ok(size)
+    }
+
+    async fn settle(&self) -> Result<()> {
+        self.unsettled().clear();
+        Ok(())
     }
 
     async fn get(&self, name: &str) -> Result<Option<ByteStream>> {

@@ -335,6 +335,27 @@ pub trait ObjectSpace: Debug + Send + Sync + 'static {
     /// `Store` naming the object.
     async fn put(&self, name: &str, data: ByteStream) -> Result<u64>;
 
+    /// Writes an object like [`put`](ObjectSpace::put), atomically, but
+    /// durable only after the next [`settle`](ObjectSpace::settle): the
+    /// thousands of files of a directory-form backup, whose one commit
+    /// point is its publication (an fsync of each file and its directory
+    /// was most of such a backup's time).
+    ///
+    /// # Errors
+    /// `Store` naming the object.
+    async fn put_unsettled(&self, name: &str, data: ByteStream) -> Result<u64> {
+        self.put(name, data).await
+    }
+
+    /// Makes every object written with
+    /// [`put_unsettled`](ObjectSpace::put_unsettled) durable.
+    ///
+    /// # Errors
+    /// `Store` when that cannot be done.
+    async fn settle(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Reads an object; `None` when it does not exist.
     ///
     /// # Errors
