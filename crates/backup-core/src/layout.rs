@@ -144,12 +144,23 @@ impl RootListing {
 #[derive(Debug, Clone, Default)]
 pub struct Layout<S> {
     space: S,
+    /// Backups with files written unsettled, to settle when published.
+    unsettled: std::sync::Arc<std::sync::Mutex<HashSet<BackupId>>>,
 }
 
 impl<S: ObjectSpace> Layout<S> {
     /// The store over `space`.
     pub fn new(space: S) -> Layout<S> {
-        Layout { space }
+        Layout {
+            space,
+            unsettled: Default::default(),
+        }
+    }
+
+    fn unsettled(&self) -> std::sync::MutexGuard<'_, HashSet<BackupId>> {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The object space underneath.
@@ -408,7 +419,10 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
         let name = object_name(id, object);
         match object {
             // Made durable together when the backup is published.
-            ObjectName::File(_) => self.space.put_unsettled(&name, data).await,
+            ObjectName::File(_) => {
+                self.unsettled().insert(id.clone());
+                self.space.put_unsettled(&name, data).await
+            }
             _ => self.space.put(&name, data).await,
         }
     }
@@ -423,10 +437,13 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
 
     async fn publish(&self, manifest: &Manifest) -> Result<()> {
         let id = &manifest.id;
-        if manifest.archive.is_none() {
-            // The directory form's files were written unsettled: durable
-            // before the sidecar that makes them a backup.
+        if self.unsettled().contains(id) {
+            // Directory-form files were written unsettled: durable before
+            // the sidecar that makes them a backup. (A restore's safety
+            // backup has its files moved in by the swap, which makes them
+            // durable itself.)
             self.space.settle().await?;
+            self.unsettled().remove(id);
         }
         let summary = Summary::from(manifest);
         let json = serde_json::to_vec(&summary).map_err(|e| manifest_err(id, e))?;
@@ -482,6 +499,7 @@ impl<S: ObjectSpace> BackupStore for Layout<S> {
     }
 
     async fn discard(&self, id: &BackupId) -> Result<()> {
+        self.unsettled().remove(id);
         self.remove_data(id).await?;
         self.space.remove_partial(Some(id)).await.map(|_| ())
     }
