@@ -327,10 +327,13 @@ async fn backup_list_verify_restore_round_trip_through_s3() {
     // No later backup copies members from S3: no digests are recorded and
     // no pieces object is written.
     assert_eq!(m.archive.as_ref().unwrap().pieces, None);
-    let objects: Vec<String> = std::fs::read_dir(server.root.join("round-trip/site/a"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let in_bucket = || -> Vec<String> {
+        std::fs::read_dir(server.root.join("round-trip/site/a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let objects = in_bucket();
     assert!(
         objects.iter().any(|n| n.ends_with(".tar.gz")),
         "{objects:?}"
@@ -368,9 +371,8 @@ async fn backup_list_verify_restore_round_trip_through_s3() {
         Some(pooled.to_str().unwrap()),
         "the report says where"
     );
-    let in_s3: Vec<String> = std::fs::read_dir(server.root.join("round-trip/site/a"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    let in_s3: Vec<String> = in_bucket()
+        .into_iter()
         .filter(|n| n.starts_with(&safety.to_string()))
         .collect();
     assert!(in_s3.is_empty(), "uploaded: {in_s3:?}");

@@ -142,12 +142,12 @@ impl DirSource {
         Ok(walked)
     }
 
-    /// The walk, its entries sorted, and the positions of the files whose
-    /// header the snapshotter handles (they get a consistent copy). All on
-    /// the blocking pool: opening each of thousands of files on a runtime
-    /// thread would stall whatever else it serves (the API) while the
-    /// memory writer is paused.
-    fn walk_sorted(&self) -> Result<(Walked, Vec<usize>)> {
+    /// The walk, its entries sorted, and the position and path of each
+    /// file whose header the snapshotter handles (it gets a consistent
+    /// copy). All on the blocking pool: opening each of thousands of files
+    /// on a runtime thread would stall whatever else it serves (the API)
+    /// while the memory writer is paused.
+    fn walk_sorted(&self) -> Result<(Walked, Vec<(usize, PathBuf)>)> {
         let mut walked = self.walk()?;
         walked.entries.sort_by(|a, b| a.path.cmp(&b.path));
         let handled = match &self.snapshotter {
@@ -160,7 +160,7 @@ impl DirSource {
                 .filter(|(_, fs_path)| {
                     snapshotter.handles(&read_header(fs_path).unwrap_or_default())
                 })
-                .map(|(n, _)| n)
+                .map(|(n, fs_path)| (n, fs_path.clone()))
                 .collect(),
             None => Vec::new(),
         };
@@ -307,11 +307,8 @@ impl ComponentSource for DirSource {
         let mut scratch = None;
         let mut snapshotted = Vec::new();
         if let Some(snapshotter) = &self.snapshotter {
-            for n in handled {
+            for (n, fs_path) in handled {
                 let Some(entry) = walked.entries.get_mut(n) else {
-                    continue;
-                };
-                let Some(fs_path) = walked.files.get(&entry.path).cloned() else {
                     continue;
                 };
                 if scratch.is_none() {

@@ -175,11 +175,12 @@ const WRITE_SIZE: usize = 1024 * 1024;
 /// late and all at once (the final fsync); flushing every 64 MiB (an
 /// `fdatasync` in the background) made the writer meet a 64 MiB flush
 /// now and then. Starting writeback of each MiB as it is written keeps
-/// the disk's queue short and steady: by hand on the 677 MB demo, four
-/// alternations, writer p99 1.3-2.8 ms (median 1.6) against 2.2-4.7 ms
-/// (median 3.1) with 64 MiB flushes, max 16-40 ms against 24-43 ms (a
-/// bare `VACUUM INTO`: p99 2.4-5.8 ms, max 105-131 ms); backup time
-/// within noise. `POSIX_FADV_DONTNEED` on the range just written starts that
+/// the disk's queue short and steady: by hand on the 677 MB demo, eight
+/// alternations, writer p99 1.3-3.1 ms (median 1.6) against 2.2-4.7 ms
+/// (median 2.7) with 64 MiB flushes, max 16-40 ms against 24-43 ms (a
+/// bare `VACUUM INTO`: p99 2.2-5.8 ms, max 105-322 ms); backup time
+/// within noise (its small cost to a `synchronous=NORMAL` writer:
+/// ARCHITECTURE, "Writer stalls"). `POSIX_FADV_DONTNEED` on the range just written starts that
 /// writeback (`sync_file_range` is not in the safe wrappers we use;
 /// PostgreSQL's `pg_flush_data` falls back to the same advice); pages
 /// still dirty or under writeback stay cached (the next backup copies
